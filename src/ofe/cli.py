@@ -1,0 +1,131 @@
+"""The ``ofe`` command line. Each subcommand takes a typed config: a file plus ``--key value``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from ofe import config as C
+from ofe.data import CorpusError, default_sample, random_windows
+from ofe.models import BLOCK_TYPES, GPT, PRESETS, expected_param_count, preset
+from ofe.monitor import OutlierMonitor
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """Build every block variant and print its per-layer outlier metrics on a corpus sample."""
+
+    preset: str = C.field("small-cpu", f"model preset ({', '.join(PRESETS)})")
+    blocks: tuple[str, ...] = C.field(BLOCK_TYPES, "comma-separated block types")
+    batch_size: int = C.field(8, "sequences in the sample batch")
+    seed: int = C.field(0, "seed for weights and the batch")
+    sample_bytes: int = C.field(1 << 20, "bytes of the standard-library corpus to sample from")
+    json_out: str = C.field("", "also write the results to this JSON file")
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise C.ConfigError(f"unknown model preset '{self.preset}' (known: {', '.join(PRESETS)})")
+        bad = [b for b in self.blocks if b not in BLOCK_TYPES]
+        if bad or not self.blocks:
+            raise C.ConfigError(f"config key 'blocks': unknown block {bad[0] if bad else '(none)'!r} (known: {', '.join(BLOCK_TYPES)})")
+        for name in ("batch_size", "sample_bytes"):
+            if getattr(self, name) <= 0:
+                raise C.ConfigError(f"config key '{name}' must be positive, got {getattr(self, name)}")
+
+
+def run_zoo(cfg: ZooConfig) -> dict[str, Any]:
+    """Per block: parameter count and the monitor's per-layer metrics on one seeded batch."""
+    tokens = default_sample(cfg.sample_bytes)
+    results: dict[str, Any] = {}
+    for block in cfg.blocks:
+        model_cfg = preset(cfg.preset, block=block)
+        if model_cfg.vocab_size < 256:
+            raise C.ConfigError(f"preset '{cfg.preset}' has vocab {model_cfg.vocab_size} < 256 bytes")
+        torch.manual_seed(cfg.seed)
+        model = GPT(model_cfg).eval()
+        idx = random_windows(tokens, cfg.batch_size, model_cfg.seq_len, cfg.seed)
+        with OutlierMonitor(model) as monitor:
+            stats = monitor.measure(idx)
+        results[block] = {"params": model.num_params(), **stats}
+        assert model.num_params() == expected_param_count(model_cfg)
+        _print_block(block, results[block])
+    return results
+
+
+def _print_block(block: str, r: dict[str, Any]) -> None:
+    resid, ent = r["resid"], r["attn_probs"]["attention_entropy"]
+    print(f"\n{block}  ({r['params'] / 1e6:.2f}M parameters)")
+    print(f"{'layer':>5} {'kurtosis':>9} {'mmr':>8} {'in-corr':>8} {'max|x|':>8} {'attn-H':>7}")
+    for layer, k in enumerate(resid["kurtosis"]):
+        mean_h = sum(ent[layer]) / len(ent[layer])
+        print(f"{layer:>5} {k:>9.3f} {resid['mmr'][layer]:>8.2f} {resid['input_correlation'][layer]:>8.3f} "
+              f"{resid['max_abs'][layer]:>8.3f} {mean_h:>7.3f}")
+
+
+# ---- plumbing ------------------------------------------------------------------------------------
+def load_config(cls: type[T], ns: argparse.Namespace) -> T:
+    """File (``--config``) then ``--key value`` overrides, strictly typed."""
+    data = C.load_file(ns.config) if getattr(ns, "config", None) else {}
+    return C.from_dict(cls, C.apply_overrides(cls, data, C.overrides_from_namespace(ns)))
+
+
+def _cmd_zoo(ns: argparse.Namespace) -> int:
+    cfg = load_config(ZooConfig, ns)
+    results = run_zoo(cfg)
+    if cfg.json_out:
+        from pathlib import Path
+
+        out = Path(cfg.json_out)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(out)
+    return 0
+
+
+def _cmd_presets(_ns: argparse.Namespace) -> int:
+    print(f"{'preset':<16} {'layers':>6} {'width':>6} {'heads':>5} {'vocab':>6} {'seq':>5} {'params (pre-ln)':>16}")
+    for name in PRESETS:
+        c = preset(name)
+        print(f"{name:<16} {c.n_layer:>6} {c.d_model:>6} {c.n_head:>5} {c.vocab_size:>6} {c.seq_len:>5} {expected_param_count(c):>16,}")
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, type | None, Callable[[argparse.Namespace], int]]] = {
+    "zoo": ("build every block variant and print per-layer outlier metrics", ZooConfig, _cmd_zoo),
+    "presets": ("list the model presets with their parameter counts", None, _cmd_presets),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ofe", description="Measure, understand and minimise outlier features.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, cls, _fn) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if cls is not None:
+            p.add_argument("--config", metavar="FILE", help="a .toml or .json config file; flags override it")
+            C.add_arguments(p, cls)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[ns.command][2](ns)
+    except (C.ConfigError, CorpusError) as e:
+        print(f"ofe {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ofe {ns.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""`GPTConfig`, the named presets, and the closed-form parameter count."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ofe.config import ConfigError, field
+
+BlockType = Literal["pre-ln", "post-ln", "pre-rms", "pre-srms", "op"]
+QKNormType = Literal["auto", "none", "rms", "layernorm"]
+BLOCK_TYPES: tuple[str, ...] = ("pre-ln", "post-ln", "pre-rms", "pre-srms", "op")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Shape and block options of a GPT-style decoder.
+
+    Options whose default depends on the block are ``"auto"`` / ``None`` here and resolved by
+    :meth:`resolved` (the OP block gets QK-RMSNorm, a trainable beta = 1/sqrt(n_layer), a first-block
+    LayerNorm and no final norm; normalised blocks get no QK-norm, beta = 1 fixed, a final norm for
+    the pre-norm blocks).
+    """
+
+    vocab_size: int = field(256, "vocabulary size (256 = bytes)")
+    seq_len: int = field(128, "maximum sequence length (learned positions)")
+    n_layer: int = field(6, "number of blocks")
+    n_head: int = field(4, "attention heads")
+    d_model: int = field(256, "residual stream width")
+    d_mlp: int | None = field(None, "MLP hidden width; none means 4 * d_model")
+    block: BlockType = field("pre-ln", "block type")
+    qk_norm: QKNormType = field("auto", "per-head norm of queries and keys; auto: rms for op, none otherwise")
+    attn_softcap: float | None = field(None, "tanh soft-cap c of attention logits, c * tanh(z / c); none: off")
+    beta: float | None = field(None, "residual branch gain; none: 1/sqrt(n_layer) for op, 1 otherwise")
+    beta_trainable: bool | None = field(None, "make beta a trainable scalar per branch; none: true for op only")
+    mlp_alpha: bool = field(False, "trainable scalar scaling the MLP input")
+    final_norm: bool | None = field(None, "norm before the unembedding; none: on for pre-norm blocks, off for post-ln and op")
+    first_norm: bool | None = field(None, "norm on the first block's attention input; none: on for op only")
+    gated_attention: bool = field(False, "sigmoid gate per head on the attention output (Bondarenko et al.)")
+    layerscale: float | None = field(None, "LayerScale init value (per-channel gain on each branch); none: off")
+    activation: Literal["relu", "gelu"] = field("relu", "MLP nonlinearity")
+    bias: bool = field(False, "biases in linear layers and LayerNorms")
+    tie_embeddings: bool = field(True, "share the token embedding with the unembedding")
+    init_std: float = field(0.02, "std of the normal init of every weight matrix and embedding")
+    norm_eps: float = field(1e-5, "epsilon of every norm")
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.d_mlp is not None and self.d_mlp <= 0:
+            raise ConfigError(f"model.d_mlp must be positive, got {self.d_mlp}")
+        if self.d_model % self.n_head:
+            raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        for name in ("attn_softcap", "layerscale", "init_std", "norm_eps"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"model.{name} must be a positive finite number, got {value}")
+        if self.beta is not None and not math.isfinite(self.beta):
+            raise ConfigError(f"model.beta must be finite, got {self.beta}")
+
+    # ---- resolution of block-dependent defaults -------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        return self.d_mlp if self.d_mlp is not None else 4 * self.d_model
+
+    @property
+    def is_op(self) -> bool:
+        return self.block == "op"
+
+    def resolved(self) -> GPTConfig:
+        """Copy with every ``auto``/``None`` option replaced by the block's default."""
+        op = self.is_op
+        return dataclasses.replace(
+            self,
+            d_mlp=self.mlp_width,
+            qk_norm=self.qk_norm if self.qk_norm != "auto" else ("rms" if op else "none"),
+            beta=self.beta if self.beta is not None else (1 / math.sqrt(self.n_layer) if op else 1.0),
+            beta_trainable=self.beta_trainable if self.beta_trainable is not None else op,
+            final_norm=self.final_norm if self.final_norm is not None else self.block.startswith("pre-"),
+            first_norm=self.first_norm if self.first_norm is not None else op,
+        )
+
+    @property
+    def norm_kind(self) -> Literal["layernorm", "rms", "srms"]:
+        """The block's norm; also used for the optional first and final norms (LayerNorm for op)."""
+        return {"pre-rms": "rms", "pre-srms": "srms"}.get(self.block, "layernorm")  # type: ignore[return-value]
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Unit tests: builds and runs in milliseconds.
+    "tiny": dict(vocab_size=256, seq_len=32, n_layer=2, n_head=4, d_model=32),
+    # A byte-level CPU experiment that trains in minutes (~4.8M parameters).
+    "small-cpu": dict(vocab_size=256, seq_len=128, n_layer=6, n_head=4, d_model=256),
+    # The authors' CodeParrot setting: GPT-2 small shape, ReLU MLP, seq 128, tied embeddings.
+    "codeparrot-130m": dict(vocab_size=32768, seq_len=128, n_layer=12, n_head=12, d_model=768),
+    # Languini Books shapes at the paper's 100M / 320M / 1.2B scales (vocab 16384, seq 512).
+    "languini-100m": dict(vocab_size=16384, seq_len=512, n_layer=12, n_head=12, d_model=768),
+    "languini-320m": dict(vocab_size=16384, seq_len=512, n_layer=24, n_head=16, d_model=1024),
+    "languini-1.2b": dict(vocab_size=16384, seq_len=512, n_layer=24, n_head=16, d_model=2048),
+    # OPT-125m shape: biases, ReLU, tied embeddings, seq 2048.
+    "opt-125m": dict(vocab_size=50272, seq_len=2048, n_layer=12, n_head=12, d_model=768, bias=True),
+}
+
+
+def preset(name: str, **overrides: Any) -> GPTConfig:
+    """The named preset with ``overrides`` applied; unknown names raise :class:`ConfigError`."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset '{name}' (known: {', '.join(PRESETS)})")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+def expected_param_count(cfg: GPTConfig) -> int:
+    """Closed-form number of parameters of ``GPT(cfg)`` (a fixed beta is a constant, not a parameter)."""
+    c = cfg.resolved()
+    d, m, h, hd, b = c.d_model, c.mlp_width, c.n_head, c.head_dim, int(c.bias)
+    norm = {"layernorm": d * (1 + b), "rms": d, "srms": 0}[c.norm_kind]
+    per_block = 4 * d * d + 2 * d * m + b * (4 * d + m + d)
+    per_block += 0 if c.is_op else 2 * norm
+    per_block += {"none": 0, "rms": 2 * hd, "layernorm": 2 * hd * 2}[c.qk_norm]  # type: ignore[index]
+    per_block += (d * h + b * h) if c.gated_attention else 0
+    per_block += 2 if c.beta_trainable else 0
+    per_block += 1 if c.mlp_alpha else 0
+    per_block += 2 * d if c.layerscale is not None else 0
+    total = c.n_layer * per_block + c.vocab_size * d + c.seq_len * d
+    total += 0 if c.tie_embeddings else c.vocab_size * d
+    total += norm if c.first_norm else 0
+    total += norm if c.final_norm else 0
+    return total

@@ -1,0 +1,230 @@
+"""OutlierMonitor: values equal independent computations, inactive steps do nothing, any model works."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ofe import metrics as M
+from ofe.models import GPT, lm_loss, preset
+from ofe.monitor import ALL_METRICS, OutlierMonitor, find_block_stack, flatten_results
+
+
+def tiny_model(block="pre-ln", **kw):
+    torch.manual_seed(0)
+    return GPT(preset("tiny", block=block, **kw)).eval()
+
+
+def capture_block_outputs(model, idx):
+    """Independent capture: hooks on the blocks themselves, not the model's taps."""
+    outs = []
+    handles = [b.register_forward_hook(lambda m, i, o: outs.append(o.detach())) for b in model.blocks]
+    with torch.no_grad():
+        model(idx)
+    for h in handles:
+        h.remove()
+    return outs
+
+
+def manual_attention_probs(model, idx, layer):
+    """Attention probabilities recomputed from the weights with an explicit softmax."""
+    inputs = []
+    blk = model.blocks[layer]
+    h = blk.attn.register_forward_hook(lambda m, i, o: inputs.append(i[0]))
+    with torch.no_grad():
+        model(idx)
+        h.remove()
+        x = inputs[0]
+        B, T, C = x.shape
+        q, k, _ = blk.attn.qkv(x).split(C, -1)
+        q = q.view(B, T, 4, C // 4).transpose(1, 2)
+        k = k.view(B, T, 4, C // 4).transpose(1, 2)
+        if blk.attn.q_norm is not None:
+            q, k = blk.attn.q_norm(q), blk.attn.k_norm(k)
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(C // 4)
+        s = s.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+        return s.softmax(-1)
+
+
+@pytest.mark.parametrize("block", ["pre-ln", "op", "post-ln"])
+def test_ofe_model_values_match_independent_computation(block):
+    model = tiny_model(block)
+    idx = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(1))
+    with OutlierMonitor(model, metrics="all") as mon:
+        r = mon.measure(idx)
+    outs = capture_block_outputs(model, idx)
+    assert len(r["resid"]["kurtosis"]) == 2
+    for layer, h in enumerate(outs):
+        assert r["resid"]["kurtosis"][layer] == pytest.approx(M.kurtosis(h).item(), rel=1e-6)
+        assert r["resid"]["mmr"][layer] == pytest.approx(M.max_median_ratio(h).item(), rel=1e-6)
+        assert r["resid"]["input_correlation"][layer] == pytest.approx(M.input_correlation(h).item(), rel=1e-5)
+        assert r["resid"]["max_abs"][layer] == pytest.approx(h.abs().max().item(), rel=1e-6)
+        ent = M.attention_entropy(manual_attention_probs(model, idx, layer))
+        assert r["attn_probs"]["attention_entropy"][layer] == pytest.approx(ent.tolist(), rel=1e-4)
+    assert r["resid"]["int8_outlier_dims"] == int(M.int8_outlier_dims(outs).sum())
+
+
+def test_all_sites_are_observed():
+    model = tiny_model("op")
+    mon = OutlierMonitor(model, sites=("resid", "attn_out", "mlp_hidden", "attn_probs"))
+    r = mon.measure(torch.randint(0, 256, (2, 16)))
+    assert set(r) == {"resid", "attn_out", "mlp_hidden", "attn_probs"}
+    assert math.isinf(r["mlp_hidden"]["mmr"][0])  # ReLU: median |h| is 0 for most tokens
+    flat = flatten_results(r)
+    assert "resid/kurtosis/1" in flat and "attn_probs/attention_entropy/0/3" in flat
+
+
+def test_inactive_steps_record_nothing_and_taps_stay_off():
+    model = tiny_model()
+    mon = OutlierMonitor(model, every=3)
+    idx = torch.randint(0, 256, (2, 16))
+    seen = []
+    for step in range(7):
+        with mon.observe(step) as active:
+            assert all(t.enabled == active for t in model.taps()["resid"].values())
+            model(idx)
+        seen.append(mon.collect() is not None)
+    assert seen == [True, False, False, True, False, False, True]
+    assert not any(t.enabled for s in model.taps().values() for t in s.values())
+
+
+def test_attention_probs_are_not_computed_when_inactive(monkeypatch):
+    model = tiny_model()
+    calls = []
+    attn = model.blocks[0].attn
+    original = attn._probs
+    monkeypatch.setattr(attn, "_probs", lambda q, k: calls.append(1) or original(q, k))
+    mon = OutlierMonitor(model, every=2)
+    idx = torch.randint(0, 256, (1, 8))
+    for step in range(4):
+        with mon.observe(step):
+            model(idx)
+    assert len(calls) == 2
+
+
+def test_training_with_monitor_is_unchanged():
+    idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+
+    def train(with_monitor):
+        model = tiny_model()
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        mon = OutlierMonitor(model, every=1, metrics="all") if with_monitor else None
+        for step in range(3):
+            if mon:
+                with mon.observe(step):
+                    loss = lm_loss(model(idx[:, :-1]), idx[:, 1:])
+                mon.collect()
+            else:
+                loss = lm_loss(model(idx[:, :-1]), idx[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(train(False), train(True)):
+        assert torch.equal(a, b)
+
+
+def test_gradient_accumulation_averages_micro_batches():
+    model = tiny_model()
+    mon = OutlierMonitor(model, metrics=("kurtosis",), sites=("resid",))
+    a, b = torch.randint(0, 256, (2, 2, 16), generator=torch.Generator().manual_seed(3))
+    with mon.observe(0), torch.no_grad():
+        model(a)
+        model(b)
+    r = mon.collect()
+    ka = M.kurtosis(capture_block_outputs(model, a)[1]).item()
+    kb = M.kurtosis(capture_block_outputs(model, b)[1]).item()
+    assert r["resid"]["kurtosis"][1] == pytest.approx((ka + kb) / 2, rel=1e-6)
+
+
+def test_close_removes_hooks():
+    model = tiny_model()
+    mon = OutlierMonitor(model)
+    mon.close()
+    with mon.observe(0):
+        model(torch.randint(0, 256, (1, 8)))
+    assert mon.collect() is None
+    assert all(not t._forward_hooks for s in model.taps().values() for t in s.values())
+
+
+def test_generic_module_by_names_and_pattern():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(3, 10, 8)
+    by_name = OutlierMonitor(net, modules=["0", "2"], metrics=("kurtosis", "input_correlation")).measure(x)
+    by_pattern = OutlierMonitor(net, pattern=r"[024]", metrics=("kurtosis",)).measure(x)
+    with torch.no_grad():
+        h0 = net[0](x)
+        h2 = net[2](net[1](h0))
+    assert by_name["output"]["kurtosis"] == pytest.approx([M.kurtosis(h0).item(), M.kurtosis(h2).item()], rel=1e-6)
+    assert by_name["output"]["input_correlation"][0] == pytest.approx(M.input_correlation(h0).item(), rel=1e-5)
+    assert len(by_pattern["output"]["kurtosis"]) == 3
+    flat_net = nn.Sequential(nn.Linear(8, 16))
+    r = OutlierMonitor(flat_net, modules=["0"]).measure(torch.randn(5, 8))  # 2-D output: no sequence metrics
+    assert "input_correlation" not in r["output"] and "kurtosis" in r["output"]
+
+
+def test_bad_arguments_are_clear():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="unknown metric"):
+        OutlierMonitor(model, metrics=("kurtosis", "nope"))
+    with pytest.raises(ValueError, match="unknown site"):
+        OutlierMonitor(model, sites=("resid", "bogus"))
+    with pytest.raises(ValueError, match="no module named"):
+        OutlierMonitor(model, modules=["blocks.9"])
+    with pytest.raises(ValueError, match="matches no module"):
+        OutlierMonitor(model, pattern=r"nothing\.here")
+    with pytest.raises(ValueError, match="every"):
+        OutlierMonitor(model, every=0)
+    assert "attention_entropy" in ALL_METRICS
+
+
+# ---- Hugging Face models ---------------------------------------------------------------------------
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_models():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    yield "gpt2", GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=32, n_embd=32, n_layer=3, n_head=4))
+    yield "llama", LlamaForCausalLM(
+        LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    )
+
+
+@pytest.mark.parametrize("name,model", list(_hf_models()))
+def test_hugging_face_hidden_states(name, model):
+    model.eval()
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    stack_name, stack = find_block_stack(model)
+    assert len(stack) == 3
+    r = OutlierMonitor(model, metrics=("kurtosis", "input_correlation")).measure(idx)
+    with torch.no_grad():
+        hidden = model(idx, output_hidden_states=True).hidden_states
+    # hidden_states[i + 1] is block i's output, except the last entry, which has the final norm applied
+    for layer in range(2):
+        assert r["resid"]["kurtosis"][layer] == pytest.approx(M.kurtosis(hidden[layer + 1]).item(), rel=1e-5)
+    assert len(r["resid"]["kurtosis"]) == 3
+
+
+def test_monitor_works_under_torch_compile():
+    """Hooks are registered before compiling; the compiled model still reports the eager values."""
+    model = tiny_model("op")
+    model.train()
+    mon = OutlierMonitor(model, every=2, metrics=("kurtosis",), sites=("resid",))
+    compiled = torch.compile(model)
+    idx = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+    results = []
+    for step in range(3):
+        with mon.observe(step):
+            loss = lm_loss(compiled(idx[:, :-1]), idx[:, 1:])
+        loss.backward()
+        results.append(mon.collect())
+    assert results[1] is None and results[0] is not None and results[2] is not None
+    eager = [M.kurtosis(h).item() for h in capture_block_outputs(model, idx[:, :-1])]
+    assert results[0]["resid"]["kurtosis"] == pytest.approx(eager, rel=1e-5)

@@ -124,6 +124,24 @@ def test_mmr_matches_numpy_even_and_odd_widths():
         assert M.max_median_ratio(torch.from_numpy(x).float()).item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 7, 8, 64, 65])
+def test_median_matches_numpy_with_ties(d):
+    g = torch.Generator().manual_seed(d)
+    for _ in range(20):
+        a = torch.randint(0, 4, (16, d), generator=g).float()  # heavy ties around the middle
+        np.testing.assert_allclose(M._median_last(a).numpy(), np.median(a.numpy(), -1))
+    a = torch.rand(16, d, generator=g)
+    np.testing.assert_allclose(M._median_last(a).numpy(), np.median(a.numpy(), -1), rtol=1e-7)
+
+
+def test_mmr_row_subsampling_uses_evenly_spaced_rows():
+    x = torch.from_numpy(heavy_tailed((4, 25, 16), seed=12)).float()
+    rows = x.reshape(-1, 16)
+    idx = torch.linspace(0, 99, 30).round().long()
+    assert M.max_median_ratio(x, max_rows=30).item() == pytest.approx(M.max_median_ratio(rows[idx]).item(), rel=1e-6)
+    assert M.max_median_ratio(x, max_rows=1000).item() == M.max_median_ratio(x).item()
+
+
 def test_mmr_zero_median_is_inf_and_zero_row_is_nan():
     x = torch.zeros(2, 5)
     x[0, 0] = 1.0

@@ -65,6 +65,17 @@ def test_ofe_model_values_match_independent_computation(block):
     assert r["resid"]["int8_outlier_dims"] == int(M.int8_outlier_dims(outs).sum())
 
 
+@pytest.mark.parametrize("limit", [None, 2])
+def test_attention_probs_batch_limit(limit):
+    model = tiny_model("op")
+    idx = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(2))
+    with OutlierMonitor(model, probs_max_batch=limit) as mon:
+        r = mon.measure(idx)
+    probs = manual_attention_probs(model, idx, 1)[: limit or 6]
+    assert r["attn_probs"]["attention_entropy"][1] == pytest.approx(M.attention_entropy(probs).tolist(), rel=1e-4)
+    assert model.blocks[1].attn.probs_tap.max_batch is None  # close() leaves the model as it was
+
+
 def test_all_sites_are_observed():
     model = tiny_model("op")
     mon = OutlierMonitor(model, sites=("resid", "attn_out", "mlp_hidden", "attn_probs"))

@@ -76,7 +76,11 @@ class OutlierMonitor:
             ``attn_probs``).
         modules: explicit module names to observe (their outputs), in layer order.
         pattern: regular expression matched (fully) against ``named_modules()`` names.
-        max_tokens: bound on tokens per sequence used by ``input_correlation``.
+        max_tokens: bound on tokens per sequence used by ``input_correlation`` (None: all).
+        mmr_max_rows: bound on the inputs (tokens) ``mmr`` averages over, evenly spaced; its
+            per-token median is the one super-linear cost (None: all tokens, exact).
+        probs_max_batch: ``ofe`` models: attention probabilities are materialised (SDPA never
+            forms them) for the first this-many sequences of the batch only (None: all, exact).
 
     Use::
 
@@ -97,6 +101,8 @@ class OutlierMonitor:
         modules: Sequence[str] | None = None,
         pattern: str | None = None,
         max_tokens: int | None = None,
+        mmr_max_rows: int | None = 512,
+        probs_max_batch: int | None = 4,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -108,6 +114,8 @@ class OutlierMonitor:
         self.every = every
         self.metrics = names
         self.max_tokens = max_tokens
+        self.mmr_max_rows = mmr_max_rows
+        self.probs_max_batch = probs_max_batch
         self._active = False
         self._pending: list[tuple[str, int, str, Tensor]] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -137,6 +145,8 @@ class OutlierMonitor:
                 for layer, tap in model.taps()[site].items():
                     self._hook(tap, site, layer)
                     self._taps.append(tap)
+                    if site == "attn_probs":
+                        tap.max_batch = self.probs_max_batch
         else:
             _, stack = find_block_stack(model)
             for layer, block in enumerate(stack):
@@ -165,6 +175,8 @@ class OutlierMonitor:
                 continue
             if name == "input_correlation":
                 value = M.input_correlation(x, max_tokens=self.max_tokens)
+            elif name == "mmr":
+                value = M.max_median_ratio(x, max_rows=self.mmr_max_rows)
             else:
                 value = ACTIVATION_METRICS[name](x)
             self._pending.append((site, layer, name, value))
@@ -234,6 +246,8 @@ class OutlierMonitor:
             handle.remove()
         self._handles.clear()
         self._set_active(False)
+        for tap in self._taps:
+            tap.max_batch = None
 
     def __enter__(self) -> OutlierMonitor:
         return self

@@ -28,12 +28,15 @@ from ofe.models.config import GPTConfig
 class Tap(nn.Module):
     """A named observation point: identity, called only while ``enabled`` so hooks see the tensor.
 
-    Monitors register forward hooks on taps and flip ``enabled`` on the steps they are due.
+    Monitors register forward hooks on taps and flip ``enabled`` on the steps they are due. For a
+    site that costs extra work to materialise (attention probabilities), ``max_batch`` asks the
+    model to compute it for the first ``max_batch`` sequences only (None: all).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.enabled = False
+        self.max_batch: int | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         return x
@@ -71,11 +74,11 @@ class Attention(nn.Module):
     def _probs(self, q: Tensor, k: Tensor) -> Tensor:
         """Attention probabilities ``(B, H, T, T)`` in float32, computed explicitly."""
         T = q.shape[-2]
-        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(self.head_dim)
+        scores = (q.float() * (1.0 / math.sqrt(self.head_dim))) @ k.float().transpose(-2, -1)
         if self.softcap is not None:
             scores = self.softcap * torch.tanh(scores / self.softcap)
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        scores += torch.full((T, T), float("-inf"), device=q.device).triu(1)  # causal mask
+        return scores.softmax(-1)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``(B, T, d)`` -> ``(B, T, d)``."""
@@ -86,13 +89,14 @@ class Attention(nn.Module):
         if self.softcap is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             if self.probs_tap.enabled:
+                n = self.probs_tap.max_batch or B
                 with torch.no_grad():
-                    self.probs_tap(self._probs(q.detach(), k.detach()))
+                    self.probs_tap(self._probs(q[:n].detach(), k[:n].detach()))
         else:  # SDPA has no soft-cap: materialise the probabilities
             probs = self._probs(q, k).to(v.dtype)
             y = probs @ v
             if self.probs_tap.enabled:
-                self.probs_tap(probs.detach())
+                self.probs_tap(probs[: self.probs_tap.max_batch].detach())
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x)).transpose(1, 2).unsqueeze(-1)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))

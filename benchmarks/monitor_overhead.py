@@ -51,13 +51,16 @@ def make_trainer(cfg, every: int | None, sites, metrics, exact: bool):
     return train_step
 
 
-def ratio_interval(times: list[float], base: list[float], n_boot: int = 2000) -> tuple[float, float]:
-    """95% bootstrap interval of mean(times) / mean(base), resampling steps."""
+def ratio_interval(times: list[float], base: list[float], block: int = 10, n_boot: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of the ratio of total times, resampling paired blocks of ``block``
+    interleaved steps (a block holds exactly one monitored step of the "every 10" mode)."""
+    pairs = [(sum(times[i : i + block]), sum(base[i : i + block])) for i in range(0, len(times) - block + 1, block)]
     rng = random.Random(0)
-    ratios = sorted(
-        statistics.fmean(rng.choices(times, k=len(times))) / statistics.fmean(rng.choices(base, k=len(base)))
-        for _ in range(n_boot)
-    )
+    ratios = []
+    for _ in range(n_boot):
+        sample = rng.choices(pairs, k=len(pairs))
+        ratios.append(sum(t for t, _ in sample) / sum(b for _, b in sample))
+    ratios.sort()
     return ratios[int(0.025 * n_boot)], ratios[int(0.975 * n_boot) - 1]
 
 

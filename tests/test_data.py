@@ -1,9 +1,27 @@
-"""The embedded default corpus: the standard library's own source."""
+"""Corpora, split, tokenizers, the token cache and batches."""
+
+import json
 
 import numpy as np
 import pytest
 
-from ofe.data import CorpusError, default_sample, random_windows, stdlib_files, stdlib_root
+from ofe.data import (
+    BPETokenizer,
+    ByteTokenizer,
+    CorpusError,
+    DataConfig,
+    default_sample,
+    is_validation,
+    load_tokenizer,
+    open_corpus,
+    prepare,
+    random_windows,
+    stdlib_files,
+    stdlib_root,
+    train_batch,
+    val_windows,
+)
+from ofe.data import dataset as dataset_module
 
 
 def test_stdlib_corpus_is_python_source_and_deterministic():
@@ -16,12 +34,111 @@ def test_stdlib_corpus_is_python_source_and_deterministic():
     assert b"def " in a.tobytes()
 
 
+def test_split_is_deterministic_and_near_the_fraction():
+    ids = [f"pkg/mod{i}.py" for i in range(4000)]
+    val = [i for i in ids if is_validation(i, 0.1)]
+    assert val == [i for i in ids if is_validation(i, 0.1)]
+    assert 300 < len(val) < 500
+    assert set(val) <= {i for i in ids if is_validation(i, 0.2)}  # monotone in the fraction
+
+
+def test_prepare_stdlib_splits_by_file_and_caches(monkeypatch):
+    cfg = DataConfig()
+    data = prepare(cfg, log=lambda *a: None)
+    assert data.vocab_size == 256 and data.train.dtype == np.uint8
+    assert data.meta["train_docs"] > 10 * data.meta["val_docs"] > 0
+    assert len(data.train) > 10_000_000 and len(data.val) > 100_000
+    corpus = open_corpus("stdlib")
+    val_ids = [d for d, _ in corpus.documents() if is_validation(d, cfg.val_fraction)]
+    assert len(val_ids) == data.meta["val_docs"]
+    monkeypatch.setattr(dataset_module, "_build", lambda *a: pytest.fail("cache miss on the second run"))
+    again = prepare(cfg, log=lambda *a: None)
+    assert again.directory == data.directory and np.array_equal(again.val, data.val)
+
+
+def test_directory_corpus_skips_and_counts_unreadable_files(tmp_path):
+    root = tmp_path / "c"
+    root.mkdir()
+    (root / "a.txt").write_text("hello world " * 50)
+    (root / "b.txt").write_bytes(b"\xff\xfe\x00bad latin-1 \xe9")
+    (root / "sub").mkdir()
+    (root / "sub" / "c.txt").write_text("more text " * 50)
+    docs = list((corpus := open_corpus(str(root))).documents())
+    assert sorted(d for d, _ in docs) == ["a.txt", "sub/c.txt"] and corpus.skipped == 1
+    data = prepare(DataConfig(corpus=str(root), cache_dir=str(tmp_path / "cache"), val_fraction=0.5), log=lambda *a: None)
+    assert data.meta["skipped_files"] == 1
+    assert data.meta["train_tokens"] + data.meta["val_tokens"] == 600 + 500
+
+
+def test_txt_and_jsonl_corpora(tmp_path):
+    txt = tmp_path / "book.txt"
+    txt.write_text("".join(f"line {i}\n" for i in range(1000)))
+    docs = list(open_corpus(str(txt)).documents())
+    assert len(docs) == 5 and "".join(t for _, t in docs) == txt.read_text()
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("\n".join(json.dumps({"content": f"doc {i}", "id": i}) for i in range(10)) + "\n")
+    assert [t for _, t in open_corpus(str(jl), text_field="content").documents()][:2] == ["doc 0", "doc 1"]
+    with pytest.raises(CorpusError, match="no string field 'text'"):
+        list(open_corpus(str(jl)).documents())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(CorpusError, match="bad.jsonl:2: not valid JSON"):
+        list(open_corpus(str(bad)).documents())
+
+
+@pytest.mark.parametrize("source,needle", [("/no/such/corpus", "not found"), ("__file__.csv", "expected 'stdlib'")])
+def test_bad_corpus_sources(tmp_path, source, needle):
+    if source.endswith(".csv"):
+        source = str(tmp_path / "x.csv")
+        (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(CorpusError, match=needle):
+        open_corpus(source)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CorpusError, match="no files match"):
+        open_corpus(str(empty))
+
+
+def test_tokenizer_round_trips(tmp_path):
+    text = "def f(x):\n    return x ** 2  # ünïcödé ✓\n"
+    byte = ByteTokenizer()
+    assert byte.decode(byte.encode(text)) == text and max(byte.encode(text)) < 256
+    byte.save(tmp_path / "b.json")
+    assert isinstance(load_tokenizer(tmp_path / "b.json"), ByteTokenizer)
+    corpus = [f"def g{i}(a, b):\n    return a + b * {i}\n" for i in range(300)]
+    bpe = BPETokenizer.train(corpus, vocab_size=400)
+    assert bpe.vocab_size == 400 and bpe.eos_id is not None
+    ids = bpe.encode(text)
+    assert bpe.decode(ids) == text
+    assert len(bpe.encode(corpus[5])) < len(corpus[5].encode()) / 2  # it learned merges
+    bpe.save(tmp_path / "t.json")
+    assert load_tokenizer(tmp_path / "t.json").encode(text) == ids
+
+
+def test_bpe_prepare_separates_documents_with_eos(small_corpus, tmp_path):
+    cfg = DataConfig(corpus=str(small_corpus), tokenizer="bpe", bpe_vocab_size=512, cache_dir=str(tmp_path / "cache"))
+    data = prepare(cfg, log=lambda *a: None)
+    assert 257 < data.vocab_size <= 512 and data.train.dtype == np.uint16  # fewer if merges run out
+    eos = data.tokenizer.eos_id
+    assert int((np.asarray(data.train) == eos).sum()) == data.meta["train_docs"]
+    text = data.tokenizer.decode(np.asarray(data.train[:200]).tolist())
+    assert text.startswith("# module")
+
+
+def test_batches_are_seeded_windows_of_the_corpus():
+    tokens = np.arange(5000, dtype=np.uint16)
+    a = train_batch(tokens, 4, 16, seed=1, step=3, micro=0)
+    assert a.shape == (4, 17) and np.array_equal(a, train_batch(tokens, 4, 16, seed=1, step=3, micro=0))
+    assert not np.array_equal(a, train_batch(tokens, 4, 16, seed=1, step=4, micro=0))
+    assert ((a[:, 1:] - a[:, :-1]) == 1).all()
+    v = val_windows(tokens, 5, 16)
+    assert v[0, 0] == 0 and v[-1, -1] == 4999 and np.array_equal(v, val_windows(tokens, 5, 16))
+
+
 def test_random_windows_are_seeded_slices():
     tokens = np.arange(1000, dtype=np.uint8)
     w1, w2 = random_windows(tokens, 4, 16, seed=3), random_windows(tokens, 4, 16, seed=3)
-    assert w1.shape == (4, 16) and w1.dtype.is_floating_point is False
-    assert (w1 == w2).all()
-    diffs = (w1[:, 1:] - w1[:, :-1]) % 256
-    assert (diffs == 1).all()  # contiguous windows of the corpus
+    assert w1.shape == (4, 16) and (w1 == w2).all()
+    assert (((w1[:, 1:] - w1[:, :-1]) % 256) == 1).all()
     with pytest.raises(CorpusError, match="fewer than"):
         random_windows(tokens[:10], 1, 16, seed=0)

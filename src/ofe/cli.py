@@ -90,6 +90,29 @@ def _cmd_zoo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _cmd_train(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ofe.train import build_train_config, train
+    from ofe.train.loop import CONFIG_FILE
+
+    data = C.load_file(ns.config) if ns.config else {}
+    overrides = C.overrides_from_namespace(ns)
+    probe = build_train_config(data, overrides)
+    saved = Path(probe.out_dir) / CONFIG_FILE
+    if probe.resume and saved.is_file():  # resume: the saved run is the base, what was given goes on top
+        data = _deep_merge(json.loads(saved.read_text()), data)
+    train(build_train_config(data, overrides))
+    return 0
+
+
 def _cmd_presets(_ns: argparse.Namespace) -> int:
     print(f"{'preset':<16} {'layers':>6} {'width':>6} {'heads':>5} {'vocab':>6} {'seq':>5} {'params (pre-ln)':>16}")
     for name in PRESETS:
@@ -98,7 +121,14 @@ def _cmd_presets(_ns: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, tuple[str, type | None, Callable[[argparse.Namespace], int]]] = {
+def _train_config_cls() -> type:
+    from ofe.train import TrainConfig
+
+    return TrainConfig
+
+
+COMMANDS: dict[str, tuple[str, Any, Callable[[argparse.Namespace], int]]] = {
+    "train": ("train a model on a corpus (the embedded default: the Python standard library)", _train_config_cls, _cmd_train),
     "zoo": ("build every block variant and print per-layer outlier metrics", ZooConfig, _cmd_zoo),
     "presets": ("list the model presets with their parameter counts", None, _cmd_presets),
 }
@@ -111,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if cls is not None:
             p.add_argument("--config", metavar="FILE", help="a .toml or .json config file; flags override it")
-            C.add_arguments(p, cls)
+            C.add_arguments(p, cls() if cls is _train_config_cls else cls)
     return parser
 
 
@@ -122,6 +152,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (C.ConfigError, CorpusError) as e:
         print(f"ofe {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # user-facing training errors; anything else is a bug and keeps its traceback
+        from ofe.train import CheckpointError, NonFiniteLoss, TrainError
+
+        if isinstance(e, NonFiniteLoss):
+            print(f"ofe {ns.command}: error: {e}", file=sys.stderr)
+            return 3
+        if isinstance(e, (TrainError, CheckpointError)):
+            print(f"ofe {ns.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print(f"ofe {ns.command}: interrupted", file=sys.stderr)
         return 130

@@ -204,18 +204,20 @@ class OutlierMonitor:
         finally:
             self._set_active(False)
 
-    def collect(self) -> Results | None:
+    def collect(self, reduce: Callable[[Tensor], Tensor] | None = None) -> Results | None:
         """Results recorded since the last call, or None if nothing was recorded.
 
         Returns ``{site: {metric: [value per layer]}}`` where a value is a float
         (``attention_entropy``: a list of per-head floats), plus ``int8_outlier_dims`` as one
         int per site. Layers observed several times (gradient accumulation) are averaged.
-        One device-to-host transfer.
+        One device-to-host transfer. ``reduce`` (e.g. a mean over data-parallel ranks) is applied
+        to the flat tensor of every value first; all ranks must have observed the same sites.
         """
         if not self._pending:
             return None
         pending, self._pending = self._pending, []
-        flat = torch.cat([v.reshape(-1).float() for *_, v in pending]).cpu().tolist()
+        flat_tensor = torch.cat([v.reshape(-1).float() for *_, v in pending])
+        flat = (reduce(flat_tensor) if reduce else flat_tensor).cpu().tolist()
         grouped: dict[tuple[str, str], dict[int, list[list[float]]]] = {}
         offset = 0
         for site, layer, name, value in pending:

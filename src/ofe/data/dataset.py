@@ -1,0 +1,161 @@
+"""Tokenised corpora stored once as memory-mapped token arrays, and the batches drawn from them.
+
+:func:`prepare` splits a corpus, trains or builds the tokenizer on the training split, encodes both
+splits and stores ``train.bin`` / ``val.bin`` / ``tokenizer.json`` / ``meta.json`` in a cache
+directory keyed by the corpus fingerprint and the settings; a second run maps them in seconds.
+
+Batches are a pure function of ``(seed, step, micro-step)``, so the data position of a run is its
+step count and resuming needs no sampler state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ofe.config import ConfigError, field
+from ofe.data.corpus import CorpusError, is_validation, open_corpus
+from ofe.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus: str = field("stdlib", "'stdlib' (the Python standard library's source), a directory, a .txt or .jsonl file, or a saved HF dataset")
+    glob: str = field("**/*", "files to read below a corpus directory")
+    text_field: str = field("text", "text field of .jsonl records / HF dataset column")
+    val_fraction: float = field(0.05, "fraction of documents held out for validation")
+    tokenizer: Literal["byte", "bpe"] = field("byte", "byte-level (vocab 256) or BPE trained on the training split")
+    bpe_vocab_size: int = field(8192, "BPE vocabulary size")
+    cache_dir: str = field("", "token cache directory; empty: $OFE_CACHE or ~/.cache/ofe")
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.bpe_vocab_size < 257:
+            raise ConfigError(f"data.bpe_vocab_size must be at least 257, got {self.bpe_vocab_size}")
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir or os.environ.get("OFE_CACHE") or Path.home() / ".cache" / "ofe").expanduser()
+
+
+@dataclass
+class TokenData:
+    """Both splits as read-only token arrays, the tokenizer, and what was read."""
+
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: Tokenizer
+    meta: dict
+    directory: Path
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+def cache_key(cfg: DataConfig, fingerprint: str) -> str:
+    settings = f"{fingerprint}|{cfg.val_fraction}|{cfg.tokenizer}|{cfg.bpe_vocab_size if cfg.tokenizer == 'bpe' else ''}"
+    return hashlib.sha256(settings.encode()).hexdigest()[:20]
+
+
+def prepare(cfg: DataConfig, log=print) -> TokenData:
+    """Tokenise ``cfg.corpus`` into the cache (once) and map it. Raises :class:`CorpusError`."""
+    corpus = open_corpus(cfg.corpus, cfg.glob, cfg.text_field)
+    directory = cfg.resolved_cache_dir() / cache_key(cfg, corpus.fingerprint())
+    if not (directory / "meta.json").exists():
+        _build(cfg, corpus, directory, log)
+    return load_token_data(directory)
+
+
+def load_token_data(directory: Path) -> TokenData:
+    meta = json.loads((directory / "meta.json").read_text())
+    dtype = np.dtype(meta["dtype"])
+    arrays = [np.memmap(directory / f"{split}.bin", dtype=dtype, mode="r") if meta[f"{split}_tokens"] else np.zeros(0, dtype)
+              for split in ("train", "val")]
+    return TokenData(arrays[0], arrays[1], load_tokenizer(directory / "tokenizer.json"), meta, directory)
+
+
+def _build(cfg: DataConfig, corpus, directory: Path, log) -> None:
+    train_texts, val_texts = [], []
+    for doc_id, text in corpus.documents():
+        (val_texts if is_validation(doc_id, cfg.val_fraction) else train_texts).append(text)
+    n_docs = len(train_texts) + len(val_texts)
+    if n_docs == 0 or not any(train_texts):
+        raise CorpusError(f"corpus {cfg.corpus} has no readable text ({corpus.skipped} files skipped)")
+    log(f"tokenising {cfg.corpus}: {len(train_texts)} train / {len(val_texts)} validation documents"
+        + (f", {corpus.skipped} unreadable files skipped" if corpus.skipped else ""))
+    tok: Tokenizer = ByteTokenizer() if cfg.tokenizer == "byte" else BPETokenizer.train(train_texts, cfg.bpe_vocab_size)
+    dtype = _token_dtype(tok.vocab_size)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".tmp-"))
+    try:
+        counts = {split: _encode_to_file(tok, texts, tmp / f"{split}.bin", dtype)
+                  for split, texts in (("train", train_texts), ("val", val_texts))}
+        tok.save(tmp / "tokenizer.json")
+        meta = {"corpus": cfg.corpus, "tokenizer": cfg.tokenizer, "vocab_size": tok.vocab_size, "dtype": dtype.name,
+                "train_docs": len(train_texts), "val_docs": len(val_texts), "skipped_files": corpus.skipped,
+                "train_tokens": counts["train"], "val_tokens": counts["val"], "val_fraction": cfg.val_fraction}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.replace(tmp, directory)
+        except OSError:  # another process finished first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _encode_to_file(tok: Tokenizer, texts: list[str], path: Path, dtype: np.dtype) -> int:
+    """Encode documents (EOS-separated for BPE) and write them as one flat array; returns the count."""
+    with path.open("wb") as f:
+        if isinstance(tok, ByteTokenizer):
+            data = "".join(texts).encode("utf-8")
+            f.write(data)
+            return len(data)
+        total = 0
+        for i in range(0, len(texts), 256):
+            for ids in tok.encode_batch(texts[i : i + 256]):
+                arr = np.asarray(ids + [tok.eos_id], dtype=dtype)
+                f.write(arr.tobytes())
+                total += len(arr)
+        return total
+
+
+def train_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int, micro: int = 0) -> torch.Tensor:
+    """``batch_size`` random windows of ``seq_len + 1`` tokens for ``(seed, step, micro)``: int64 ``(B, T+1)``."""
+    rng = np.random.default_rng([seed, step, micro])
+    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
+    return _gather(tokens, starts, seq_len + 1)
+
+
+def val_windows(tokens: np.ndarray, n: int, seq_len: int) -> torch.Tensor:
+    """A fixed validation set: ``n`` evenly spaced windows of ``seq_len + 1`` tokens, ``(n, T+1)``."""
+    starts = np.linspace(0, len(tokens) - seq_len - 1, n).round().astype(np.int64)
+    return _gather(tokens, starts, seq_len + 1)
+
+
+def _gather(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(tokens[s : s + length], dtype=np.int64) for s in starts]))
+
+
+def check_lengths(data: TokenData, seq_len: int) -> None:
+    """Both splits must hold at least one window of ``seq_len + 1`` tokens."""
+    for split, arr in (("training", data.train), ("validation", data.val)):
+        if len(arr) <= seq_len:
+            raise CorpusError(
+                f"the {split} split has {len(arr)} tokens, fewer than seq_len + 1 = {seq_len + 1}"
+                + (" (raise data.val_fraction or use a larger corpus)" if split == "validation" else "")
+            )

@@ -60,9 +60,11 @@ def test_loss_falls_and_outputs_follow_the_contract(tmp_path, small_corpus):
     assert state["step"] == 40
 
 
-def test_kill_and_resume_gives_identical_weights_and_metrics(tmp_path, small_corpus, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "soap", "rotated-adafactor"])
+def test_kill_and_resume_gives_identical_weights_and_metrics(tmp_path, small_corpus, monkeypatch, optimizer):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    train(tiny_cfg(whole, small_corpus, **{"model.block": "op"}), log=quiet)
+    opts = {"model.block": "op", "optim.name": optimizer, "optim.precondition_frequency": 3}
+    train(tiny_cfg(whole, small_corpus, **opts), log=quiet)
 
     original = loop_module.Trainer._train_step
 
@@ -73,7 +75,7 @@ def test_kill_and_resume_gives_identical_weights_and_metrics(tmp_path, small_cor
 
     monkeypatch.setattr(loop_module.Trainer, "_train_step", dies_at_step_6)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_cfg(broken, small_corpus, **{"model.block": "op"}), log=quiet)
+        train(tiny_cfg(broken, small_corpus, **opts), log=quiet)
     assert load_checkpoint(broken / CHECKPOINT)["step"] == 4
     assert max(r["step"] for r in read_metrics(broken)) == 5
     monkeypatch.setattr(loop_module.Trainer, "_train_step", original)
@@ -226,3 +228,15 @@ def test_train_help_lists_every_option():
 
 def test_out_dir_error_class():
     assert issubclass(TrainError, RuntimeError)
+
+
+def test_shipped_config_files_are_valid():
+    from pathlib import Path
+
+    from ofe.config import load_file
+
+    files = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+    assert files
+    for path in files:
+        cfg = build_train_config(load_file(path))
+        assert cfg.steps > 0 and cfg.model.block in ("pre-ln", "op"), path.name

@@ -7,14 +7,18 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from ofe import config as C
 from ofe.data import CorpusError, default_sample, random_windows
+from ofe.io import atomic_write
 from ofe.models import BLOCK_TYPES, GPT, PRESETS, expected_param_count, preset
 from ofe.monitor import OutlierMonitor
+from ofe.train import CheckpointError, NonFiniteLoss, TrainConfig, TrainError, build_train_config, train
+from ofe.train.loop import CONFIG_FILE
 
 T = TypeVar("T")
 
@@ -81,12 +85,7 @@ def _cmd_zoo(ns: argparse.Namespace) -> int:
     cfg = load_config(ZooConfig, ns)
     results = run_zoo(cfg)
     if cfg.json_out:
-        from pathlib import Path
-
-        out = Path(cfg.json_out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(out)
+        atomic_write(Path(cfg.json_out), lambda p: p.write_text(json.dumps(results, indent=1)))
     return 0
 
 
@@ -98,11 +97,6 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from ofe.train import build_train_config, train
-    from ofe.train.loop import CONFIG_FILE
-
     data = C.load_file(ns.config) if ns.config else {}
     overrides = C.overrides_from_namespace(ns)
     probe = build_train_config(data, overrides)
@@ -121,14 +115,8 @@ def _cmd_presets(_ns: argparse.Namespace) -> int:
     return 0
 
 
-def _train_config_cls() -> type:
-    from ofe.train import TrainConfig
-
-    return TrainConfig
-
-
-COMMANDS: dict[str, tuple[str, Any, Callable[[argparse.Namespace], int]]] = {
-    "train": ("train a model on a corpus (the embedded default: the Python standard library)", _train_config_cls, _cmd_train),
+COMMANDS: dict[str, tuple[str, type | None, Callable[[argparse.Namespace], int]]] = {
+    "train": ("train a model on a corpus (the embedded default: the Python standard library)", TrainConfig, _cmd_train),
     "zoo": ("build every block variant and print per-layer outlier metrics", ZooConfig, _cmd_zoo),
     "presets": ("list the model presets with their parameter counts", None, _cmd_presets),
 }
@@ -141,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if cls is not None:
             p.add_argument("--config", metavar="FILE", help="a .toml or .json config file; flags override it")
-            C.add_arguments(p, cls() if cls is _train_config_cls else cls)
+            C.add_arguments(p, cls)
     return parser
 
 
@@ -149,19 +137,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         return COMMANDS[ns.command][2](ns)
-    except (C.ConfigError, CorpusError) as e:
+    except NonFiniteLoss as e:
+        print(f"ofe {ns.command}: error: {e}", file=sys.stderr)
+        return 3
+    except (C.ConfigError, CorpusError, TrainError, CheckpointError) as e:
         print(f"ofe {ns.command}: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # user-facing training errors; anything else is a bug and keeps its traceback
-        from ofe.train import CheckpointError, NonFiniteLoss, TrainError
-
-        if isinstance(e, NonFiniteLoss):
-            print(f"ofe {ns.command}: error: {e}", file=sys.stderr)
-            return 3
-        if isinstance(e, (TrainError, CheckpointError)):
-            print(f"ofe {ns.command}: error: {e}", file=sys.stderr)
-            return 2
-        raise
     except KeyboardInterrupt:
         print(f"ofe {ns.command}: interrupted", file=sys.stderr)
         return 130

@@ -101,8 +101,8 @@ class OutlierMonitor:
         modules: Sequence[str] | None = None,
         pattern: str | None = None,
         max_tokens: int | None = None,
-        mmr_max_rows: int | None = 512,
-        probs_max_batch: int | None = 4,
+        mmr_max_rows: int | None = 256,
+        probs_max_batch: int | None = 2,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")

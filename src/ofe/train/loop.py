@@ -26,7 +26,8 @@ from ofe.models import GPT, lm_loss
 from ofe.monitor import OutlierMonitor
 from ofe.optim import build_optimizer, lr_at
 from ofe.train import distributed as D
-from ofe.train.checkpoint import CHECKPOINT, CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from ofe.io import atomic_write
+from ofe.train.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
 from ofe.train.config import TrainConfig, incompatible_keys, with_model
 from ofe.train.logger import RunLogger
 

@@ -1,0 +1,249 @@
+"""Optimisers that run a diagonal rule in Shampoo's eigenbasis: SOAP (Adam) and rotated AdaFactor.
+
+For a matrix parameter with gradient ``G`` (``m x n``) the rotation keeps EMA Kronecker factors
+``L = E[G G^T]`` and ``R = E[G^T G]`` (decay ``shampoo_beta``) and their eigenbases ``Q_L``, ``Q_R``.
+Each step the gradient is rotated, ``G' = Q_L^T G Q_R``; the diagonal rule runs on ``G'`` with its
+moments kept in that basis; the update is rotated back, ``U = Q_L U' Q_R^T``. The bases come from
+``eigh`` at the first step (which only builds them, as in the reference algorithm) and are then
+refreshed every ``precondition_frequency`` steps by one QR power-iteration step warm-started from the
+old basis, with the rule's second-moment state re-ordered to follow the estimated eigenvalues and the
+first moment rotated into the new basis. A side longer than ``max_precond_dim`` is not rotated; 1-D
+parameters get the diagonal rule unrotated.
+
+Diagonal rules: ``adam`` (SOAP, Vyas et al. 2024) and ``adafactor`` (factored second moments on the
+rotated gradient, with update clipping: the paper's "rotated AdaFactor").
+
+Implementation: state in float32 whatever the parameter dtype (float64 for float64 parameters); element-wise work with ``torch._foreach``
+ops; the eigh/QR refresh batched over same-sized factors; no host syncs in a step. A failed float32
+``eigh`` is retried in float64 and counted in the param group's ``eigh_fallbacks``. Under
+``torch.distributed`` the refreshed bases are broadcast from rank 0, so every rank keeps identical
+parameters even where eigh/QR are not bitwise deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ofe.optim.adafactor import (
+    beta2_at,
+    clip_update,
+    init_second_moment,
+    reorder_second_moment,
+    second_moment,
+    state_dtype,
+)
+
+Rule = Literal["adam", "adafactor"]
+
+
+def _rotated_sides(shape: torch.Size, max_dim: int) -> list[bool]:
+    """Which sides (rows, columns) of a parameter get a basis; 1-D parameters get none."""
+    if len(shape) != 2:
+        return [False, False]
+    return [shape[0] <= max_dim, shape[1] <= max_dim]
+
+
+def rotate(x: Tensor, q: list[Tensor | None]) -> Tensor:
+    """``Q_L^T x Q_R`` (a missing side is the identity)."""
+    if q[0] is not None:
+        x = q[0].mT @ x
+    if q[1] is not None:
+        x = x @ q[1]
+    return x
+
+
+def rotate_back(x: Tensor, q: list[Tensor | None]) -> Tensor:
+    """``Q_L x Q_R^T``."""
+    if q[0] is not None:
+        x = q[0] @ x
+    if q[1] is not None:
+        x = x @ q[1].mT
+    return x
+
+
+class RotatedOptimizer(torch.optim.Optimizer):
+    """A diagonal rule in Shampoo's eigenbasis. Use :class:`SOAP` or :class:`RotatedAdafactor`.
+
+    Per-group options: ``lr``, ``betas``, ``eps``, ``weight_decay`` (decoupled, applied after the
+    update as in the reference), ``shampoo_beta`` (None: ``betas[1]``), ``precondition_frequency``,
+    ``max_precond_dim``, ``bias_correction``; rotated AdaFactor also ``beta2_decay``, ``eps1``, ``d``.
+    """
+
+    def __init__(self, params, rule: Rule, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
+                 eps: float = 1e-8, weight_decay: float = 0.01, shampoo_beta: float | None = None,
+                 precondition_frequency: int = 10, max_precond_dim: int = 10000, bias_correction: bool = True,
+                 beta2_decay: float | None = None, eps1: float = 1e-30, d: float = 1.0) -> None:
+        if precondition_frequency < 1:
+            raise ValueError(f"precondition_frequency must be >= 1, got {precondition_frequency}")
+        self.rule = rule
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, shampoo_beta=shampoo_beta,
+                        precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
+                        bias_correction=bias_correction, beta2_decay=beta2_decay, eps1=eps1, d=d,
+                        step=0, eigh_fallbacks=0)
+        super().__init__(params, defaults)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load, keeping the saved float32 state (torch casts state to the parameter dtype)."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for index, p in zip(saved_group["params"], group["params"]):
+                for key, value in saved.get(index, {}).items():
+                    if isinstance(value, Tensor):
+                        self.state[p][key] = value.to(device=p.device, copy=True)
+
+    # ---- state ---------------------------------------------------------------------------------
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        shape, dev, dtype = p.shape, p.device, state_dtype(p)
+        state["m"] = torch.zeros(shape, device=dev, dtype=dtype)  # first moment, in the rotated basis
+        if self.rule == "adam":
+            state["v"] = torch.zeros(shape, device=dev, dtype=dtype)
+        else:
+            init_second_moment(state, shape, dev, dtype)
+        for side, rotated in enumerate(_rotated_sides(shape, group["max_precond_dim"])):
+            if rotated:
+                state[f"GG{side}"] = torch.zeros(shape[side], shape[side], device=dev, dtype=dtype)
+        return state
+
+    @staticmethod
+    def _bases(state: dict[str, Any]) -> list[Tensor | None]:
+        return [state.get("Q0"), state.get("Q1")]
+
+    # ---- the step --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            group["step"] += 1
+            grads = [p.grad.to(state_dtype(p)) for p in params]
+            if group["step"] == 1:  # the first step only builds the preconditioner
+                states = [self._init_state(p, group) for p in params]
+                self._update_factors(states, grads, group)
+                self._eigh_bases(states, group)
+                continue
+            states = [self.state[p] for p in params]
+            t = group["step"] - 1
+            updates = self._directions(states, grads, group, t)
+            beta1, beta2 = group["betas"]
+            step_size = group["lr"]
+            if group["bias_correction"]:
+                step_size /= 1.0 - beta1**t
+                if self.rule == "adam":
+                    step_size *= math.sqrt(1.0 - beta2**t)
+            same_dtype = [u.to(p.dtype) for u, p in zip(updates, params)]
+            torch._foreach_add_(params, same_dtype, alpha=-step_size)
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+            self._update_factors(states, grads, group)
+            if t % group["precondition_frequency"] == 0:
+                self._refresh_bases(states, group)
+        return loss
+
+    def _directions(self, states, grads, group, t: int) -> list[Tensor]:
+        """Rotate the gradients, update the moments in the basis, return the rotated-back directions."""
+        beta1, beta2 = group["betas"]
+        g_rot = [rotate(g, self._bases(s)) for g, s in zip(grads, states)]
+        moments = [s["m"] for s in states]
+        torch._foreach_lerp_(moments, g_rot, 1.0 - beta1)
+        if self.rule == "adam":
+            second = [s["v"] for s in states]
+            torch._foreach_lerp_(second, torch._foreach_mul(g_rot, g_rot), 1.0 - beta2)
+            denom = torch._foreach_add(torch._foreach_sqrt(second), group["eps"])
+            directions = torch._foreach_div(moments, denom)
+        else:
+            beta2_t = beta2_at(t, beta2, group["beta2_decay"])
+            directions = []
+            for s, g, m in zip(states, g_rot, moments):
+                v_hat = second_moment(s, g, beta2_t, group["eps1"])
+                if group["beta2_decay"] is None and group["bias_correction"]:
+                    v_hat.div_(1.0 - beta2**t)
+                directions.append(clip_update(m / v_hat.sqrt().add_(group["eps"]), group["d"]))
+        return [rotate_back(u, self._bases(s)) for u, s in zip(directions, states)]
+
+    @staticmethod
+    def _update_factors(states, grads, group) -> None:
+        """EMA of ``G G^T`` and ``G^T G``."""
+        beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["betas"][1]
+        for s, g in zip(states, grads):
+            if "GG0" in s:
+                s["GG0"].lerp_(g @ g.mT, 1.0 - beta)
+            if "GG1" in s:
+                s["GG1"].lerp_(g.mT @ g, 1.0 - beta)
+
+    # ---- bases -------------------------------------------------------------------------------------
+    def _factors_by_size(self, states) -> dict[int, list[tuple[dict[str, Any], int]]]:
+        buckets: dict[int, list[tuple[dict[str, Any], int]]] = defaultdict(list)
+        for s in states:
+            for side in (0, 1):
+                if f"GG{side}" in s:
+                    buckets[s[f"GG{side}"].shape[0]].append((s, side))
+        return buckets
+
+    def _eigh_bases(self, states, group) -> None:
+        """Initial bases: eigenvectors of the factors, by descending eigenvalue, batched by size."""
+        for size, members in self._factors_by_size(states).items():
+            stacked = torch.stack([s[f"GG{side}"] for s, side in members])
+            eye = torch.eye(size, device=stacked.device, dtype=stacked.dtype)
+            try:
+                _, q = torch.linalg.eigh(stacked + 1e-30 * eye)
+            except torch.linalg.LinAlgError:
+                group["eigh_fallbacks"] += 1
+                _, q = torch.linalg.eigh(stacked.double() + 1e-30 * eye.double())
+                q = q.to(stacked.dtype)
+            q = _broadcast(q.flip(-1).contiguous())
+            for (s, side), qi in zip(members, q):
+                s[f"Q{side}"] = qi
+
+    def _refresh_bases(self, states, group) -> None:
+        """One QR power-iteration step from the old bases; re-order / re-rotate the moments to follow."""
+        for _size, members in self._factors_by_size(states).items():
+            gg = torch.stack([s[f"GG{side}"] for s, side in members])
+            q_old = torch.stack([s[f"Q{side}"] for s, side in members])
+            power = gg @ q_old
+            est_eig = (q_old * power).sum(-2)  # diag(Q^T GG Q), shape (k, size)
+            order = est_eig.argsort(dim=-1, descending=True)
+            power = torch.gather(power, -1, order.unsqueeze(-2).expand_as(power))
+            q_new, _ = torch.linalg.qr(power)
+            q_new, order = _broadcast(q_new.contiguous()), _broadcast(order.contiguous())
+            for (s, side), qo, qn, idx in zip(members, q_old, q_new, order):
+                if self.rule == "adam":
+                    s["v"] = s["v"].index_select(side, idx)
+                else:
+                    reorder_second_moment(s, side, idx)
+                change = qn.mT @ qo  # old basis coordinates -> new basis coordinates
+                s["m"] = change @ s["m"] if side == 0 else s["m"] @ change.mT
+                s[f"Q{side}"] = qn
+
+
+def _broadcast(t: Tensor) -> Tensor:
+    """Make every rank use rank 0's tensor (eigh/QR need not be bitwise deterministic across ranks)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(t, src=0)
+    return t
+
+
+class SOAP(RotatedOptimizer):
+    """Adam in Shampoo's eigenbasis (Vyas et al. 2024). Defaults follow the reference."""
+
+    def __init__(self, params, **kwargs: Any) -> None:
+        super().__init__(params, rule="adam", **kwargs)
+
+
+class RotatedAdafactor(RotatedOptimizer):
+    """AdaFactor's factored second moments in Shampoo's eigenbasis, with update clipping."""
+
+    def __init__(self, params, **kwargs: Any) -> None:
+        super().__init__(params, rule="adafactor", **kwargs)

@@ -51,7 +51,7 @@ def manual_attention_probs(model, idx, layer):
 def test_ofe_model_values_match_independent_computation(block):
     model = tiny_model(block)
     idx = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(1))
-    with OutlierMonitor(model, metrics="all") as mon:
+    with OutlierMonitor(model, metrics="all", mmr_max_rows=None, probs_max_batch=None) as mon:
         r = mon.measure(idx)
     outs = capture_block_outputs(model, idx)
     assert len(r["resid"]["kurtosis"]) == 2

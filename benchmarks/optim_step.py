@@ -1,0 +1,135 @@
+"""Optimiser step time: ofe SOAP vs pytorch-optimizer SOAP vs torch AdamW; and whole training steps
+SOAP vs AdamW, at precondition_frequency 10, in one run. Prints ratios.
+
+Each optimiser owns an identical model copy; the timed steps are interleaved one by one (rotating
+the order) so machine noise hits all alike. The first SOAP step (which only builds the
+eigenbases with eigh) is excluded; the timed steps include the QR refreshes at their natural
+frequency (one step in ten), so the means are steady-state costs.
+
+    python benchmarks/optim_step.py                                     # small-cpu
+    python benchmarks/optim_step.py --preset codeparrot-130m --layers 2 --steps 10 --batch-size 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+import torch
+
+from ofe.models import GPT, lm_loss, preset
+from ofe.optim import SOAP, param_groups
+
+
+def make_optimizers(model_factory, lr: float, freq: int):
+    import pytorch_optimizer
+
+    def groups(model):
+        return [g for g in param_groups(model, 0.01) if g["params"]]
+
+    built = {}
+    m = model_factory()
+    built["ofe SOAP"] = (m, SOAP(groups(m), lr=lr, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=freq))
+    m = model_factory()
+    built["pytorch-optimizer SOAP"] = (m, pytorch_optimizer.SOAP(groups(m), lr=lr, betas=(0.95, 0.95), weight_decay=0.01,
+                                                                precondition_frequency=freq))
+    m = model_factory()
+    built["AdamW"] = (m, torch.optim.AdamW(groups(m), lr=lr, betas=(0.95, 0.95)))
+    return built
+
+
+def timed_rounds(fns: dict, steps: int) -> dict[str, list[float]]:
+    names = list(fns)
+    times = {n: [] for n in names}
+    for i in range(steps):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio_ci(a: list[float], b: list[float], n_boot: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of mean(a) / mean(b) over paired interleaved steps."""
+    pairs = list(zip(a, b))
+    rng = random.Random(0)
+    r = sorted(sum(x for x, _ in s) / sum(y for _, y in s) for s in (rng.choices(pairs, k=len(pairs)) for _ in range(n_boot)))
+    return r[int(0.025 * n_boot)], r[int(0.975 * n_boot) - 1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small-cpu", help="model preset (default: small-cpu)")
+    p.add_argument("--layers", type=int, default=0, help="override the preset's depth (0: keep), to fit a CPU budget")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per training step (default: 16)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per optimiser (default: 20)")
+    p.add_argument("--freq", type=int, default=10, help="precondition_frequency (default: 10)")
+    p.add_argument("--json", default="", help="write the results to this JSON file")
+    args = p.parse_args()
+
+    overrides = {"n_layer": args.layers} if args.layers else {}
+    cfg = preset(args.preset, **overrides)
+
+    def model_factory():
+        torch.manual_seed(0)
+        return GPT(cfg)
+
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.seq_len + 1), generator=g)
+    built = make_optimizers(model_factory, lr=3e-3, freq=args.freq)
+    ref_model = next(iter(built.values()))[0]
+    loss = lm_loss(ref_model(batch[:, :-1]), batch[:, 1:])
+    loss.backward()
+    grads = [p.grad.detach().clone() for p in ref_model.parameters()]
+
+    def step_only(model, opt):
+        def run():
+            for p, gr in zip(model.parameters(), grads):
+                p.grad = gr
+            opt.step()
+        return run
+
+    steppers = {name: step_only(m, o) for name, (m, o) in built.items()}
+    for run in steppers.values():  # SOAP's first step builds the bases (eigh); not timed
+        run()
+    step_times = timed_rounds(steppers, args.steps)
+
+    def train_step(model, opt):
+        def run():
+            loss = lm_loss(model(batch[:, :-1]), batch[:, 1:])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return run
+
+    trainers = {name: train_step(*built[name]) for name in ("ofe SOAP", "AdamW")}
+    train_times = timed_rounds(trainers, args.steps)
+
+    mean = {k: statistics.fmean(v) for k, v in step_times.items()}
+    tmean = {k: statistics.fmean(v) for k, v in train_times.items()}
+    r1 = mean["ofe SOAP"] / mean["pytorch-optimizer SOAP"]
+    r2 = tmean["ofe SOAP"] / tmean["AdamW"]
+    ci1 = ratio_ci(step_times["ofe SOAP"], step_times["pytorch-optimizer SOAP"])
+    ci2 = ratio_ci(train_times["ofe SOAP"], train_times["AdamW"])
+    n_params = sum(p.numel() for p in ref_model.parameters())
+    print(f"preset {args.preset}{f' with {args.layers} layers' if args.layers else ''}: {n_params / 1e6:.1f}M params, "
+          f"batch {args.batch_size} x {cfg.seq_len}; precondition_frequency {args.freq}; {args.steps} timed steps; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name, value in mean.items():
+        print(f"  optimizer step  {name:<24} {value * 1e3:9.1f} ms")
+    for name, value in tmean.items():
+        print(f"  training step   {name:<24} {value * 1e3:9.1f} ms")
+    print(f"ofe SOAP step / pytorch-optimizer SOAP step: {r1:.3f}  (95% CI [{ci1[0]:.3f}, {ci1[1]:.3f}]; target <= 0.5)")
+    print(f"training step SOAP / AdamW:                  {r2:.3f}  (95% CI [{ci2[0]:.3f}, {ci2[1]:.3f}]; target <= 1.3)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "optimizer_step_s": mean, "train_step_s": tmean, "soap_vs_peer": r1,
+                       "soap_vs_peer_ci95": ci1, "train_soap_vs_adamw": r2, "train_soap_vs_adamw_ci95": ci2}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

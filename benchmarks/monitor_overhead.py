@@ -13,20 +13,22 @@ every step).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
-import random
 import statistics
-import time
 
 import torch
+
+from _timing import interleaved, ratio_ci
 
 from ofe.data import default_sample, random_windows
 from ofe.models import GPT, lm_loss, preset
 from ofe.monitor import OFE_SITES, OutlierMonitor
 
 
-def make_trainer(cfg, every: int | None, sites, metrics, exact: bool):
+def make_trainer(cfg, every: int | None, sites, metrics, exact: bool, batches: list[torch.Tensor]):
+    """A zero-argument training step over ``batches`` (cycled), monitored every ``every`` steps."""
     torch.manual_seed(0)
     model = GPT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -34,13 +36,11 @@ def make_trainer(cfg, every: int | None, sites, metrics, exact: bool):
     monitor = OutlierMonitor(model, every=every, sites=sites, metrics=metrics, **sampling) if every else None
     step = 0
 
-    def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
+    def train_step() -> None:
         nonlocal step
-        if monitor is None:
-            loss = lm_loss(model(x), y)
-        else:
-            with monitor.observe(step):
-                loss = lm_loss(model(x), y)
+        batch = batches[step % len(batches)]
+        with monitor.observe(step) if monitor else contextlib.nullcontext():
+            loss = lm_loss(model(batch[:, :-1]), batch[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -49,19 +49,6 @@ def make_trainer(cfg, every: int | None, sites, metrics, exact: bool):
         step += 1
 
     return train_step
-
-
-def ratio_interval(times: list[float], base: list[float], block: int = 10, n_boot: int = 2000) -> tuple[float, float]:
-    """95% bootstrap interval of the ratio of total times, resampling paired blocks of ``block``
-    interleaved steps (a block holds exactly one monitored step of the "every 10" mode)."""
-    pairs = [(sum(times[i : i + block]), sum(base[i : i + block])) for i in range(0, len(times) - block + 1, block)]
-    rng = random.Random(0)
-    ratios = []
-    for _ in range(n_boot):
-        sample = rng.choices(pairs, k=len(pairs))
-        ratios.append(sum(t for t, _ in sample) / sum(b for _, b in sample))
-    ratios.sort()
-    return ratios[int(0.025 * n_boot)], ratios[int(0.975 * n_boot) - 1]
 
 
 def main() -> None:
@@ -84,20 +71,11 @@ def main() -> None:
     tokens = default_sample(4 << 20)
     batches = [random_windows(tokens, args.batch_size, cfg.seq_len + 1, seed=i) for i in range(20)]
     modes = {"off": None, "every 10": 10, "every 1": 1}
-    trainers = {name: make_trainer(cfg, every, sites, metrics, args.exact) for name, every in modes.items()}
+    trainers = {name: make_trainer(cfg, every, sites, metrics, args.exact, batches) for name, every in modes.items()}
     for train_step in trainers.values():
-        for b in batches[: args.warmup]:
-            train_step(b[:, :-1], b[:, 1:])
-
-    # Interleave at step granularity (rotating the order) so drift and noise hit every mode alike.
-    per_step: dict[str, list[float]] = {name: [] for name in modes}
-    names = list(modes)
-    for i in range(args.steps):
-        b = batches[i % len(batches)]
-        for name in names[i % 3 :] + names[: i % 3]:
-            t0 = time.perf_counter()
-            trainers[name](b[:, :-1], b[:, 1:])
-            per_step[name].append(time.perf_counter() - t0)
+        for _ in range(args.warmup):
+            train_step()
+    per_step = interleaved(trainers, args.steps)
 
     base = statistics.fmean(per_step["off"])
     print(f"preset {args.preset}, batch {args.batch_size} x {cfg.seq_len}, torch {torch.__version__}, "
@@ -109,7 +87,7 @@ def main() -> None:
               "metrics": args.metrics, "exact": args.exact, "steps": args.steps, "modes": {}}
     for name in modes:
         mean = statistics.fmean(per_step[name])
-        lo, hi = ratio_interval(per_step[name], per_step["off"])
+        lo, hi = ratio_ci(per_step[name], per_step["off"], block=10)
         result["modes"][name] = {"s_per_step": mean, "ratio": mean / base, "ratio_ci95": [lo, hi]}
         print(f"{name:<10} {mean:>12.4f} {mean / base:>7.3f} {f'[{lo:.3f}, {hi:.3f}]':>18}")
     if args.json:

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
-import time
 
 import torch
+from _timing import interleaved, ratio_ci
 
 from ofe.models import GPT, lm_loss, preset
 from ofe.optim import SOAP, param_groups
@@ -39,26 +38,6 @@ def make_optimizers(model_factory, lr: float, freq: int):
     m = model_factory()
     built["AdamW"] = (m, torch.optim.AdamW(groups(m), lr=lr, betas=(0.95, 0.95)))
     return built
-
-
-def timed_rounds(fns: dict, steps: int) -> dict[str, list[float]]:
-    names = list(fns)
-    times = {n: [] for n in names}
-    for i in range(steps):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def ratio_ci(a: list[float], b: list[float], n_boot: int = 2000) -> tuple[float, float]:
-    """95% bootstrap interval of mean(a) / mean(b) over paired interleaved steps."""
-    pairs = list(zip(a, b))
-    rng = random.Random(0)
-    r = sorted(sum(x for x, _ in s) / sum(y for _, y in s) for s in (rng.choices(pairs, k=len(pairs)) for _ in range(n_boot)))
-    return r[int(0.025 * n_boot)], r[int(0.975 * n_boot) - 1]
 
 
 def main() -> None:
@@ -96,7 +75,7 @@ def main() -> None:
     steppers = {name: step_only(m, o) for name, (m, o) in built.items()}
     for run in steppers.values():  # SOAP's first step builds the bases (eigh); not timed
         run()
-    step_times = timed_rounds(steppers, args.steps)
+    step_times = interleaved(steppers, args.steps)
 
     def train_step(model, opt):
         def run():
@@ -107,7 +86,7 @@ def main() -> None:
         return run
 
     trainers = {name: train_step(*built[name]) for name in ("ofe SOAP", "AdamW")}
-    train_times = timed_rounds(trainers, args.steps)
+    train_times = interleaved(trainers, args.steps)
 
     mean = {k: statistics.fmean(v) for k, v in step_times.items()}
     tmean = {k: statistics.fmean(v) for k, v in train_times.items()}

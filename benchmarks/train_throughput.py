@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import tempfile
-import time
 
 import torch
+from _timing import interleaved, ratio_ci
 
 
 def build_ofe(args, out_dir: str):
@@ -65,14 +64,6 @@ def build_peer(args, cfg, tokens):
     return model, train_step
 
 
-def paired_interval(a: list[float], b: list[float], n_boot: int = 2000) -> tuple[float, float]:
-    """95% bootstrap interval of sum(b) / sum(a) over paired interleaved steps (a ratio of speeds)."""
-    pairs = list(zip(a, b))
-    rng = random.Random(0)
-    ratios = sorted(sum(y for _, y in s) / sum(x for x, _ in s) for s in (rng.choices(pairs, k=len(pairs)) for _ in range(n_boot)))
-    return ratios[int(0.025 * n_boot)], ratios[int(0.975 * n_boot) - 1]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small-cpu", help="model shape (default: small-cpu)")
@@ -94,20 +85,13 @@ def main() -> None:
         for _ in range(args.warmup):
             ofe_step()
             peer_step()
-        times = {"ofe": [], "peer": []}
-        for i in range(args.steps):
-            order = [("ofe", ofe_step), ("peer", peer_step)]
-            for name, fn in order if i % 2 == 0 else reversed(order):
-                t0 = time.perf_counter()
-                fn()
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - t0)
+        sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
+        times = interleaved({"ofe": ofe_step, "peer": peer_step}, args.steps, sync=sync)
         trainer.monitor.close()
 
     tokens_per_step = args.batch_size * cfg.seq_len
     tps = {k: tokens_per_step / statistics.fmean(v) for k, v in times.items()}
-    lo, hi = paired_interval(times["ofe"], times["peer"])
+    lo, hi = ratio_ci(times["peer"], times["ofe"])  # a speed ratio: peer time / ofe time
     print(f"shape {args.preset}: {cfg.n_layer} layers x {cfg.d_model} wide, {cfg.n_head} heads, seq {cfg.seq_len}, "
           f"batch {args.batch_size}; torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}")
     print(f"ofe {args.block}{' (GPT-2 biases + GELU)' if args.match_gpt2 else ' (ReLU, no biases)'}: {n_ofe / 1e6:.2f}M params, "

@@ -1,0 +1,36 @@
+"""Shared timing for the benchmarks: interleaved step timing and a paired bootstrap interval."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+
+def interleaved(fns: dict[str, Callable[[], object]], steps: int, sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Time ``steps`` calls of every function, one call each per round, rotating the order each
+    round so drift and noise hit every contender alike. Returns seconds per call, by name."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(steps):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[name]()
+            if sync is not None:
+                sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio_ci(times: list[float], base: list[float], block: int = 1, n_boot: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of ``sum(times) / sum(base)``, resampling paired blocks of ``block``
+    consecutive interleaved rounds (use the period of any periodic work, e.g. 10 for "every 10")."""
+    pairs = [(sum(times[i : i + block]), sum(base[i : i + block])) for i in range(0, len(times) - block + 1, block)]
+    rng = random.Random(0)
+    ratios = []
+    for _ in range(n_boot):
+        sample = rng.choices(pairs, k=len(pairs))
+        ratios.append(sum(t for t, _ in sample) / sum(b for _, b in sample))
+    ratios.sort()
+    return ratios[int(0.025 * n_boot)], ratios[int(0.975 * n_boot) - 1]

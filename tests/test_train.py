@@ -240,3 +240,16 @@ def test_shipped_config_files_are_valid():
     for path in files:
         cfg = build_train_config(load_file(path))
         assert cfg.steps > 0 and cfg.model.block in ("pre-ln", "op"), path.name
+
+
+def test_compile_and_bfloat16_paths_train_and_monitor(tmp_path, small_corpus):
+    """`compile = true` keeps the monitor working; bf16 autocast trains to nearly the fp32 loss."""
+    eager = train(tiny_cfg(tmp_path / "eager", small_corpus, steps=6), log=quiet)
+    compiled = train(tiny_cfg(tmp_path / "compiled", small_corpus, steps=6, compile=True), log=quiet)
+    bf16 = train(tiny_cfg(tmp_path / "bf16", small_corpus, steps=6, dtype="bfloat16"), log=quiet)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-4)
+    assert bf16["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-2)
+    for run in ("compiled", "bf16"):
+        records = read_metrics(tmp_path / run)
+        assert [r["step"] for r in records if "kurtosis" in r] == [0, 3, 6]
+        assert records[-1]["kurtosis"] == pytest.approx(eager["kurtosis"], rel=0.05)

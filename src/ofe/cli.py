@@ -17,6 +17,7 @@ from ofe.data import CorpusError, default_sample, random_windows
 from ofe.io import atomic_write
 from ofe.models import BLOCK_TYPES, GPT, PRESETS, expected_param_count, preset
 from ofe.monitor import OutlierMonitor
+from ofe.quant import QUANT_FILE, QuantConfig, QuantError, evaluate_run, format_table
 from ofe.train import CheckpointError, NonFiniteLoss, TrainConfig, TrainError, build_train_config, train
 from ofe.train.loop import CONFIG_FILE
 
@@ -107,6 +108,25 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Options of ``ofe quantize`` beside the quantisation settings (``quant.*``)."""
+
+    quant: QuantConfig = QuantConfig()
+    eval_sequences: int = C.field(0, "validation windows to evaluate; 0: the run's eval_batches x batch_size")
+    sweep: bool = C.field(True, "also evaluate W8A6/A5/A4, FP8 and W4 weight-only")
+
+
+def _cmd_quantize(ns: argparse.Namespace) -> int:
+    cfg = load_config(QuantizeConfig, ns)
+    if cfg.eval_sequences < 0:
+        raise C.ConfigError(f"config key 'eval_sequences' must be >= 0, got {cfg.eval_sequences}")
+    result = evaluate_run(ns.run_dir, cfg.quant, cfg.eval_sequences, cfg.sweep)
+    atomic_write(Path(ns.run_dir) / QUANT_FILE, lambda p: p.write_text(json.dumps(result, indent=1)))
+    print(format_table(result))
+    return 0
+
+
 def _cmd_presets(_ns: argparse.Namespace) -> int:
     print(f"{'preset':<16} {'layers':>6} {'width':>6} {'heads':>5} {'vocab':>6} {'seq':>5} {'params (pre-ln)':>16}")
     for name in PRESETS:
@@ -117,6 +137,7 @@ def _cmd_presets(_ns: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[str, type | None, Callable[[argparse.Namespace], int]]] = {
     "train": ("train a model on a corpus (the embedded default: the Python standard library)", TrainConfig, _cmd_train),
+    "quantize": ("simulate W8A8 (and other formats) on a trained run; writes RUN_DIR/quant.json", QuantizeConfig, _cmd_quantize),
     "zoo": ("build every block variant and print per-layer outlier metrics", ZooConfig, _cmd_zoo),
     "presets": ("list the model presets with their parameter counts", None, _cmd_presets),
 }
@@ -127,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, cls, _fn) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "quantize":
+            p.add_argument("run_dir", metavar="RUN_DIR", help="directory of a finished `ofe train` run")
         if cls is not None:
             p.add_argument("--config", metavar="FILE", help="a .toml or .json config file; flags override it")
             C.add_arguments(p, cls)
@@ -140,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"ofe {ns.command}: error: {e}", file=sys.stderr)
         return 3
-    except (C.ConfigError, CorpusError, TrainError, CheckpointError) as e:
+    except (C.ConfigError, CorpusError, TrainError, CheckpointError, QuantError) as e:
         print(f"ofe {ns.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

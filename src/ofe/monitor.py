@@ -43,7 +43,7 @@ ACTIVATION_METRICS: dict[str, ActivationMetric] = {
 PROBS_METRICS: dict[str, Callable[[Tensor], Tensor]] = {"attention_entropy": M.attention_entropy}
 DEFAULT_METRICS = ("kurtosis", "mmr", "input_correlation", "max_abs", "attention_entropy")
 ALL_METRICS = tuple(ACTIVATION_METRICS) + tuple(PROBS_METRICS)
-OFE_SITES = ("resid", "attn_out", "mlp_hidden", "attn_probs")
+OFE_SITES = ("resid", "attn_out", "mlp_hidden", "attn_probs")  # the common ones; any of GPT.taps() works
 # Metrics that need a (..., T, d) tensor with T >= 2: skipped for 2-D outputs.
 _SEQUENCE_METRICS = {"input_correlation", "seq_max_abs", "seq_kurtosis"}
 
@@ -138,14 +138,15 @@ class OutlierMonitor:
             for layer, name in enumerate(chosen):
                 self._hook(named[name], "output", layer)
         elif hasattr(model, "taps"):
-            bad = [s for s in sites if s not in OFE_SITES]
+            available = model.taps()
+            bad = [s for s in sites if s not in available]
             if bad:
-                raise ValueError(f"unknown site(s) {bad}; known: {', '.join(OFE_SITES)}")
+                raise ValueError(f"unknown site(s) {bad}; known: {', '.join(available)}")
             for site in sites:
-                for layer, tap in model.taps()[site].items():
+                for layer, tap in available[site].items():
                     self._hook(tap, site, layer)
                     self._taps.append(tap)
-                    if site == "attn_probs":
+                    if site in ("attn_probs",):
                         tap.max_batch = self.probs_max_batch
         else:
             _, stack = find_block_stack(model)
@@ -165,7 +166,7 @@ class OutlierMonitor:
     def _record(self, site: str, layer: int, x: Tensor) -> None:
         """Compute this site's metrics for one layer now; keep only the (tiny) results."""
         x = x.detach()
-        if site == "attn_probs":
+        if site in ("attn_probs",):
             for name in self.metrics:
                 if name in PROBS_METRICS:
                     self._pending.append((site, layer, name, PROBS_METRICS[name](x)))

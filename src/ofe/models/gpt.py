@@ -8,10 +8,13 @@ Blocks (``GPTConfig.block``):
 * ``op`` (Outlier Protected): no norm in the block, ``x += beta * Attn(x); x += beta * MLP(x)``,
   entropy regulated by QK-norm; optionally a LayerNorm on the first block's attention input.
 
-Observation points (:class:`Tap`) sit at the residual stream after every block, the attention
-output, the MLP hidden activation and the attention probabilities. A tap costs one attribute
-check unless a monitor has enabled it, and the probabilities are only computed when their tap is
-enabled, so the model runs at full speed (and compiles to one graph) when nobody is watching.
+Observation points (:class:`Tap`) sit at every activation the W8A8 protocol quantises: the embedding
+sum, every norm output, q/k/v, attention scores/probabilities/context, the attention and MLP outputs,
+the MLP hidden activation, both residual sums of each block and the final norm. A tap costs one
+attribute check unless enabled; an enabled tap passes its tensor through forward hooks, which may
+observe it (the monitor) or replace it (fake quantisation). The attention probabilities are only
+materialised when their tap is enabled, so the model runs at full speed (and compiles to one graph)
+when nobody is watching.
 """
 
 from __future__ import annotations
@@ -26,20 +29,28 @@ from ofe.models.config import GPTConfig
 
 
 class Tap(nn.Module):
-    """A named observation point: identity, called only while ``enabled`` so hooks see the tensor.
+    """A named activation site: identity, called only while ``enabled``, so its forward hooks see the
+    tensor and may return a replacement (the model uses what the tap returns).
 
-    Monitors register forward hooks on taps and flip ``enabled`` on the steps they are due. For a
-    site that costs extra work to materialise (attention probabilities), ``max_batch`` asks the
-    model to compute it for the first ``max_batch`` sequences only (None: all).
+    ``max_batch``: for a site that costs extra work to materialise when only observed (attention
+    probabilities under SDPA), compute it for the first ``max_batch`` sequences only (None: all).
+    ``transform``: the site's value is used downstream (e.g. quantised attention scores and
+    probabilities), so attention takes the explicit-softmax path instead of SDPA.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.enabled = False
+        self.transform = False
         self.max_batch: int | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         return x
+
+
+def through(tap: Tap | None, x: Tensor) -> Tensor:
+    """``x`` routed through ``tap`` when it is enabled (hooks may replace it), else ``x`` untouched."""
+    return tap(x) if tap is not None and tap.enabled else x
 
 
 def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
@@ -69,16 +80,24 @@ class Attention(nn.Module):
             self.q_norm = make_norm(kind, cfg.head_dim, cfg.norm_eps, bias=True)
             self.k_norm = make_norm(kind, cfg.head_dim, cfg.norm_eps, bias=True)
         self.gate = nn.Linear(cfg.d_model, cfg.n_head, bias=cfg.bias) if cfg.gated_attention else None
-        self.probs_tap = Tap()
+        self.q_tap, self.k_tap, self.v_tap = Tap(), Tap(), Tap()
+        self.scores_tap, self.probs_tap, self.context_tap = Tap(), Tap(), Tap()
 
-    def _probs(self, q: Tensor, k: Tensor) -> Tensor:
-        """Attention probabilities ``(B, H, T, T)`` in float32, computed explicitly."""
-        T = q.shape[-2]
+    def _scores(self, q: Tensor, k: Tensor) -> Tensor:
+        """Scaled (and soft-capped) attention logits ``(B, H, T, T)`` in float32, before the mask."""
         scores = (q.float() * (1.0 / math.sqrt(self.head_dim))) @ k.float().transpose(-2, -1)
         if self.softcap is not None:
             scores = self.softcap * torch.tanh(scores / self.softcap)
-        scores += torch.full((T, T), float("-inf"), device=q.device).triu(1)  # causal mask
-        return scores.softmax(-1)
+        return scores
+
+    @staticmethod
+    def _softmax_causal(scores: Tensor) -> Tensor:
+        T = scores.shape[-1]
+        return (scores + torch.full((T, T), float("-inf"), device=scores.device).triu(1)).softmax(-1)
+
+    def _probs(self, q: Tensor, k: Tensor) -> Tensor:
+        """Attention probabilities ``(B, H, T, T)`` in float32, computed explicitly."""
+        return self._softmax_causal(self._scores(q, k))
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``(B, T, d)`` -> ``(B, T, d)``."""
@@ -86,17 +105,20 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in self.qkv(x).split(C, dim=-1))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.softcap is None:
+        q, k, v = through(self.q_tap, q), through(self.k_tap, k), through(self.v_tap, v)
+        explicit = self.softcap is not None or self.scores_tap.transform or self.probs_tap.transform
+        if not explicit:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            if self.probs_tap.enabled:
+            if self.probs_tap.enabled:  # observed only: computed on the side, not used
                 n = self.probs_tap.max_batch or B
                 with torch.no_grad():
                     self.probs_tap(self._probs(q[:n].detach(), k[:n].detach()))
-        else:  # SDPA has no soft-cap: materialise the probabilities
-            probs = self._probs(q, k).to(v.dtype)
+        else:  # SDPA has no soft-cap and no access to scores/probabilities: materialise them
+            scores = through(self.scores_tap, self._scores(q, k))
+            probs = self._softmax_causal(scores)
+            probs = (self.probs_tap(probs) if self.probs_tap.enabled else probs).to(v.dtype)
             y = probs @ v
-            if self.probs_tap.enabled:
-                self.probs_tap(probs[: self.probs_tap.max_batch].detach())
+        y = through(self.context_tap, y)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x)).transpose(1, 2).unsqueeze(-1)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -111,15 +133,13 @@ class MLP(nn.Module):
         self.proj = nn.Linear(cfg.mlp_width, cfg.d_model, bias=cfg.bias)
         self.act = nn.ReLU() if cfg.activation == "relu" else nn.GELU()
         self.alpha = nn.Parameter(torch.ones(())) if cfg.mlp_alpha else None
-        self.hidden_tap = Tap()
+        self.hidden_tap, self.out_tap = Tap(), Tap()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.alpha is not None:
             x = self.alpha * x
-        h = self.act(self.fc(x))
-        if self.hidden_tap.enabled:
-            self.hidden_tap(h.detach())
-        return self.proj(h)
+        h = through(self.hidden_tap, self.act(self.fc(x)))
+        return through(self.out_tap, self.proj(h))
 
 
 class BranchGain(nn.Module):
@@ -148,25 +168,26 @@ class Block(nn.Module):
         self.first_norm = norm() if (layer == 0 and cfg.first_norm) else nn.Identity()
         self.attn, self.mlp = Attention(cfg), MLP(cfg)
         self.attn_gain, self.mlp_gain = BranchGain(cfg), BranchGain(cfg)
-        self.attn_tap, self.resid_tap = Tap(), Tap()
+        pre = cfg.block.startswith("pre-")
+        # Norm-output taps only where a norm acts (post-ln's norm outputs are its residual sums).
+        self.norm1_tap = Tap() if pre or not isinstance(self.first_norm, nn.Identity) else None
+        self.norm2_tap = Tap() if pre else None
+        self.attn_tap, self.resid_mid_tap, self.resid_tap = Tap(), Tap(), Tap()
 
     def _attn(self, x: Tensor) -> Tensor:
-        a = self.attn(x)
-        if self.attn_tap.enabled:
-            self.attn_tap(a.detach())
-        return self.attn_gain(a)
+        return self.attn_gain(through(self.attn_tap, self.attn(x)))
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: residual stream ``(B, T, d)`` -> ``(B, T, d)``."""
         if self.kind == "post-ln":
-            x = self.norm1(x + self._attn(self.first_norm(x)))
+            a_in = through(self.norm1_tap, self.first_norm(x))
+            x = through(self.resid_mid_tap, self.norm1(x + self._attn(a_in)))
             x = self.norm2(x + self.mlp_gain(self.mlp(x)))
         else:  # pre-norm blocks; op has Identity norms
-            x = x + self._attn(self.norm1(self.first_norm(x)))
-            x = x + self.mlp_gain(self.mlp(self.norm2(x)))
-        if self.resid_tap.enabled:
-            self.resid_tap(x.detach())
-        return x
+            x = x + self._attn(through(self.norm1_tap, self.norm1(self.first_norm(x))))
+            x = through(self.resid_mid_tap, x)
+            x = x + self.mlp_gain(self.mlp(through(self.norm2_tap, self.norm2(x))))
+        return through(self.resid_tap, x)
 
 
 class GPT(nn.Module):
@@ -181,6 +202,8 @@ class GPT(nn.Module):
         norm_kind = cfg.norm_kind
         self.final_norm = make_norm(norm_kind, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.final_norm else nn.Identity()
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.emb_tap = Tap()
+        self.final_norm_tap = Tap() if cfg.final_norm else None
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -195,27 +218,38 @@ class GPT(nn.Module):
         T = idx.shape[-1]
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.cfg.seq_len}")
-        x = self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device))
+        x = through(self.emb_tap, self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device)))
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.final_norm(x))
+        return self.lm_head(through(self.final_norm_tap, self.final_norm(x)))
 
     def num_params(self) -> int:
         """Number of distinct parameters (a tied embedding counts once)."""
         return sum(p.numel() for p in self.parameters())
 
     def taps(self) -> dict[str, dict[int, Tap]]:
-        """Observation points by site name and layer index.
+        """Activation sites by name and layer index (model-level sites use layer 0).
 
-        Sites: ``resid`` (residual stream after each block), ``attn_out`` (attention branch output
-        before beta), ``mlp_hidden`` (MLP activation), ``attn_probs`` (``(B, H, T, T)``).
+        ``emb`` (token + position sum), per block ``norm1_out`` / ``norm2_out`` (where a norm acts),
+        ``q``, ``k``, ``v`` (``(B, H, T, d_head)``, after QK-norm), ``attn_scores`` and
+        ``attn_probs`` (``(B, H, T, T)``; scores before the causal mask), ``attn_context``,
+        ``attn_out`` (attention branch output before beta), ``resid_mid`` (after the attention
+        residual sum), ``mlp_hidden`` (after the nonlinearity), ``mlp_out``, ``resid`` (the residual
+        stream after the block), and ``final_norm_out`` when the model has a final norm.
         """
-        sites: dict[str, dict[int, Tap]] = {"resid": {}, "attn_out": {}, "mlp_hidden": {}, "attn_probs": {}}
-        for i, block in enumerate(self.blocks):
-            sites["resid"][i] = block.resid_tap
-            sites["attn_out"][i] = block.attn_tap
-            sites["mlp_hidden"][i] = block.mlp.hidden_tap
-            sites["attn_probs"][i] = block.attn.probs_tap
+        sites: dict[str, dict[int, Tap]] = {"emb": {0: self.emb_tap}}
+        for i, b in enumerate(self.blocks):
+            per_block = {
+                "norm1_out": b.norm1_tap, "q": b.attn.q_tap, "k": b.attn.k_tap, "v": b.attn.v_tap,
+                "attn_scores": b.attn.scores_tap, "attn_probs": b.attn.probs_tap, "attn_context": b.attn.context_tap,
+                "attn_out": b.attn_tap, "resid_mid": b.resid_mid_tap, "norm2_out": b.norm2_tap,
+                "mlp_hidden": b.mlp.hidden_tap, "mlp_out": b.mlp.out_tap, "resid": b.resid_tap,
+            }
+            for name, tap in per_block.items():
+                if tap is not None:
+                    sites.setdefault(name, {})[i] = tap
+        if self.final_norm_tap is not None:
+            sites["final_norm_out"] = {0: self.final_norm_tap}
         return sites
 
 

@@ -1,0 +1,189 @@
+"""Simulated post-training quantisation of an ``ofe`` GPT: the paper's W8A8 protocol and variants.
+
+Protocol (REFERENCE 5, the paper's OPT-125m table): weights of every linear layer but the LM head,
+8-bit symmetric per tensor (range by MSE grid search); activations 8-bit asymmetric per tensor with
+static ranges from a running min-max (momentum 0.9) over a few calibration batches of the training
+split, then frozen; quantised at the outputs of the embedding sum, every norm, q/k/v and the
+attention output projection, attention scores and probabilities, the attention context, the MLP
+hidden activation and output, both residual sums and the final norm (every :meth:`GPT.taps` site);
+the LM head and everything inside softmax/norm/nonlinearities stay in float.
+
+Variants: bit widths, per-channel weights, min-max weight ranges, percentile activation ranges,
+FP8 (E4M3) weights and activations, weight-only quantisation (``act_bits = 0``), and quantising only
+the inputs of linear layers (``sites = "linear-inputs"``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ofe.config import ConfigError, field
+from ofe.models import GPT, lm_loss
+from ofe.quant.quantizers import RangeObserver, asymmetric_qparams, fake_fp8, fake_quant, int_grid, quantize_weight
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    weight_bits: int = field(8, "weight bits (0: float weights)")
+    weight_format: Literal["int", "fp8"] = field("int", "weight number format")
+    weight_granularity: Literal["tensor", "channel"] = field("tensor", "one range per tensor or per output channel")
+    weight_range: Literal["mse", "minmax"] = field("mse", "weight range: MSE grid search over 100 clipping ranges, or min-max")
+    act_bits: int = field(8, "activation bits (0: float activations)")
+    act_format: Literal["int", "fp8"] = field("int", "activation number format")
+    act_range: Literal["minmax", "percentile"] = field("minmax", "per-batch activation range statistic")
+    act_percentile: float = field(99.99, "percentile for act_range = percentile")
+    momentum: float = field(0.9, "running range: new = momentum * old + (1 - momentum) * batch")
+    sites: Literal["all", "linear-inputs"] = field("all", "quantised activations: the protocol's full list, or only linear-layer inputs")
+    calib_batches: int = field(4, "calibration batches from the training split")
+    calib_batch_size: int = field(8, "sequences per calibration batch")
+    seed: int = field(1234, "seed of the calibration batches")
+
+    def __post_init__(self) -> None:
+        for name in ("weight_bits", "act_bits"):
+            bits = getattr(self, name)
+            if bits != 0 and not 2 <= bits <= 16:
+                raise ConfigError(f"quant.{name} must be 0 (float) or 2..16, got {bits}")
+        if self.calib_batches <= 0 or self.calib_batch_size <= 0:
+            raise ConfigError("quant.calib_batches and quant.calib_batch_size must be positive")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"quant.momentum must be in [0, 1), got {self.momentum}")
+        if not 50.0 < self.act_percentile <= 100.0:
+            raise ConfigError(f"quant.act_percentile must be in (50, 100], got {self.act_percentile}")
+
+    @property
+    def label(self) -> str:
+        w = "W" + ("16" if self.weight_bits == 0 else f"{self.weight_bits}" if self.weight_format == "int" else "FP8")
+        a = "A" + ("16" if self.act_bits == 0 else f"{self.act_bits}" if self.act_format == "int" else "FP8")
+        return w + a
+
+
+class ActQuantizer:
+    """One activation site: observes its range while calibrating, fake-quantises once frozen."""
+
+    def __init__(self, cfg: QuantConfig) -> None:
+        self.cfg = cfg
+        self.observer = RangeObserver(cfg.momentum, cfg.act_percentile if cfg.act_range == "percentile" else None)
+        self.frozen = False
+
+    def __call__(self, x: Tensor) -> Tensor | None:
+        if not self.frozen:
+            self.observer.update(x)
+            return None
+        if not self.observer.ready:  # never seen in calibration: leave it in float
+            return None
+        lo, hi = self.observer.lo, self.observer.hi
+        if self.cfg.act_format == "fp8":
+            return fake_fp8(x, torch.maximum(lo.abs(), hi.abs())).to(x.dtype)
+        scale, zero_point = asymmetric_qparams(lo, hi, self.cfg.act_bits)
+        qmin, qmax = int_grid(self.cfg.act_bits, signed=False)
+        return fake_quant(x.float(), scale, zero_point, qmin, qmax).to(x.dtype)
+
+
+def _quantize_weights(model: GPT, cfg: QuantConfig) -> int:
+    """Fake-quantise every linear weight but the LM head, in place; returns how many."""
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not model.lm_head:
+            w = module.weight
+            if w is model.lm_head.weight:
+                continue
+            if cfg.weight_format == "fp8":
+                dims = tuple(range(1, w.dim())) if cfg.weight_granularity == "channel" else tuple(range(w.dim()))
+                q = fake_fp8(w.float(), w.detach().abs().amax(dim=dims, keepdim=True))
+            else:
+                q = quantize_weight(w.detach(), cfg.weight_bits, cfg.weight_granularity == "channel", cfg.weight_range)
+            with torch.no_grad():
+                w.copy_(q.to(w.dtype))
+            count += 1
+    return count
+
+
+class SimulatedQuantModel:
+    """A quantised copy of an ``ofe`` GPT. Calibrate with :meth:`calibrate`, then call it like the model.
+
+    The float model is left untouched. ``sites = "all"`` hooks every activation site of the model
+    (attention then runs through an explicit softmax so scores and probabilities can be quantised);
+    ``"linear-inputs"`` quantises the input of every linear layer except the LM head.
+    """
+
+    def __init__(self, model: GPT, cfg: QuantConfig) -> None:
+        self.cfg = cfg
+        self.model = copy.deepcopy(model).eval()
+        self.n_weights = _quantize_weights(self.model, cfg) if cfg.weight_bits else 0
+        self.quantizers: dict[tuple[str, int], ActQuantizer] = {}
+        if cfg.act_bits:
+            self._attach()
+
+    def _attach(self) -> None:
+        def output_hook(q: ActQuantizer):
+            return lambda _m, _i, out: q(out)
+
+        def input_hook(q: ActQuantizer):
+            def hook(_m, args):
+                out = q(args[0])
+                return None if out is None else (out, *args[1:])
+            return hook
+
+        if self.cfg.sites == "all":
+            for site, layers in self.model.taps().items():
+                for layer, tap in layers.items():
+                    q = self.quantizers[(site, layer)] = ActQuantizer(self.cfg)
+                    tap.register_forward_hook(output_hook(q))
+                    tap.enabled = True
+                    tap.transform = True
+        else:
+            for name, module in self.model.named_modules():
+                if isinstance(module, nn.Linear) and module is not self.model.lm_head:
+                    q = self.quantizers[(name, 0)] = ActQuantizer(self.cfg)
+                    module.register_forward_pre_hook(input_hook(q))
+
+    @torch.no_grad()
+    def calibrate(self, batches: list[Tensor]) -> None:
+        """Running-range estimation over ``batches`` (token ids ``(B, T)``) in float, then freeze."""
+        for q in self.quantizers.values():
+            q.frozen = False
+        for idx in batches:
+            self.model(idx)
+        for q in self.quantizers.values():
+            q.frozen = True
+
+    @torch.no_grad()
+    def __call__(self, idx: Tensor) -> Tensor:
+        return self.model(idx)
+
+
+@torch.no_grad()
+def perplexity(model, windows: Tensor, batch_size: int = 16) -> float:
+    """``exp`` of the mean next-token cross-entropy over ``windows`` ``(N, T + 1)``."""
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i : i + batch_size]
+        total += lm_loss(model(chunk[:, :-1]), chunk[:, 1:]).item() * len(chunk)
+        count += len(chunk)
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def block_outputs(model: nn.Module, blocks: nn.ModuleList, idx: Tensor) -> list[Tensor]:
+    """The residual stream leaving each block for input ``idx``."""
+    outs: list[Tensor] = []
+    handles = [b.register_forward_hook(lambda _m, _i, o: outs.append(o.detach().float())) for b in blocks]
+    try:
+        model(idx)
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
+
+
+def sqnr_db(reference: Tensor, approx: Tensor) -> float:
+    """Signal-to-quantisation-noise ratio ``10 log10(||x||^2 / ||x - q||^2)`` in dB (inf if exact)."""
+    noise = (reference - approx).square().sum().item()
+    signal = reference.square().sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)

@@ -21,7 +21,10 @@ def int_grid(bits: int, signed: bool) -> tuple[int, int]:
 
 
 def fake_quant(x: Tensor, scale: Tensor | float, zero_point: Tensor | float, qmin: int, qmax: int) -> Tensor:
-    """``(clamp(round(x / scale) + z, qmin, qmax) - z) * scale``; ``scale``/``z`` broadcast (per channel)."""
+    """``(clamp(round(x / scale) + z, qmin, qmax) - z) * scale``; ``scale``/``z`` broadcast (per channel).
+
+    ``1 / scale`` is taken in float32, as torch does, so grid half-points round identically."""
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
     q = torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, qmin, qmax)
     return (q - zero_point) * scale
 

@@ -1,0 +1,187 @@
+"""Simulated quantisation: quantisers against torch and closed-form bounds; the W8A8 protocol on models."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from ofe.cli import main
+from ofe.models import GPT, preset
+from ofe.quant import (
+    QuantConfig,
+    RangeObserver,
+    SimulatedQuantModel,
+    asymmetric_qparams,
+    fake_fp8,
+    fake_quant,
+    int_grid,
+    perplexity,
+    quantize_weight,
+    sqnr_db,
+    symmetric_scale,
+)
+from ofe.quant.simulate import block_outputs
+from ofe.train import build_train_config, train
+
+
+def test_int_grids():
+    assert int_grid(8, signed=True) == (-128, 127) and int_grid(8, signed=False) == (0, 255)
+    assert int_grid(4, signed=True) == (-8, 7)
+
+
+@pytest.mark.parametrize("scale,zp", [(0.05, 0), (0.013, 17), (1.7, 255), (0.1, 128)])
+def test_fake_quant_equals_torch(scale, zp):
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 5
+    x[:10] = torch.arange(10) * scale  # exact grid points and halves
+    x[10:20] = (torch.arange(10) + 0.5) * scale
+    ours = fake_quant(x, scale, zp, 0, 255)
+    ref = torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255)
+    assert torch.equal(ours, ref)
+
+
+def test_asymmetric_grid_error_bound_and_exact_zero():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(10000, generator=g) * 3 + 1
+    lo, hi = x.min(), x.max()
+    scale, zp = asymmetric_qparams(lo, hi, 8)
+    q = fake_quant(x, scale, zp, 0, 255)
+    assert (q - x).abs().max() <= scale / 2 + 1e-6  # everything is inside the calibrated range
+    assert fake_quant(torch.zeros(3), scale, zp, 0, 255).eq(0).all()  # zero maps to zero exactly
+    pos_scale, pos_zp = asymmetric_qparams(torch.tensor(2.0), torch.tensor(5.0), 8)
+    assert pos_zp.item() == 0 and pos_scale.item() == pytest.approx(5.0 / 255)  # range widened to include 0
+    outside = fake_quant(torch.tensor([100.0, -100.0]), scale, zp, 0, 255)
+    assert outside[0] <= hi + scale and outside[1] >= lo - scale  # clamped to the grid
+
+
+def test_weight_quantisation_ranges():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 48, generator=g) * torch.linspace(0.1, 3, 64)[:, None]
+    w[3, 5] = 40.0  # an outlier weight
+    err = lambda q: (q - w).square().sum().item()  # noqa: E731
+    minmax = quantize_weight(w, 8, method="minmax")
+    mse = quantize_weight(w, 8, method="mse")
+    channel = quantize_weight(w, 8, per_channel=True, method="minmax")
+    assert err(mse) <= err(minmax) and err(channel) < err(minmax)
+    assert (minmax - w).abs().max() <= symmetric_scale(w.abs().max(), 8) / 2 + 1e-6
+    assert len(torch.unique(minmax)) <= 256 and len(torch.unique(quantize_weight(w, 4))) <= 16
+
+
+def test_fp8_simulation_matches_the_format():
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(3))
+    amax = x.abs().max()
+    y = fake_fp8(x, amax)
+    scale = amax / 448.0
+    assert torch.equal(y, (x / scale).to(torch.float8_e4m3fn).float() * scale)
+    normal = (x / scale).abs() >= 2**-6
+    assert ((y - x).abs()[normal] <= x.abs()[normal] * 2**-4 + 1e-12).all()  # 3 mantissa bits: half-ulp 2^-4
+
+
+def test_running_range_momentum():
+    obs = RangeObserver(momentum=0.9)
+    obs.update(torch.tensor([-1.0, 2.0]))
+    obs.update(torch.tensor([-3.0, 4.0]))
+    assert obs.lo.item() == pytest.approx(0.9 * -1 + 0.1 * -3) and obs.hi.item() == pytest.approx(0.9 * 2 + 0.1 * 4)
+    pct = RangeObserver(percentile=90.0)
+    pct.update(torch.arange(101.0))
+    assert pct.hi.item() == pytest.approx(90.0) and pct.lo.item() == pytest.approx(10.0)
+
+
+def _model(block="pre-ln", seed=0):
+    torch.manual_seed(seed)
+    return GPT(preset("tiny", block=block)).eval()
+
+
+def _windows(n=8, T=33, seed=0):
+    return torch.randint(0, 256, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_every_protocol_site_is_quantised_and_the_float_model_untouched():
+    model = _model("pre-ln")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sim = SimulatedQuantModel(model, QuantConfig())
+    sim.calibrate([_windows(2, seed=i)[:, :-1] for i in range(2)])
+    sites = {site for site, _ in sim.quantizers}
+    assert sites == {"emb", "norm1_out", "q", "k", "v", "attn_scores", "attn_probs", "attn_context", "attn_out",
+                     "resid_mid", "norm2_out", "mlp_hidden", "mlp_out", "resid", "final_norm_out"}
+    assert all(q.observer.ready for q in sim.quantizers.values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(sim.model.lm_head.weight, model.lm_head.weight)  # float (tied) head
+    w = sim.model.blocks[0].mlp.fc.weight
+    assert len(torch.unique(w)) <= 256 and not torch.equal(w, model.blocks[0].mlp.fc.weight)
+    probs = []
+    sim.model.blocks[0].attn.probs_tap.register_forward_hook(lambda m, i, o: probs.append(o))
+    sim(_windows(1)[:, :-1])
+    assert len(torch.unique(probs[0])) <= 256  # the probabilities that multiply V are on the 8-bit grid
+
+
+def test_quantisation_error_falls_with_bits_and_float_sites_change_nothing():
+    model = _model("op")
+    windows = _windows()
+    calib = [_windows(4, seed=i + 1)[:, :-1] for i in range(3)]
+    fp = perplexity(model, windows)
+    results = {}
+    for bits in (16, 8, 4):
+        sim = SimulatedQuantModel(model, QuantConfig(weight_bits=bits, act_bits=bits))
+        sim.calibrate(calib)
+        results[bits] = perplexity(sim, windows)
+    assert results[16] == pytest.approx(fp, rel=1e-3)
+    assert abs(results[8] / fp - 1) < abs(results[4] / fp - 1)
+    float_sim = SimulatedQuantModel(model, QuantConfig(weight_bits=0, act_bits=0))
+    assert torch.equal(float_sim(windows[:, :-1]), model(windows[:, :-1]))
+
+
+def test_linear_inputs_mode_hooks_every_linear_but_the_head():
+    model = _model("pre-ln")
+    sim = SimulatedQuantModel(model, QuantConfig(sites="linear-inputs"))
+    names = {name for name, _ in sim.quantizers}
+    assert names == {f"blocks.{i}.{m}" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}
+
+
+def test_an_outlier_feature_costs_int8_accuracy():
+    """The point of the toolkit in one test: one neuron 100x larger ruins per-tensor int8 ranges."""
+    clean = _model("op")
+    spiky = _model("op")
+    with torch.no_grad():
+        spiky.tok_emb.weight[:, 7] *= 100.0  # an outlier feature in the residual stream
+        spiky.lm_head = torch.nn.Linear(32, 256, bias=False)  # untie, keep the head unchanged
+        spiky.lm_head.weight.copy_(clean.tok_emb.weight)
+    probe = _windows(4)[:, :-1]
+    calib = [_windows(4, seed=i + 1)[:, :-1] for i in range(3)]
+    sqnr = {}
+    for name, m in (("clean", clean), ("spiky", spiky)):
+        sim = SimulatedQuantModel(m, QuantConfig())
+        sim.calibrate(calib)
+        f, q = block_outputs(m, m.blocks, probe), block_outputs(sim.model, sim.model.blocks, probe)
+        others = torch.arange(32) != 7  # the outlier channel itself is coded well; the rest pay for its range
+        sqnr[name] = sqnr_db(f[0][..., others], q[0][..., others])
+    assert sqnr["spiky"] < sqnr["clean"] - 20  # over 20 dB worse on the ordinary channels
+    assert math.isinf(sqnr_db(torch.ones(3), torch.ones(3)))
+
+
+def test_ofe_quantize_writes_quant_json(tmp_path, small_corpus, capsys):
+    run = tmp_path / "run"
+    cfg = build_train_config({"out_dir": str(run), "preset": "tiny", "steps": 20, "batch_size": 8, "eval_interval": 10,
+                              "eval_batches": 1, "progress": False, "data": {"corpus": str(small_corpus)}})
+    train(cfg, log=lambda *a, **k: None)
+    assert main(["quantize", str(run), "--quant.calib_batches", "2", "--eval_sequences", "8"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((run / "quant.json").read_text())
+    assert {"fp_ppl", "w8a8_ppl", "settings", "layers", "formats"} <= set(result)
+    assert result["settings"]["act_bits"] == 8 and result["settings"]["calib_batches"] == 2
+    assert [f["format"] for f in result["formats"]] == ["W8A8", "W8A6", "W8A5", "W8A4", "WFP8AFP8", "W4A16"]
+    assert len(result["layers"]) == 2 and all(r["kurtosis"] >= 1 and r["sqnr_db"] > 0 for r in result["layers"])
+    assert result["w8a8_ppl"] == pytest.approx(result["formats"][0]["ppl"])
+    assert "W8A8" in out and "SQNR" in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["/no/such/run"], "not an ofe run directory"),
+    (["RUN", "--quant.act_bits", "1"], "quant.act_bits must be 0 (float) or 2..16"),
+])
+def test_ofe_quantize_bad_input(tmp_path, capsys, args, needle):
+    args = [str(tmp_path) if a == "RUN" else a for a in args]
+    assert main(["quantize", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "quant.json").exists()

@@ -40,6 +40,17 @@ def test_fake_quant_equals_torch(scale, zp):
     assert torch.equal(ours, ref)
 
 
+def test_fast_path_equals_the_reference():
+    from ofe.quant.quantizers import fast_fake_quant
+
+    x = torch.randn(3, 50, generator=torch.Generator().manual_seed(4)) * 4
+    scale, zp = asymmetric_qparams(x.min(), x.max(), 8)
+    assert torch.equal(fast_fake_quant(x, scale, zp, 0, 255), fake_quant(x, scale, zp, 0, 255))
+    w = torch.randn(16, 8, generator=torch.Generator().manual_seed(5))
+    reference = fake_quant(w, symmetric_scale(w.abs().max(), 8), 0.0, -128, 127)
+    assert torch.equal(quantize_weight(w, 8, method="minmax"), reference)
+
+
 def test_asymmetric_grid_error_bound_and_exact_zero():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(10000, generator=g) * 3 + 1

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ofe.config import ConfigError, field
 from ofe.models import GPT, lm_loss
-from ofe.quant.quantizers import RangeObserver, asymmetric_qparams, fake_fp8, fake_quant, int_grid, quantize_weight
+from ofe.quant.quantizers import RangeObserver, asymmetric_qparams, fake_fp8, fast_fake_quant, int_grid, quantize_weight
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class ActQuantizer:
             return fake_fp8(x, torch.maximum(lo.abs(), hi.abs())).to(x.dtype)
         scale, zero_point = asymmetric_qparams(lo, hi, self.cfg.act_bits)
         qmin, qmax = int_grid(self.cfg.act_bits, signed=False)
-        return fake_quant(x.float(), scale, zero_point, qmin, qmax).to(x.dtype)
+        return fast_fake_quant(x, scale, zero_point, qmin, qmax).to(x.dtype)
 
 
 def _quantize_weights(model: GPT, cfg: QuantConfig) -> int:

@@ -85,3 +85,13 @@ def test_argparse_flags_list_every_field_with_default():
 def test_to_dict_round_trip():
     cfg = Outer(betas=(0.1,))
     assert C.from_dict(Outer, C.to_dict(cfg)) == cfg
+
+
+@dataclass(frozen=True)
+class WithDefaultInstance:
+    inner: Inner = Inner(width=3)
+
+
+def test_partial_table_overrides_the_field_default_instance():
+    cfg = C.from_dict(WithDefaultInstance, {"inner": {"rate": 2.0}})
+    assert cfg.inner == Inner(width=3, rate=2.0)

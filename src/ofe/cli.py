@@ -17,6 +17,7 @@ from ofe.data import CorpusError, default_sample, random_windows
 from ofe.io import atomic_write
 from ofe.models import BLOCK_TYPES, GPT, PRESETS, expected_param_count, preset
 from ofe.monitor import OutlierMonitor
+from ofe.audit import AuditError
 from ofe.quant import QUANT_FILE, QuantConfig, QuantError, evaluate_run, format_table
 from ofe.train import CheckpointError, NonFiniteLoss, TrainConfig, TrainError, build_train_config, train
 from ofe.train.loop import CONFIG_FILE
@@ -127,6 +128,18 @@ def _cmd_quantize(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(ns: argparse.Namespace) -> int:
+    from ofe.audit import AuditConfig, audit, format_summary, write_report
+
+    cfg = load_config(AuditConfig, ns)
+    result = audit(ns.model_dir, cfg)
+    out = Path(cfg.out_dir or f"audit-{Path(ns.model_dir).resolve().name}")
+    paths = write_report(result, out)
+    print(format_summary(result))
+    print(f"\nwrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
 def _cmd_presets(_ns: argparse.Namespace) -> int:
     print(f"{'preset':<16} {'layers':>6} {'width':>6} {'heads':>5} {'vocab':>6} {'seq':>5} {'params (pre-ln)':>16}")
     for name in PRESETS:
@@ -138,6 +151,7 @@ def _cmd_presets(_ns: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, type | None, Callable[[argparse.Namespace], int]]] = {
     "train": ("train a model on a corpus (the embedded default: the Python standard library)", TrainConfig, _cmd_train),
     "quantize": ("simulate W8A8 (and other formats) on a trained run; writes RUN_DIR/quant.json", QuantizeConfig, _cmd_quantize),
+    "audit": ("outlier features and W8A8 cost of a Hugging Face checkpoint on disk", None, _cmd_audit),
     "zoo": ("build every block variant and print per-layer outlier metrics", ZooConfig, _cmd_zoo),
     "presets": ("list the model presets with their parameter counts", None, _cmd_presets),
 }
@@ -150,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "quantize":
             p.add_argument("run_dir", metavar="RUN_DIR", help="directory of a finished `ofe train` run")
+        if name == "audit":
+            from ofe.audit import AuditConfig
+
+            cls = AuditConfig
+            p.add_argument("model_dir", metavar="MODEL_DIR", help="a local Hugging Face model directory")
         if cls is not None:
             p.add_argument("--config", metavar="FILE", help="a .toml or .json config file; flags override it")
             C.add_arguments(p, cls)
@@ -163,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"ofe {ns.command}: error: {e}", file=sys.stderr)
         return 3
-    except (C.ConfigError, CorpusError, TrainError, CheckpointError, QuantError) as e:
+    except (C.ConfigError, CorpusError, TrainError, CheckpointError, QuantError, AuditError) as e:
         print(f"ofe {ns.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -90,7 +90,12 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for key in data:
         if key not in names:
             raise ConfigError(f"unknown config key '{prefix}{key}' (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.default)}
+    kwargs = {}
+    for k, v in data.items():
+        if k in defaults and isinstance(v, dict):  # a partial table overrides the field's default instance
+            v = {**to_dict(defaults[k]), **v}
+        kwargs[k] = _coerce(v, hints[k], prefix + k)
     try:
         return cls(**kwargs)
     except ConfigError:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ofe.config import ConfigError, field
-from ofe.models import GPT, lm_loss
+from ofe.models import lm_loss
 from ofe.quant.quantizers import RangeObserver, asymmetric_qparams, fake_fp8, fast_fake_quant, int_grid, quantize_weight
 
 
@@ -85,44 +85,62 @@ class ActQuantizer:
         return fast_fake_quant(x, scale, zero_point, qmin, qmax).to(x.dtype)
 
 
-def _quantize_weights(model: GPT, cfg: QuantConfig) -> int:
-    """Fake-quantise every linear weight but the LM head, in place; returns how many."""
+def _is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or transformers' ``Conv1D`` (GPT-2's linear layer, weight ``(in, out)``)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _quantize_weights(model: nn.Module, cfg: QuantConfig, skip: set[int]) -> int:
+    """Fake-quantise every linear weight except those in ``skip`` (ids of tensors), in place."""
     count = 0
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module is not model.lm_head:
-            w = module.weight
-            if w is model.lm_head.weight:
-                continue
-            if cfg.weight_format == "fp8":
-                dims = tuple(range(1, w.dim())) if cfg.weight_granularity == "channel" else tuple(range(w.dim()))
-                q = fake_fp8(w.float(), w.detach().abs().amax(dim=dims, keepdim=True))
-            else:
-                q = quantize_weight(w.detach(), cfg.weight_bits, cfg.weight_granularity == "channel", cfg.weight_range)
-            with torch.no_grad():
-                w.copy_(q.to(w.dtype))
-            count += 1
+    for module in model.modules():
+        if not _is_linear(module) or id(module.weight) in skip:
+            continue
+        w = module.weight
+        if cfg.weight_format == "fp8":
+            dims = tuple(range(1, w.dim())) if cfg.weight_granularity == "channel" else tuple(range(w.dim()))
+            q = fake_fp8(w.detach().float(), w.detach().abs().amax(dim=dims, keepdim=True))
+        else:
+            q = quantize_weight(w.detach(), cfg.weight_bits, cfg.weight_granularity == "channel", cfg.weight_range)
+        with torch.no_grad():
+            w.copy_(q.to(w.dtype))
+        count += 1
     return count
 
 
 class SimulatedQuantModel:
-    """A quantised copy of an ``ofe`` GPT. Calibrate with :meth:`calibrate`, then call it like the model.
+    """A quantised copy of a model. Calibrate with :meth:`calibrate`, then call it like the model.
 
-    The float model is left untouched. ``sites = "all"`` hooks every activation site of the model
-    (attention then runs through an explicit softmax so scores and probabilities can be quantised);
-    ``"linear-inputs"`` quantises the input of every linear layer except the LM head.
+    The float model is left untouched. With ``sites = "all"`` (``ofe`` models) every activation site
+    of :meth:`GPT.taps` is quantised (attention then runs through an explicit softmax so scores and
+    probabilities can be quantised); ``"linear-inputs"`` quantises the input of every linear layer
+    (any model), plus the outputs of the modules named in ``output_modules`` (e.g. the blocks of a
+    Hugging Face model, whose outputs are the residual stream). Weights of the modules named in
+    ``float_modules`` (and any linear sharing their weight) stay in float: the LM head.
     """
 
-    def __init__(self, model: GPT, cfg: QuantConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: QuantConfig, float_modules: tuple[str, ...] = ("lm_head",),
+                 output_modules: tuple[str, ...] = ()) -> None:
         self.cfg = cfg
         self.model = copy.deepcopy(model).eval()
-        self.n_weights = _quantize_weights(self.model, cfg) if cfg.weight_bits else 0
+        named = dict(self.model.named_modules())
+        unknown = [n for n in (*float_modules, *output_modules) if n and n not in named]
+        if unknown:
+            raise ValueError(f"no module named {unknown[0]!r} in {type(model).__name__}")
+        skip = {id(getattr(named[n], "weight", None)) for n in float_modules if n}
+        self.n_weights = _quantize_weights(self.model, cfg, skip) if cfg.weight_bits else 0
         self.quantizers: dict[tuple[str, int], ActQuantizer] = {}
         if cfg.act_bits:
-            self._attach()
+            self._attach(skip, [named[n] for n in output_modules])
 
-    def _attach(self) -> None:
+    def _attach(self, skip: set[int], outputs: list[nn.Module]) -> None:
         def output_hook(q: ActQuantizer):
-            return lambda _m, _i, out: q(out)
+            def hook(_m, _i, out):
+                if isinstance(out, tuple):  # HF blocks may return (hidden_states, ...)
+                    new = q(out[0])
+                    return None if new is None else (new, *out[1:])
+                return q(out)
+            return hook
 
         def input_hook(q: ActQuantizer):
             def hook(_m, args):
@@ -131,17 +149,22 @@ class SimulatedQuantModel:
             return hook
 
         if self.cfg.sites == "all":
+            if not hasattr(self.model, "taps"):
+                raise ValueError("quant sites 'all' needs an ofe GPT (its taps); use sites 'linear-inputs'")
             for site, layers in self.model.taps().items():
                 for layer, tap in layers.items():
                     q = self.quantizers[(site, layer)] = ActQuantizer(self.cfg)
                     tap.register_forward_hook(output_hook(q))
                     tap.enabled = True
                     tap.transform = True
-        else:
-            for name, module in self.model.named_modules():
-                if isinstance(module, nn.Linear) and module is not self.model.lm_head:
-                    q = self.quantizers[(name, 0)] = ActQuantizer(self.cfg)
-                    module.register_forward_pre_hook(input_hook(q))
+            return
+        for name, module in self.model.named_modules():
+            if _is_linear(module) and id(module.weight) not in skip:
+                q = self.quantizers[(name, 0)] = ActQuantizer(self.cfg)
+                module.register_forward_pre_hook(input_hook(q))
+        for layer, module in enumerate(outputs):
+            q = self.quantizers[("output", layer)] = ActQuantizer(self.cfg)
+            module.register_forward_hook(output_hook(q))
 
     @torch.no_grad()
     def calibrate(self, batches: list[Tensor]) -> None:

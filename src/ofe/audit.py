@@ -1,0 +1,197 @@
+"""``ofe audit MODEL_DIR``: outlier features and their int8 cost for a Hugging Face checkpoint on disk.
+
+Per layer (the hidden state leaving each block, before any final norm): kurtosis, MMR, max |x| and
+input correlation on a sample of the standard-library corpus tokenised by the model's own tokenizer;
+plus the W8A8 cost: perplexity for causal LMs, cosine similarity of the float and quantised final
+hidden states for encoders. Written as ``audit.json``, ``audit.md`` and ``audit.png`` in an output
+directory, and printed. Nothing is downloaded: the model must be a local directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ofe import config as C
+from ofe.data import ByteTokenizer, stdlib_files
+from ofe.data.corpus import read_bytes_sample
+from ofe.io import atomic_write
+from ofe.monitor import OutlierMonitor, find_block_stack
+from ofe.quant import QuantConfig, SimulatedQuantModel
+
+SUPPORTED: dict[str, str] = {
+    "gpt2": "causal", "opt": "causal", "gpt_neox": "causal", "llama": "causal", "mistral": "causal",
+    "qwen2": "causal", "bert": "encoder", "roberta": "encoder",
+}
+METRICS = ("kurtosis", "mmr", "max_abs", "input_correlation")
+
+
+class AuditError(RuntimeError):
+    """A user-facing problem with the model directory."""
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    out_dir: str = C.field("", "output directory; empty: audit-<model directory name> in the current directory")
+    seq_len: int = C.field(128, "tokens per sequence (at most the model's maximum)")
+    sequences: int = C.field(16, "evaluation sequences")
+    quant: QuantConfig = QuantConfig(sites="linear-inputs")
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2 or self.sequences < 1:
+            raise C.ConfigError("config keys 'seq_len' (>= 2) and 'sequences' (>= 1) must be positive")
+        if self.quant.sites != "linear-inputs":
+            raise C.ConfigError("quant.sites must be 'linear-inputs' for Hugging Face models")
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise AuditError("ofe audit needs transformers: pip install 'ofe[hf]'") from None
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def load_model(model_dir: Path):
+    """``(model, kind, tokenizer or None)`` from a local Hugging Face directory."""
+    tf = _transformers()
+    if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
+        raise AuditError(f"{model_dir} is not a model directory (no config.json)")
+    try:
+        config = tf.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise AuditError(f"{model_dir}/config.json cannot be read: {str(e).splitlines()[0]}") from None
+    kind = SUPPORTED.get(config.model_type)
+    if kind is None:
+        raise AuditError(f"unsupported architecture '{config.model_type}'; supported: {', '.join(SUPPORTED)}")
+    cls = tf.AutoModelForCausalLM if kind == "causal" else tf.AutoModel
+    try:
+        model = cls.from_pretrained(model_dir, local_files_only=True).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise AuditError(f"cannot load the weights in {model_dir}: {str(e).splitlines()[0]}") from None
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        # transformers may build an empty tokenizer from a config alone: it must encode real text
+        if len(tokenizer) < 2 or not tokenizer("def f(x):\n    return x", add_special_tokens=False)["input_ids"]:
+            tokenizer = None
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    if tokenizer is None:
+        warnings.warn(f"{model_dir} has no usable tokenizer: falling back to bytes (ids modulo the vocabulary)", stacklevel=2)
+    return model, kind, tokenizer
+
+
+def corpus_windows(tokenizer, vocab_size: int, n: int, seq_len: int, offset: int = 0) -> torch.Tensor:
+    """``n`` consecutive windows of ``seq_len`` tokens from the standard-library corpus, int64 ``(n, T)``."""
+    text = read_bytes_sample(stdlib_files(), (offset + n) * seq_len * 8).decode("utf-8", errors="replace")
+    ids = ByteTokenizer().encode(text) if tokenizer is None else tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = np.asarray(ids, dtype=np.int64) % vocab_size
+    need = (offset + n) * seq_len
+    if len(ids) < need:
+        ids = np.resize(ids, need)  # a very coarse tokenizer: repeat the sample
+    return torch.from_numpy(ids[offset * seq_len : need].reshape(n, seq_len))
+
+
+@torch.no_grad()
+def _causal_ppl(model, windows: torch.Tensor) -> float:
+    losses = [model(input_ids=w[None], labels=w[None]).loss.item() for w in windows]
+    return math.exp(sum(losses) / len(losses))
+
+
+@torch.no_grad()
+def _final_hidden(model, windows: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=windows).last_hidden_state.float()
+
+
+def audit(model_dir: str | Path, cfg: AuditConfig, log=print) -> dict[str, Any]:
+    model_dir = Path(model_dir)
+    model, kind, tokenizer = load_model(model_dir)
+    config = model.config
+    max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or cfg.seq_len
+    T = min(cfg.seq_len, max_len)
+    windows = corpus_windows(tokenizer, config.vocab_size, cfg.sequences, T)
+    q = cfg.quant
+    calib = [corpus_windows(tokenizer, config.vocab_size, q.calib_batch_size, T, offset=cfg.sequences + i * q.calib_batch_size)
+             for i in range(q.calib_batches)]
+
+    with OutlierMonitor(model, metrics=METRICS, mmr_max_rows=None) as monitor:
+        stats = monitor.measure(windows)["resid"]
+    n_layers = len(stats["kurtosis"])
+    layers = [{"layer": i, **{m: stats[m][i] for m in METRICS}} for i in range(n_layers)]
+
+    stack_name, stack = find_block_stack(model)
+    head = model.get_output_embeddings() if kind == "causal" else None
+    head_name = next((n for n, m in model.named_modules() if m is head), "") if head is not None else ""
+    sim = SimulatedQuantModel(model, q, float_modules=(head_name,) if head_name else (),
+                              output_modules=tuple(f"{stack_name}.{i}" for i in range(len(stack))))
+    sim.calibrate(calib)
+    if kind == "causal":
+        fp, quant = _causal_ppl(model, windows), _causal_ppl(sim.model, windows)
+        cost = {"metric": "perplexity", "float": fp, "quantized": quant, "increase_pct": 100 * (quant / fp - 1)}
+    else:
+        a, b = _final_hidden(model, windows), _final_hidden(sim.model, windows)
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).mean().item()
+        cost = {"metric": "cosine similarity of final hidden states", "float": 1.0, "quantized": cos}
+    return {
+        "model_dir": str(model_dir), "model_type": config.model_type, "kind": kind,
+        "tokenizer": "model's own" if tokenizer is not None else "bytes (fallback)",
+        "sequences": cfg.sequences, "seq_len": T, "quant": C.to_dict(q), "quant_format": q.label,
+        "w8a8": cost, "layers": layers,
+    }
+
+
+def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """``audit.json``, ``audit.md`` and ``audit.png`` in ``out_dir``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layers = result["layers"]
+    x = [r["layer"] for r in layers]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, key, label in zip(axes, ("kurtosis", "max_abs", "input_correlation"),
+                              ("kurtosis of neuron RMS", "max |activation|", "input correlation")):
+        ax.plot(x, [r[key] for r in layers], marker="o", color="tab:red" if key == "kurtosis" else "tab:blue")
+        ax.set_xlabel("layer (block output)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(label)
+        if key != "input_correlation" and max(r[key] for r in layers) / max(min(r[key] for r in layers), 1e-12) > 30:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    w = result["w8a8"]
+    fig.suptitle(f"{Path(result['model_dir']).name} ({result['model_type']}): {result['quant_format']} "
+                 f"{w['metric']} {w['float']:.4g} -> {w['quantized']:.4g}")
+    fig.tight_layout()
+    png = out_dir / "audit.png"
+    atomic_write(png, lambda p: fig.savefig(p, format="png", dpi=120))
+    plt.close(fig)
+    md = out_dir / "audit.md"
+    atomic_write(md, lambda p: p.write_text(format_summary(result) + "\n\n![per-layer metrics](audit.png)\n"))
+    js = out_dir / "audit.json"
+    atomic_write(js, lambda p: p.write_text(json.dumps(result, indent=1)))
+    return [js, md, png]
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    w = result["w8a8"]
+    change = f" ({w['increase_pct']:+.2f}%)" if "increase_pct" in w else ""
+    lines = [f"# Outlier audit: {result['model_dir']}", "",
+             f"{result['model_type']} ({result['kind']}), {result['sequences']} x {result['seq_len']} tokens of the "
+             f"standard-library corpus, tokenizer: {result['tokenizer']}.", "",
+             f"{result['quant_format']} ({result['quant']['sites']}): {w['metric']} {w['float']:.4f} -> "
+             f"{w['quantized']:.4f}{change}", "",
+             "| layer | kurtosis | MMR | max abs | input corr. |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['layer']} | {r['kurtosis']:.3f} | {r['mmr']:.2f} | {r['max_abs']:.3g} | {r['input_correlation']:.3f} |"
+              for r in result["layers"]]
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""ofe audit on tiny randomly initialised Hugging Face models of every supported family."""
+
+import json
+
+import pytest
+import torch
+
+from ofe.cli import main
+
+tf = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=300, max_position_embeddings=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4)
+
+
+def _build(family: str):
+    torch.manual_seed(0)
+    if family == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=3, n_head=4))
+    if family == "opt":
+        return tf.OPTForCausalLM(tf.OPTConfig(**SMALL, ffn_dim=64, word_embed_proj_dim=32))
+    if family == "gpt_neox":
+        return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**SMALL, intermediate_size=64))
+    if family == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL, num_key_value_heads=2, intermediate_size=64))
+    return tf.BertModel(tf.BertConfig(**SMALL, intermediate_size=64))
+
+
+def _save_tokenizer(directory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([f"def f{i}(x):\n    return x + {i}\n" for i in range(200)], trainer=trainer)
+    tf.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(directory)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "gpt_neox", "llama", "bert"])
+def test_audit_every_family(family, tmp_path, capsys):
+    model_dir, out = tmp_path / family, tmp_path / "report"
+    _build(family).save_pretrained(model_dir)
+    with_tokenizer = family in ("gpt2", "bert")
+    if with_tokenizer:
+        _save_tokenizer(model_dir)
+    args = ["audit", str(model_dir), "--out_dir", str(out), "--sequences", "4", "--seq_len", "32",
+            "--quant.calib_batches", "2", "--quant.calib_batch_size", "2"]
+    if with_tokenizer:
+        assert main(args) == 0
+    else:
+        with pytest.warns(UserWarning, match="no usable tokenizer"):
+            assert main(args) == 0
+    result = json.loads((out / "audit.json").read_text())
+    assert result["tokenizer"] == ("model's own" if with_tokenizer else "bytes (fallback)")
+    assert len(result["layers"]) == 3 and all(r["kurtosis"] >= 1 for r in result["layers"])
+    w = result["w8a8"]
+    if family == "bert":
+        assert w["metric"].startswith("cosine") and 0.9 < w["quantized"] <= 1.0 + 1e-6
+    else:
+        assert w["metric"] == "perplexity" and abs(w["increase_pct"]) < 5
+    assert (out / "audit.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| layer | kurtosis |" in (out / "audit.md").read_text()
+    assert "W8A8" in capsys.readouterr().out
+
+
+def test_audit_errors_are_one_line(tmp_path, capsys):
+    assert main(["audit", str(tmp_path / "missing")]) == 2
+    assert "is not a model directory" in capsys.readouterr().err
+    t5 = tmp_path / "t5"
+    tf.T5Config(vocab_size=100, d_model=16, num_layers=1, num_heads=2, d_ff=32, d_kv=8).save_pretrained(t5)
+    assert main(["audit", str(t5)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unsupported architecture 't5'" in err and "llama" in err and len(err.splitlines()) == 1

@@ -17,7 +17,7 @@ from ofe.data import CorpusError, default_sample, random_windows
 from ofe.io import atomic_write
 from ofe.models import BLOCK_TYPES, GPT, PRESETS, expected_param_count, preset
 from ofe.monitor import OutlierMonitor
-from ofe.audit import AuditError
+from ofe.audit import AuditConfig, AuditError, audit, format_summary, write_report
 from ofe.quant import QUANT_FILE, QuantConfig, QuantError, evaluate_run, format_table
 from ofe.train import CheckpointError, NonFiniteLoss, TrainConfig, TrainError, build_train_config, train
 from ofe.train.loop import CONFIG_FILE
@@ -129,8 +129,6 @@ def _cmd_quantize(ns: argparse.Namespace) -> int:
 
 
 def _cmd_audit(ns: argparse.Namespace) -> int:
-    from ofe.audit import AuditConfig, audit, format_summary, write_report
-
     cfg = load_config(AuditConfig, ns)
     result = audit(ns.model_dir, cfg)
     out = Path(cfg.out_dir or f"audit-{Path(ns.model_dir).resolve().name}")
@@ -148,37 +146,43 @@ def _cmd_presets(_ns: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, tuple[str, type | None, Callable[[argparse.Namespace], int]]] = {
-    "train": ("train a model on a corpus (the embedded default: the Python standard library)", TrainConfig, _cmd_train),
-    "quantize": ("simulate W8A8 (and other formats) on a trained run; writes RUN_DIR/quant.json", QuantizeConfig, _cmd_quantize),
-    "audit": ("outlier features and W8A8 cost of a Hugging Face checkpoint on disk", None, _cmd_audit),
-    "zoo": ("build every block variant and print per-layer outlier metrics", ZooConfig, _cmd_zoo),
-    "presets": ("list the model presets with their parameter counts", None, _cmd_presets),
+@dataclass(frozen=True)
+class Command:
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    config: type | None = None  # typed options: --config FILE plus one flag per field
+    positional: tuple[str, str, str] | None = None  # (dest, metavar, help)
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("train a model on a corpus (the embedded default: the Python standard library)", _cmd_train, TrainConfig),
+    "quantize": Command("simulate W8A8 (and other formats) on a trained run; writes RUN_DIR/quant.json", _cmd_quantize,
+                        QuantizeConfig, ("run_dir", "RUN_DIR", "directory of a finished `ofe train` run")),
+    "audit": Command("outlier features and W8A8 cost of a Hugging Face checkpoint on disk", _cmd_audit, AuditConfig,
+                     ("model_dir", "MODEL_DIR", "a local Hugging Face model directory")),
+    "zoo": Command("build every block variant and print per-layer outlier metrics", _cmd_zoo, ZooConfig),
+    "presets": Command("list the model presets with their parameter counts", _cmd_presets),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ofe", description="Measure, understand and minimise outlier features.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, cls, _fn) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == "quantize":
-            p.add_argument("run_dir", metavar="RUN_DIR", help="directory of a finished `ofe train` run")
-        if name == "audit":
-            from ofe.audit import AuditConfig
-
-            cls = AuditConfig
-            p.add_argument("model_dir", metavar="MODEL_DIR", help="a local Hugging Face model directory")
-        if cls is not None:
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        if command.positional is not None:
+            dest, metavar, help_text = command.positional
+            p.add_argument(dest, metavar=metavar, help=help_text)
+        if command.config is not None:
             p.add_argument("--config", metavar="FILE", help="a .toml or .json config file; flags override it")
-            C.add_arguments(p, cls)
+            C.add_arguments(p, command.config)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        return COMMANDS[ns.command][2](ns)
+        return COMMANDS[ns.command].run(ns)
     except NonFiniteLoss as e:
         print(f"ofe {ns.command}: error: {e}", file=sys.stderr)
         return 3

@@ -8,8 +8,8 @@ them all to the host in one transfer.
 
 Three kinds of model are supported:
 
-* an ``ofe`` :class:`~ofe.models.GPT`: sites ``resid``, ``attn_out``, ``mlp_hidden``,
-  ``attn_probs`` at every layer, through the model's taps;
+* an ``ofe`` :class:`~ofe.models.GPT`: any site of ``GPT.taps()`` (``resid``, ``attn_out``,
+  ``mlp_hidden``, ``attn_probs``, ...) at every layer, through the model's taps;
 * any ``nn.Module`` given module names or a regular expression over ``named_modules()``: their
   outputs (first element of a tuple) are observed as site ``output``;
 * a Hugging Face model (anything with a stack of identical blocks in an ``nn.ModuleList``): the
@@ -72,8 +72,8 @@ class OutlierMonitor:
         metrics: names from :data:`ALL_METRICS` (``"all"`` for every one); each applies to the
             sites it makes sense for (``attention_entropy`` to ``attn_probs``, the rest to
             activations).
-        sites: ``ofe`` models only: which of :data:`OFE_SITES` to observe (default ``resid`` and
-            ``attn_probs``).
+        sites: ``ofe`` models only: which sites of ``GPT.taps()`` to observe (default ``resid`` and
+            ``attn_probs``; :data:`OFE_SITES` lists the usual ones).
         modules: explicit module names to observe (their outputs), in layer order.
         pattern: regular expression matched (fully) against ``named_modules()`` names.
         max_tokens: bound on tokens per sequence used by ``input_correlation`` (None: all).

@@ -241,3 +241,28 @@ def test_int8_outlier_dims_thresholds():
     assert mask.tolist() == [False, False, False, True, False, False, False, True, True, False]
     assert torch.equal(mask, M.int8_outlier_dims(list(x)))
     assert M.int8_outlier_dims(x, min_layer_frac=0.5).sum().item() == 2
+
+
+# ---- kurtosis update decomposition (REFERENCE 4) -----------------------------------------------------
+def test_update_terms_reconstruct_the_new_kurtosis_exactly():
+    x = torch.from_numpy(heavy_tailed((3, 20, 24), seed=13))
+    x_new = x + 0.3 * torch.from_numpy(heavy_tailed((3, 20, 24), seed=14))
+    x_new[..., 5] *= 4.0  # grow an outlier neuron
+    t = M.kurtosis_update_terms(x, x_new)
+    m2_new = t["m2"] + t["u2_1"] + t["u2_2"]
+    m4_new = t["m4"] + t["u4_1"] + t["u4_2"] + t["u4_3"] + t["u4_4"]
+    assert (m4_new / m2_new**2).item() == pytest.approx(np_kurtosis(x_new.numpy()), rel=1e-12)
+    assert (t["m4"] / t["m2"] ** 2).item() == pytest.approx(np_kurtosis(x.numpy()), rel=1e-12)
+    s_new = (x_new.reshape(-1, 24) ** 2).mean(0)
+    assert m2_new.item() == pytest.approx(s_new.mean().item(), rel=1e-12)
+
+
+def test_update_terms_closed_forms():
+    x = torch.randn(50, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = M.kurtosis_update_terms(x, x)  # no change: every term is zero
+    assert all(abs(t[k].item()) == 0 for k in ("u2_1", "u2_2", "u4_1", "u4_2", "u4_3", "u4_4"))
+    t = M.kurtosis_update_terms(x, 2 * x)  # dX = X: a = 2 s^2, b = s^2
+    s2 = (x**2).mean(0)
+    assert t["u2_1"].item() == pytest.approx((2 * s2).mean().item()) and t["u4_2"].item() == pytest.approx((6 * s2**2).mean().item())
+    with pytest.raises(ValueError, match="shapes differ"):
+        M.kurtosis_update_terms(x, x[:, :4])

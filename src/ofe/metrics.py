@@ -33,6 +33,7 @@ __all__ = [
     "int8_token_frac",
     "int8_outlier_dims",
     "outlier_dims_from_token_frac",
+    "kurtosis_update_terms",
 ]
 
 
@@ -256,3 +257,32 @@ def outlier_dims_from_token_frac(
     """The ``(d,)`` outlier mask from per-layer token fractions ``(L, d)`` (:func:`int8_token_frac`)."""
     affected = (token_frac >= min_token_frac).float()
     return affected.mean(0) >= min_layer_frac
+
+
+def kurtosis_update_terms(x: Tensor, x_new: Tensor) -> dict[str, Tensor]:
+    """Decompose the change of Eq. 1's moments between activations ``x`` and ``x_new`` (REFERENCE 4).
+
+    With ``dX = x_new - x`` on the same ``n`` inputs and, per neuron ``j``,
+    ``a_j = (2/n) sum_i X_ij dX_ij``, ``b_j = (1/n) sum_i dX_ij^2``, ``s_j^2`` the squared RMS:
+
+    * ``mean(s_new^2) = mean(s^2) + u2_1 + u2_2`` with ``u2_1 = mean(a)``, ``u2_2 = mean(b)``;
+    * ``mean(s_new^4) = mean(s^4) + u4_1 + u4_2 + u4_3 + u4_4`` with ``u4_1 = mean(2 s^2 a)``,
+      ``u4_2 = mean(2 s^2 b + a^2)``, ``u4_3 = mean(2 a b)``, ``u4_4 = mean(b^2)``.
+
+    So ``Kurt(x_new) = (m4 + sum u4) / (m2 + sum u2)^2`` exactly. The terms are returned unnormalised
+    (units of activation^2 and ^4; the paper's normalisation is OPEN), together with ``m2 = mean(s^2)``
+    and ``m4 = mean(s^4)`` of ``x``, all computed in float64. ``x`` and ``x_new``: ``(..., d)``, same shape.
+    """
+    if x.shape != x_new.shape:
+        raise ValueError(f"kurtosis_update_terms: shapes differ, {tuple(x.shape)} vs {tuple(x_new.shape)}")
+    x = _rows(x, 0, "kurtosis_update_terms").double()
+    dx = x_new.reshape(x.shape).double() - x
+    s2 = x.square().mean(0)
+    a = 2.0 * (x * dx).mean(0)
+    b = dx.square().mean(0)
+    return {
+        "m2": s2.mean(), "m4": s2.square().mean(),
+        "u2_1": a.mean(), "u2_2": b.mean(),
+        "u4_1": (2.0 * s2 * a).mean(), "u4_2": (2.0 * s2 * b + a.square()).mean(),
+        "u4_3": (2.0 * a * b).mean(), "u4_4": b.square().mean(),
+    }

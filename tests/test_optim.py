@@ -253,36 +253,47 @@ def test_builder_selects_optimizer_with_groups(name):
         assert "GG1" in emb_state and "GG0" not in emb_state  # (256 x 32): only the width side is rotated
 
 
-def _ddp_worker(rank, world, init_file, steps, result_file):
-    import torch.distributed as dist
+DDP_WORKER = """
+import sys
+import torch
+import torch.distributed as dist
+from ofe.models import GPT, lm_loss, preset
+from ofe.optim import SOAP
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(GPT(preset("tiny")))
-    opt = SOAP(model.parameters(), lr=3e-3, precondition_frequency=2)
-    batches = _batches(steps * world, seed=3)
-    identical = []
-    for step in range(steps):
-        b = batches[step * world + rank]  # each rank its own data
-        loss = lm_loss(model(b[:, :-1]), b[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-        gathered = [torch.zeros_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        identical.append(all(torch.equal(gathered[0], g) for g in gathered[1:]))
-    if rank == 0:
-        with open(result_file, "w") as f:
-            f.write(",".join(str(int(x)) for x in identical))
-    dist.barrier()
-    dist.destroy_process_group()
+steps, result_file = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+model = torch.nn.parallel.DistributedDataParallel(GPT(preset("tiny")))
+opt = SOAP(model.parameters(), lr=3e-3, precondition_frequency=2)
+g = torch.Generator().manual_seed(3)
+batches = [torch.randint(0, 256, (4, 17), generator=g) for _ in range(steps * world)]
+identical = []
+for step in range(steps):
+    b = batches[step * world + rank]  # each rank its own data
+    loss = lm_loss(model(b[:, :-1]), b[:, 1:])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    identical.append(all(torch.equal(gathered[0], x) for x in gathered[1:]))
+if rank == 0:
+    open(result_file, "w").write(",".join(str(int(x)) for x in identical))
+dist.barrier()
+dist.destroy_process_group()
+"""
 
 
 def test_soap_keeps_ranks_identical_under_ddp(tmp_path):
-    import torch.multiprocessing as mp
+    import os
+    import subprocess
+    import sys
 
-    steps, result = 6, tmp_path / "identical.txt"
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), steps, str(result)), nprocs=2, start_method="spawn")
+    script, result, steps = tmp_path / "worker.py", tmp_path / "identical.txt", 6
+    script.write_text(DDP_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(steps), str(result)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert result.read_text() == ",".join(["1"] * steps)

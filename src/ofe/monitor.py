@@ -146,7 +146,7 @@ class OutlierMonitor:
                 for layer, tap in available[site].items():
                     self._hook(tap, site, layer)
                     self._taps.append(tap)
-                    if site in ("attn_probs",):
+                    if site == "attn_probs":
                         tap.max_batch = self.probs_max_batch
         else:
             _, stack = find_block_stack(model)
@@ -166,7 +166,7 @@ class OutlierMonitor:
     def _record(self, site: str, layer: int, x: Tensor) -> None:
         """Compute this site's metrics for one layer now; keep only the (tiny) results."""
         x = x.detach()
-        if site in ("attn_probs",):
+        if site == "attn_probs":
             for name in self.metrics:
                 if name in PROBS_METRICS:
                     self._pending.append((site, layer, name, PROBS_METRICS[name](x)))

@@ -99,6 +99,9 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, log=print) -> None:
         self.env = D.setup(cfg.device)
+        if cfg.batch_size % (self.env.world_size * cfg.grad_accum):  # before anything is written
+            raise TrainError(f"batch_size {cfg.batch_size} is not divisible by processes x grad_accum = "
+                             f"{self.env.world_size} x {cfg.grad_accum}")
         self.log = log if self.env.is_main else (lambda *a, **k: None)
         self.out = prepare_out_dir(cfg) if self.env.is_main else Path(cfg.out_dir)
         D.barrier()
@@ -113,9 +116,6 @@ class Trainer:
             atomic_write(self.out / CONFIG_FILE, lambda p: p.write_text(json.dumps(C.to_dict(cfg), indent=1)))
             shutil.copyfile(data.directory / "tokenizer.json", self.out / "tokenizer.json")
 
-        if cfg.batch_size % (self.env.world_size * cfg.grad_accum):
-            raise TrainError(f"batch_size {cfg.batch_size} is not divisible by processes x grad_accum = "
-                             f"{self.env.world_size} x {cfg.grad_accum}")
         self.micro_bs = cfg.batch_size // cfg.grad_accum  # sequences per micro-step over all ranks
         self.local_bs = self.micro_bs // self.env.world_size
         torch.manual_seed(cfg.seed)

@@ -89,15 +89,14 @@ def load_model(model_dir: Path):
     return model, kind, tokenizer
 
 
-def corpus_windows(tokenizer, vocab_size: int, n: int, seq_len: int, offset: int = 0) -> torch.Tensor:
+def corpus_windows(tokenizer, vocab_size: int, n: int, seq_len: int) -> torch.Tensor:
     """``n`` consecutive windows of ``seq_len`` tokens from the standard-library corpus, int64 ``(n, T)``."""
-    text = read_bytes_sample(stdlib_files(), (offset + n) * seq_len * 8).decode("utf-8", errors="replace")
+    text = read_bytes_sample(stdlib_files(), n * seq_len * 8).decode("utf-8", errors="replace")
     ids = ByteTokenizer().encode(text) if tokenizer is None else tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = np.asarray(ids, dtype=np.int64) % vocab_size
-    need = (offset + n) * seq_len
-    if len(ids) < need:
-        ids = np.resize(ids, need)  # a very coarse tokenizer: repeat the sample
-    return torch.from_numpy(ids[offset * seq_len : need].reshape(n, seq_len))
+    if len(ids) < n * seq_len:
+        ids = np.resize(ids, n * seq_len)  # a very coarse tokenizer: repeat the sample
+    return torch.from_numpy(ids[: n * seq_len].reshape(n, seq_len))
 
 
 @torch.no_grad()
@@ -117,10 +116,10 @@ def audit(model_dir: str | Path, cfg: AuditConfig, log=print) -> dict[str, Any]:
     config = model.config
     max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or cfg.seq_len
     T = min(cfg.seq_len, max_len)
-    windows = corpus_windows(tokenizer, config.vocab_size, cfg.sequences, T)
     q = cfg.quant
-    calib = [corpus_windows(tokenizer, config.vocab_size, q.calib_batch_size, T, offset=cfg.sequences + i * q.calib_batch_size)
-             for i in range(q.calib_batches)]
+    sample = corpus_windows(tokenizer, config.vocab_size, cfg.sequences + q.calib_batches * q.calib_batch_size, T)
+    windows = sample[: cfg.sequences]  # evaluation first, then disjoint calibration batches
+    calib = list(sample[cfg.sequences :].split(q.calib_batch_size))
 
     with OutlierMonitor(model, metrics=METRICS, mmr_max_rows=None) as monitor:
         stats = monitor.measure(windows)["resid"]

@@ -184,6 +184,12 @@ def test_ofe_quantize_writes_quant_json(tmp_path, small_corpus, capsys):
     assert len(result["layers"]) == 2 and all(r["kurtosis"] >= 1 and r["sqnr_db"] > 0 for r in result["layers"])
     assert result["w8a8_ppl"] == pytest.approx(result["formats"][0]["ppl"])
     assert "W8A8" in out and "SQNR" in out
+    # the sweep keeps the configured choices (here per-channel weights) and varies only bits / formats
+    assert main(["quantize", str(run), "--quant.calib_batches", "2", "--eval_sequences", "8",
+                 "--quant.weight_granularity", "channel"]) == 0
+    result = json.loads((run / "quant.json").read_text())
+    assert all(f["settings"]["weight_granularity"] == "channel" for f in result["formats"])
+    assert result["quant_ppl"] == result["w8a8_ppl"] == result["formats"][0]["ppl"]
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -45,10 +45,16 @@ def load_run(run_dir: str | Path):
     return cfg, model.eval()
 
 
+def protocol_w8a8(qcfg: QuantConfig) -> QuantConfig:
+    """``qcfg`` with 8-bit integer weights and activations (its other choices kept): the protocol's
+    W8A8 when ``qcfg`` has the default ranges, granularity and sites."""
+    return dataclasses.replace(qcfg, weight_bits=8, act_bits=8, weight_format="int", act_format="int")
+
+
 def format_variants(qcfg: QuantConfig) -> list[QuantConfig]:
-    """The protocol's W8A8, its activation bit-width sweep (6, 5, 4), FP8 and W4 weight-only, plus
-    ``qcfg`` itself when it is none of these."""
-    w8a8 = dataclasses.replace(qcfg, weight_bits=8, act_bits=8, weight_format="int", act_format="int")
+    """W8A8 (:func:`protocol_w8a8`), its activation bit-width sweep (6, 5, 4), FP8 and W4 weight-only,
+    all keeping ``qcfg``'s other choices, plus ``qcfg`` itself when it is none of these."""
+    w8a8 = protocol_w8a8(qcfg)
     variants = [w8a8] + [dataclasses.replace(w8a8, act_bits=b) for b in (6, 5, 4)]
     variants += [dataclasses.replace(w8a8, weight_format="fp8", act_format="fp8"),
                  dataclasses.replace(w8a8, weight_bits=4, act_bits=0)]
@@ -69,11 +75,11 @@ def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0
     probe = windows[: min(16, len(windows)), :-1]
     float_hidden = block_outputs(model, model.blocks, probe)
 
-    formats, main = [], None
+    formats, ppl_of, main = [], {}, None
     for variant in format_variants(qcfg) if sweep else [qcfg]:
         sim = SimulatedQuantModel(model, variant)
         sim.calibrate(calib)
-        ppl = perplexity(sim, windows)
+        ppl = ppl_of[variant] = perplexity(sim, windows)
         formats.append({"format": variant.label, "settings": C.to_dict(variant), "ppl": ppl,
                         "increase_pct": 100.0 * (ppl / fp_ppl - 1.0)})
         log(f"  {variant.label:<8} perplexity {ppl:10.4f}  ({formats[-1]['increase_pct']:+.2f}%)")
@@ -82,11 +88,10 @@ def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0
     quant_hidden = block_outputs(main.model, main.model.blocks, probe)
     layers = [{"layer": i, "kurtosis": kurtosis(f).item(), "sqnr_db": sqnr_db(f, q)}
               for i, (f, q) in enumerate(zip(float_hidden, quant_hidden))]
-    w8a8 = next(f for f in formats if f["format"] == "W8A8") if any(f["format"] == "W8A8" for f in formats) else None
     return {
         "run": str(run_dir), "block": cfg.model.block, "optimizer": cfg.optim.name,
-        "fp_ppl": fp_ppl, "w8a8_ppl": w8a8["ppl"] if w8a8 else None,
-        "quant_format": qcfg.label, "quant_ppl": next(f["ppl"] for f in formats if f["settings"] == C.to_dict(qcfg)),
+        "fp_ppl": fp_ppl, "w8a8_ppl": ppl_of.get(protocol_w8a8(qcfg)),  # None if not evaluated (no sweep)
+        "quant_format": qcfg.label, "quant_ppl": ppl_of[qcfg],
         "settings": C.to_dict(qcfg), "eval_sequences": n_eval, "seq_len": T,
         "calibration_tokens": qcfg.calib_batches * qcfg.calib_batch_size * T,
         "layers": layers, "formats": formats,

@@ -29,6 +29,8 @@ class TrainConfig:
     eval_interval: int = field(100, "evaluate validation loss every this many updates (and at the end)")
     eval_batches: int = field(4, "validation batches of batch_size sequences")
     monitor_interval: int = field(10, "log outlier metrics every this many updates")
+    decomposition_sequences: int = field(8, "validation sequences on which the kurtosis-update terms are "
+                                            "computed at monitor steps (fixed inputs); 0 disables")
     ckpt_interval: int = field(100, "write the resumable checkpoint every this many updates (and at the end)")
     seed: int = field(0, "seed for initialisation and data order")
     device: str = field("auto", "auto (cuda if available), cpu, cuda, cuda:N")
@@ -41,6 +43,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "monitor_interval", "ckpt_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config key '{name}' must be positive, got {getattr(self, name)}")
+        if self.decomposition_sequences < 0:
+            raise ConfigError(f"config key 'decomposition_sequences' must be >= 0, got {self.decomposition_sequences}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
         if self.preset not in PRESETS:

@@ -21,6 +21,7 @@ from safetensors.torch import save_model
 from tqdm.auto import tqdm
 
 from ofe import config as C
+from ofe.analysis.decomposition import KurtosisUpdateTracker
 from ofe.data import TokenData, check_lengths, prepare, train_batch, val_windows
 from ofe.models import GPT, lm_loss
 from ofe.monitor import OutlierMonitor
@@ -141,6 +142,11 @@ class Trainer:
         val = val_windows(data.val, n_val, cfg.model.seq_len)
         per_rank = math.ceil(n_val / self.env.world_size)
         self.val = val[self.env.rank * per_rank : (self.env.rank + 1) * per_rank]
+        self.tracker = None  # kurtosis-update terms on fixed validation sequences, main process only
+        if cfg.decomposition_sequences and self.env.is_main:
+            self.tracker = KurtosisUpdateTracker(self.model, val[: cfg.decomposition_sequences, :-1].to(dev))
+            if saved is not None and "decomposition" in saved:
+                self.tracker.load_state_dict(saved["decomposition"])
 
     def _prepare_data(self, cfg: TrainConfig) -> TokenData:
         if self.env.is_main:
@@ -210,10 +216,20 @@ class Trainer:
 
     def _save(self, step: int) -> None:
         if self.env.is_main:
-            save_checkpoint(self.out / CHECKPOINT, {
+            state = {
                 "step": step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "rng": _rng_state(self.env.device), "config": json.dumps(C.to_dict(self.cfg)),
-            })
+            }
+            if self.tracker is not None:
+                state["decomposition"] = self.tracker.state_dict()
+            save_checkpoint(self.out / CHECKPOINT, state)
+
+    def _record_decomposition(self, record: dict[str, Any]) -> None:
+        """Kurtosis-update terms since the previous monitored step (fixed inputs), per layer."""
+        if self.tracker is not None:
+            terms = self.tracker.update()
+            if terms is not None:
+                record["kurtosis_update"] = terms
 
     # ---- the run ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -238,6 +254,8 @@ class Trainer:
                 record = {"step": step, "lr": lr, "tokens": step * tokens_per_step}
                 if step % cfg.eval_interval == 0:
                     record["val_loss"] = self.evaluate()
+                if self.monitor.due(step):
+                    self._record_decomposition(record)
                 loss, stats = self._train_step(step)
                 record["train_loss"] = loss
                 _record_monitor(record, stats)
@@ -254,6 +272,7 @@ class Trainer:
             with self.monitor.observe(), torch.no_grad(), self._autocast():
                 self.forward(x)
             _record_monitor(final, self.monitor.collect(reduce=D.mean_across_ranks))
+            self._record_decomposition(final)
             logger.log(final)
             if self.env.is_main:
                 atomic_write(self.out / "model.safetensors", lambda p: save_model(self.model, str(p)))

@@ -1,0 +1,123 @@
+"""Kurtosis-update decomposition during training (REFERENCE section 4).
+
+:class:`KurtosisUpdateTracker` runs the model on one fixed batch at every monitored step, keeps the
+residual stream of each layer, and decomposes the change of each layer's kurtosis since the
+previous monitored step into the terms of :func:`ofe.metrics.kurtosis_update_terms`. Because the
+inputs are fixed, the change is caused by the weight updates alone, and the terms reconstruct the
+new kurtosis exactly::
+
+    kurtosis_t = (m4_{t-1} + u4_1 + u4_2 + u4_3 + u4_4) / (m2_{t-1} + u2_1 + u2_2) ** 2
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ofe import metrics as M
+from ofe.monitor import find_block_stack
+
+TERMS = ("u2_1", "u2_2", "u4_1", "u4_2", "u4_3", "u4_4")
+U4_TERMS = TERMS[2:]
+
+
+def _layer_modules(model: nn.Module, site: str) -> list[nn.Module]:
+    """The modules whose outputs are the per-layer activations: an ``ofe`` GPT's taps, else the block stack."""
+    if hasattr(model, "taps"):
+        taps = model.taps()
+        if site not in taps:
+            raise ValueError(f"unknown site {site!r}; known: {', '.join(taps)}")
+        return [taps[site][layer] for layer in sorted(taps[site])]
+    return list(find_block_stack(model)[1])
+
+
+class KurtosisUpdateTracker:
+    """Per-layer kurtosis-update terms between consecutive :meth:`update` calls on one fixed batch.
+
+    Args:
+        model: an ``ofe`` GPT (site ``site`` of its taps) or any model with a block stack.
+        batch: the fixed input, e.g. token ids ``(B, T)``; kept on the model's device.
+        site: ``ofe`` models: which tap to decompose (default the residual stream after each block).
+
+    :meth:`update` returns ``None`` the first time; afterwards ``{"m2", "m4", TERMS..., "kurtosis"}``,
+    each a list with one float per layer, where ``m2``/``m4`` are the moments at the previous call,
+    the terms the change since then, and ``kurtosis`` the kurtosis now (all on the fixed batch).
+    """
+
+    def __init__(self, model: nn.Module, batch: Tensor, site: str = "resid") -> None:
+        self.model = model
+        self.batch = batch
+        self.modules = _layer_modules(model, site)
+        self.previous: list[Tensor] | None = None
+
+    @torch.no_grad()
+    def capture(self) -> list[Tensor]:
+        """The per-layer activations on the fixed batch now, as float32 ``(n, d)`` matrices."""
+        captured: dict[int, Tensor] = {}
+        handles = []
+        for layer, module in enumerate(self.modules):
+            def hook(_m: nn.Module, _i: Any, out: Any, layer: int = layer) -> None:
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                captured[layer] = out.detach().float().reshape(-1, out.shape[-1]).clone()
+            handles.append(module.register_forward_hook(hook))
+        was_training = self.model.training
+        enabled = [getattr(m, "enabled", None) for m in self.modules]
+        try:
+            for m in self.modules:
+                if hasattr(m, "enabled"):
+                    m.enabled = True
+            self.model.eval()
+            self.model(self.batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for m, flag in zip(self.modules, enabled):
+                if flag is not None:
+                    m.enabled = flag
+            self.model.train(was_training)
+        missing = [layer for layer in range(len(self.modules)) if layer not in captured]
+        if missing:
+            raise RuntimeError(f"layers {missing} produced no activation on the fixed batch")
+        return [captured[layer] for layer in range(len(self.modules))]
+
+    def update(self) -> dict[str, list[float]] | None:
+        current = self.capture()
+        previous, self.previous = self.previous, current
+        if previous is None:
+            return None
+        out: dict[str, list[float]] = {key: [] for key in ("m2", "m4", *TERMS, "kurtosis")}
+        for x, x_new in zip(previous, current):
+            terms = M.kurtosis_update_terms(x, x_new)
+            for key in ("m2", "m4", *TERMS):
+                out[key].append(terms[key].item())
+            out["kurtosis"].append(M.kurtosis(x_new.double()).item())
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"previous": self.previous}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        prev = state.get("previous")
+        self.previous = None if prev is None else [t.to(self.batch.device) for t in prev]
+
+
+def reconstructed_kurtosis(terms: dict[str, list[float]]) -> list[float]:
+    """Kurtosis after the update, per layer, from the previous moments and the six terms alone."""
+    out = []
+    for layer in range(len(terms["m2"])):
+        m2 = terms["m2"][layer] + terms["u2_1"][layer] + terms["u2_2"][layer]
+        m4 = terms["m4"][layer] + sum(terms[k][layer] for k in U4_TERMS)
+        out.append(m4 / m2**2)
+    return out
+
+
+def relative_u4(terms: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Each fourth-moment term divided by the previous fourth moment ``m4``: a scale-free size.
+
+    The paper's normalisation of the terms is OPEN (REFERENCE 4); dividing by ``m4`` makes the
+    terms of layers and runs with different activation scales comparable, and their sum is the
+    relative growth of ``mean(s^4)`` over the interval.
+    """
+    return {k: [u / m4 for u, m4 in zip(terms[k], terms["m4"])] for k in U4_TERMS}

@@ -17,6 +17,7 @@ from ofe.data import CorpusError, default_sample, random_windows
 from ofe.io import atomic_write
 from ofe.models import BLOCK_TYPES, GPT, PRESETS, expected_param_count, preset
 from ofe.monitor import OutlierMonitor
+from ofe.experiment import load_sweep, run_sweep, sweep_states
 from ofe.audit import AuditConfig, AuditError, audit, format_summary, write_report
 from ofe.quant import QUANT_FILE, QuantConfig, QuantError, evaluate_run, format_table
 from ofe.train import CheckpointError, NonFiniteLoss, TrainConfig, TrainError, build_train_config, train
@@ -138,6 +139,28 @@ def _cmd_audit(ns: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class SweepOptions:
+    """Options of ``ofe sweep`` (the runs themselves are described by SPEC)."""
+
+    out_dir: str = C.field("", "directory of the runs; empty: the spec's out_dir")
+    progress: bool = C.field(True, "show a progress bar over the whole sweep")
+    dry_run: bool = C.field(False, "list the runs and their state, train nothing")
+
+
+def _cmd_sweep(ns: argparse.Namespace) -> int:
+    opts = load_config(SweepOptions, ns)
+    if not Path(ns.spec).is_file():
+        raise C.ConfigError(f"sweep spec {ns.spec} does not exist")
+    sweep = load_sweep(ns.spec, opts.out_dir or None)
+    if opts.dry_run:
+        for run, state in zip(sweep.runs, sweep_states(sweep)):
+            print(f"{state:>7}  {run.config.out_dir}")
+        return 0
+    run_sweep(sweep, progress=opts.progress)
+    return 0
+
+
 def _cmd_presets(_ns: argparse.Namespace) -> int:
     print(f"{'preset':<16} {'layers':>6} {'width':>6} {'heads':>5} {'vocab':>6} {'seq':>5} {'params (pre-ln)':>16}")
     for name in PRESETS:
@@ -160,6 +183,8 @@ COMMANDS: dict[str, Command] = {
                         QuantizeConfig, ("run_dir", "RUN_DIR", "directory of a finished `ofe train` run")),
     "audit": Command("outlier features and W8A8 cost of a Hugging Face checkpoint on disk", _cmd_audit, AuditConfig,
                      ("model_dir", "MODEL_DIR", "a local Hugging Face model directory")),
+    "sweep": Command("train (and quantise) a grid of runs described by a spec file; resumable", _cmd_sweep,
+                     SweepOptions, ("spec", "SPEC", "a .toml or .json sweep spec (see docs/experiments.md)")),
     "zoo": Command("build every block variant and print per-layer outlier metrics", _cmd_zoo, ZooConfig),
     "presets": Command("list the model presets with their parameter counts", _cmd_presets),
 }

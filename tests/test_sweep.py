@@ -1,0 +1,119 @@
+"""`ofe sweep`: the grid, strict specs, skipping finished runs and resuming an interrupted one."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ofe.cli import main
+from ofe.config import ConfigError
+from ofe.experiment import parse_spec, run_sweep
+from ofe.train import loop as loop_module
+from ofe.train import read_metrics, train
+
+
+def spec(root, corpus, **extra):
+    s = {"out_dir": str(root),
+         "base": {"preset": "tiny", "steps": 8, "batch_size": 4, "eval_interval": 4, "eval_batches": 1,
+                  "monitor_interval": 2, "ckpt_interval": 4, "data": {"corpus": str(corpus)}, "optim": {"lr": 3e-3}},
+         "grid": {"model.block": ["pre-ln", "op"], "seed": [0, 1]}}
+    s.update(extra)
+    return s
+
+
+def test_grid_is_the_product_with_readable_names(tmp_path, small_corpus):
+    sweep = parse_spec(spec(tmp_path, small_corpus, variants=[{"name": "slow", "optim.lr": 1e-4}, {"name": "fast"}]))
+    names = [r.name for r in sweep.runs]
+    assert names == ["slow_pre-ln_seed0", "slow_pre-ln_seed1", "slow_op_seed0", "slow_op_seed1",
+                     "fast_pre-ln_seed0", "fast_pre-ln_seed1", "fast_op_seed0", "fast_op_seed1"]
+    first = sweep.runs[0].config
+    assert first.optim.lr == 1e-4 and first.model.block == "pre-ln" and first.seed == 0
+    assert sweep.runs[-1].config.optim.lr == 3e-3 and sweep.runs[-1].config.model.block == "op"
+    assert first.out_dir == str(tmp_path / "slow_pre-ln_seed0")
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"grid": {"optim.lrr": [1e-3]}}, "lrr"),
+    ({"grid": {"steps": ["many"]}}, "steps"),
+    ({"grid": {"seed": []}}, "seed"),
+    ({"bogus": 1}, "bogus"),
+    ({"variants": [{"optim.lr": 1.0}]}, "name"),
+])
+def test_bad_specs_fail_before_training_naming_the_key(tmp_path, small_corpus, change, needle):
+    with pytest.raises(ConfigError, match=needle):
+        parse_spec(spec(tmp_path / "sweep", small_corpus, **change))
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path, small_corpus, monkeypatch):
+    s = spec(tmp_path / "sweep", small_corpus, grid={"model.block": ["pre-ln", "op"]})
+    original = loop_module.Trainer._train_step
+
+    def dies_in_op_at_step_6(self, step):
+        if step == 6 and self.cfg.model.block == "op":
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(loop_module.Trainer, "_train_step", dies_in_op_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(parse_spec(s), progress=False, log=lambda m: None)
+    first, second = tmp_path / "sweep" / "pre-ln", tmp_path / "sweep" / "op"
+    assert (first / "model.safetensors").is_file() and not (second / "model.safetensors").exists()
+    done_bytes = (first / "model.safetensors").read_bytes()
+    monkeypatch.setattr(loop_module.Trainer, "_train_step", original)
+
+    calls = []
+    real_train = train
+
+    def counting_train(cfg, log=print):
+        calls.append((cfg.out_dir, cfg.resume))
+        return real_train(cfg, log=log)
+
+    monkeypatch.setattr("ofe.experiment.sweep.train", counting_train)
+    assert main(["sweep", str(_write(tmp_path, s)), "--progress", "false"]) == 0
+    assert calls == [(str(second), True)]  # the finished run is skipped, the other resumed
+    assert (first / "model.safetensors").read_bytes() == done_bytes
+
+    whole = tmp_path / "whole"  # the same run, never interrupted
+    settings = json.loads((second / "sweep_run.json").read_text())
+    from ofe.train import build_train_config
+    real_train(build_train_config({**settings, "out_dir": str(whole), "progress": False}), log=lambda *a: None)
+    a, b = load_file(whole / "model.safetensors"), load_file(second / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]
+    assert strip(read_metrics(whole)) == strip(read_metrics(second))
+
+    calls.clear()  # everything finished: nothing runs again
+    assert main(["sweep", str(_write(tmp_path, s)), "--progress", "false"]) == 0
+    assert calls == []
+
+
+def test_a_changed_spec_does_not_reuse_old_run_directories(tmp_path, small_corpus, capsys):
+    s = spec(tmp_path / "sweep", small_corpus, grid={"model.block": ["op"]})
+    s["base"]["steps"] = 2
+    assert main(["sweep", str(_write(tmp_path, s)), "--progress", "false"]) == 0
+    s["base"]["optim"]["lr"] = 1e-2
+    assert main(["sweep", str(_write(tmp_path, s)), "--progress", "false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different spec" in err[0]
+
+
+def test_sweep_quantises_and_dry_run_lists_states(tmp_path, small_corpus, capsys):
+    s = spec(tmp_path / "sweep", small_corpus, grid={"model.block": ["op"]}, quantize=True)
+    s["base"]["steps"] = 2
+    path = _write(tmp_path, s)
+    assert main(["sweep", str(path), "--dry_run", "true"]) == 0
+    assert "new" in capsys.readouterr().out
+    assert main(["sweep", str(path), "--progress", "false"]) == 0
+    quant = json.loads((tmp_path / "sweep" / "op" / "quant.json").read_text())
+    assert quant["w8a8_ppl"] > 1.0
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--dry_run", "true"]) == 0
+    assert capsys.readouterr().out.split()[0] == "done"
+
+
+def _write(tmp_path, s):
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(s))
+    return path

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_model
 
-from ofe.analysis import TERMS, KurtosisUpdateTracker, reconstructed_kurtosis, relative_u4
+from ofe.analysis import TERMS, KurtosisUpdateTracker, kurtosis_change_contributions, reconstructed_kurtosis
 from ofe.models import GPT, lm_loss, preset
 from ofe.train import read_metrics, train
 from ofe.train.config import build_train_config
@@ -37,7 +37,7 @@ def test_tracker_terms_reconstruct_kurtosis_across_sgd_steps():
         assert any(abs(u) > 0 for u in terms["u4_2"])  # the weights moved
 
 
-def test_tracker_terms_vanish_without_an_update_and_relative_terms_are_scale_free():
+def test_tracker_terms_vanish_without_an_update_and_contributions_sum_to_the_change():
     torch.manual_seed(1)
     model = GPT(preset("tiny", block="op"))
     batch = torch.randint(0, 256, (2, 32))
@@ -50,9 +50,15 @@ def test_tracker_terms_vanish_without_an_update_and_relative_terms_are_scale_fre
     from ofe.metrics import kurtosis_update_terms
     t1, t2 = kurtosis_update_terms(x, x + dx), kurtosis_update_terms(x, x + 2 * dx)
     assert t2["u2_1"] == pytest.approx(2 * t1["u2_1"].item()) and t2["u4_4"] == pytest.approx(16 * t1["u4_4"].item())
-    fake = {k: [t1[k].item()] for k in t1}
-    scaled = {k: [t1[k].item() * (9.0 if k.startswith("u4") or k == "m4" else 3.0)] for k in t1}  # x -> 3x
-    assert relative_u4(fake) == pytest.approx(relative_u4(scaled))
+    x_new = x.clone()
+    x_new[:, 0] *= 4  # one neuron grows: kurtosis rises
+    t = {k: [v.item()] for k, v in kurtosis_update_terms(x, x_new).items()}
+    parts = kurtosis_change_contributions(t)
+    change = numpy_kurtosis(x_new.numpy()) - numpy_kurtosis(x.numpy())
+    assert change > 0.5 and sum(p[0] for p in parts.values()) == pytest.approx(change, rel=1e-9)
+    scaled = {k: [v[0] * (9.0 if k.startswith("u4") or k == "m4" else 3.0)] for k, v in t.items()}  # x -> 3x
+    rescaled = kurtosis_change_contributions(scaled)  # kurtosis units: scale-free
+    assert all(rescaled[k][0] == pytest.approx(parts[k][0], rel=1e-9) for k in parts)
 
 
 def test_training_logs_terms_that_reconstruct_the_logged_kurtosis(tmp_path, small_corpus):

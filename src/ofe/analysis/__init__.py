@@ -1,5 +1,8 @@
 """Analysis of training runs: the kurtosis-update decomposition, loading runs, testing the claims."""
 
-from ofe.analysis.decomposition import TERMS, KurtosisUpdateTracker, reconstructed_kurtosis, relative_u4
+from ofe.analysis.decomposition import (TERMS, KurtosisUpdateTracker, kurtosis_change_contributions,
+                                        reconstructed_kurtosis)
+from ofe.analysis.runs import Run, RunError, label_runs, load_run, load_runs
 
-__all__ = ["TERMS", "KurtosisUpdateTracker", "reconstructed_kurtosis", "relative_u4"]
+__all__ = ["TERMS", "KurtosisUpdateTracker", "Run", "RunError", "kurtosis_change_contributions", "label_runs",
+           "load_run", "load_runs", "reconstructed_kurtosis"]

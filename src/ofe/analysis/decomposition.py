@@ -113,11 +113,25 @@ def reconstructed_kurtosis(terms: dict[str, list[float]]) -> list[float]:
     return out
 
 
-def relative_u4(terms: dict[str, list[float]]) -> dict[str, list[float]]:
-    """Each fourth-moment term divided by the previous fourth moment ``m4``: a scale-free size.
+def kurtosis_change_contributions(terms: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Split each layer's kurtosis change over the interval exactly into the terms' contributions.
 
-    The paper's normalisation of the terms is OPEN (REFERENCE 4); dividing by ``m4`` makes the
-    terms of layers and runs with different activation scales comparable, and their sum is the
-    relative growth of ``mean(s^4)`` over the interval.
+    With ``M2 = m2 + u2_1 + u2_2`` the new second moment,
+    ``Kurt_new - Kurt_old = sum_k u4_k / M2^2 + m4 (1 / M2^2 - 1 / m2^2)``: each fourth-moment term
+    contributes ``u4_k / M2^2`` and the second-moment terms together contribute the last part
+    (``"u2"``), split between ``u2_1`` and ``u2_2`` in proportion to their sizes. The values are in
+    kurtosis units, so they are comparable across layers and runs whatever the activation scale
+    (this is our normalisation; the paper's is OPEN, REFERENCE 4), and they sum to the change.
     """
-    return {k: [u / m4 for u, m4 in zip(terms[k], terms["m4"])] for k in U4_TERMS}
+    out: dict[str, list[float]] = {k: [] for k in TERMS}
+    for layer in range(len(terms["m2"])):
+        m2, m4 = terms["m2"][layer], terms["m4"][layer]
+        u21, u22 = terms["u2_1"][layer], terms["u2_2"][layer]
+        new_m2 = m2 + u21 + u22
+        for k in U4_TERMS:
+            out[k].append(terms[k][layer] / new_m2**2)
+        second = m4 * (1.0 / new_m2**2 - 1.0 / m2**2)
+        total = abs(u21) + abs(u22)
+        out["u2_1"].append(second * abs(u21) / total if total else 0.0)
+        out["u2_2"].append(second * abs(u22) / total if total else 0.0)
+    return out

@@ -18,6 +18,7 @@ A spec (TOML or JSON)::
 Every run's config is built (and checked) before the first one starts, so a bad key fails at once.
 A finished run (``model.safetensors``, and ``quant.json`` when quantising) is skipped; an
 interrupted one is resumed from its checkpoint; a directory made by a different spec is an error.
+A run stopped by a non-finite loss is a result (``DIVERGED`` holds the reason), and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ from ofe import config as C
 from ofe.config import ConfigError
 from ofe.io import atomic_write
 from ofe.quant import QUANT_FILE, QuantConfig, evaluate_run
-from ofe.train import TrainConfig, build_train_config, train
+from ofe.train import NonFiniteLoss, TrainConfig, build_train_config, train
 from ofe.train.loop import CONFIG_FILE
 
 SPEC_KEYS = {"out_dir", "base", "grid", "variants", "quantize"}
 RUN_SPEC_FILE = "sweep_run.json"  # the unresolved settings of a run, to recognise it on resume
 FINISHED_FILE = "model.safetensors"
+DIVERGED_FILE = "DIVERGED"  # written instead when training stopped on a non-finite loss
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,8 @@ def _state(run: SweepRun, quantize: bool) -> str:
             raise ConfigError(f"sweep run {run.name}: {out} was made by a different spec; remove it or change out_dir")
     elif (out / CONFIG_FILE).exists():
         raise ConfigError(f"sweep run {run.name}: {out} holds a run that no sweep made; remove it or change out_dir")
+    if (out / DIVERGED_FILE).is_file():
+        return "done"
     if (out / FINISHED_FILE).is_file() and (not quantize or (out / QUANT_FILE).is_file()):
         return "done"
     return "resume" if (out / "checkpoint.pt").is_file() else "new"
@@ -164,7 +168,13 @@ def run_sweep(sweep: Sweep, progress: bool = True, log: Callable[[str], None] = 
                         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
                 out.mkdir(parents=True, exist_ok=True)
                 atomic_write(out / RUN_SPEC_FILE, lambda p: p.write_text(json.dumps(run.settings, indent=1)))
-                train(dataclasses.replace(run.config, resume=state == "resume", progress=False), log=write)
+                try:
+                    train(dataclasses.replace(run.config, resume=state == "resume", progress=False), log=write)
+                except NonFiniteLoss as e:  # a result, not a failure of the sweep (e.g. OP without QK-norm)
+                    atomic_write(out / DIVERGED_FILE, lambda p: p.write_text(str(e) + "\n"))
+                    write(f"{run.name}: diverged: {e}")
+                    bar.update(1)
+                    continue
             if sweep.quantize and not (out / QUANT_FILE).is_file():
                 result = evaluate_run(out, QuantConfig(), 0, True, log=write)
                 atomic_write(out / QUANT_FILE, lambda p: p.write_text(json.dumps(result, indent=1)))

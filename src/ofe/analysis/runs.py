@@ -1,0 +1,172 @@
+"""Loading finished (or diverged) runs and the per-run quantities the report and the claims use.
+
+A run directory holds ``config.json`` and ``metrics.jsonl`` (from ``ofe train``), optionally
+``quant.json`` (``ofe quantize``) and ``DIVERGED`` (a sweep run stopped by a non-finite loss).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ofe.analysis.decomposition import kurtosis_change_contributions
+
+# Settings that never define a configuration: where it ran and how, not what it computed.
+IGNORED_KEYS = {"out_dir", "seed", "resume", "progress", "device", "compile", "data.cache_dir"}
+
+
+class RunError(ValueError):
+    """A directory that is not a readable run."""
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+    quant: dict[str, Any] | None = None
+    diverged: str | None = None  # the reason, when training stopped on a non-finite loss
+    label: str = ""  # the configuration, set by :func:`label_runs`
+    settings: dict[str, Any] = field(default_factory=dict)  # flattened config without IGNORED_KEYS
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    @property
+    def monitored(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if "kurtosis" in r]
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """The last monitored record (the end of training for a finished run)."""
+        mon = self.monitored
+        if not mon:
+            raise RunError(f"{self.path}: no monitored step in metrics.jsonl")
+        return mon[-1]
+
+    def kurtosis_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """Monitored steps ``(S,)`` and per-layer kurtosis ``(S, L)``."""
+        mon = self.monitored
+        return np.array([r["step"] for r in mon]), np.array([r["kurtosis"] for r in mon], dtype=float)
+
+    def val_loss(self) -> float:
+        vals = [r["val_loss"] for r in self.records if "val_loss" in r]
+        return vals[-1] if vals else float("nan")
+
+    def train_loss_curve(self, window: int = 20) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and the training loss smoothed by a trailing mean over ``window`` steps."""
+        rows = [(r["step"], r["train_loss"]) for r in self.records if "train_loss" in r]
+        if not rows:
+            return np.zeros(0), np.zeros(0)
+        steps, loss = map(np.array, zip(*rows))
+        kernel = np.ones(min(window, len(loss)))
+        smooth = np.convolve(loss, kernel, "full")[: len(loss)] / np.convolve(np.ones_like(loss), kernel, "full")[: len(loss)]
+        return steps, smooth
+
+    def kurtosis_at_loss(self, target: float, window: int = 20) -> float | None:
+        """Mean-over-layers kurtosis at the first monitored step whose smoothed training loss is
+        at most ``target`` (None if the run never reaches it)."""
+        steps, loss = self.train_loss_curve(window)
+        reached = steps[loss <= target]
+        if reached.size == 0:
+            return None
+        for r in self.monitored:
+            if r["step"] >= reached[0]:
+                return float(np.mean(r["kurtosis"]))
+        return float(np.mean(self.final["kurtosis"]))
+
+    def final_train_loss(self, window: int = 20) -> float:
+        _, loss = self.train_loss_curve(window)
+        return float(loss[-1]) if loss.size else float("nan")
+
+    def decomposition(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Steps ``(S,)`` and cumulative per-term kurtosis changes ``(S, L)`` (see
+        :func:`ofe.analysis.decomposition.kurtosis_change_contributions`)."""
+        rows = [r for r in self.records if "kurtosis_update" in r]
+        if not rows:
+            return np.zeros(0), {}
+        parts = [kurtosis_change_contributions(r["kurtosis_update"]) for r in rows]
+        cumulative = {k: np.cumsum(np.array([p[k] for p in parts], dtype=float), axis=0) for k in parts[0]}
+        return np.array([r["step"] for r in rows]), cumulative
+
+    def quant_increase(self, fmt: str) -> float | None:
+        """Perplexity increase in percent of a quantisation format (``W8A8``, ``W8A4``...), if measured."""
+        for f in (self.quant or {}).get("formats", []):
+            if f["format"] == fmt:
+                return float(f["increase_pct"])
+        return None
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / "metrics.jsonl").is_file():
+        raise RunError(f"{path} is not a run directory (config.json and metrics.jsonl are needed)")
+    try:
+        config = json.loads((path / "config.json").read_text())
+        records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        quant = json.loads((path / "quant.json").read_text()) if (path / "quant.json").is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: unreadable run file ({e})") from None
+    diverged = (path / "DIVERGED").read_text().strip() if (path / "DIVERGED").is_file() else None
+    if not diverged and not any("kurtosis" in r for r in records):
+        raise RunError(f"{path}: no monitored step in metrics.jsonl (did training start?)")
+    settings = {k: v for k, v in _flatten(config).items() if k not in IGNORED_KEYS}
+    return Run(path, config, records, quant, diverged, settings=settings)
+
+
+def label_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    """Name each run's configuration and group the seeds of one configuration, in first-seen order.
+
+    The label is ``block + optimiser`` followed by every other setting that differs between the
+    runs (``lr=0.01``), so runs that differ only in their seed share a label.
+    """
+    varying = sorted(k for k in set().union(*(r.settings for r in runs))
+                     if len({repr(r.settings.get(k)) for r in runs}) > 1 and k not in ("model.block", "optim.name"))
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        extra = [f"{k.rsplit('.', 1)[-1]}={_short(run.settings.get(k))}" for k in varying]
+        run.label = " ".join([f"{run.settings.get('model.block')} + {run.settings.get('optim.name')}", *extra])
+        groups.setdefault(run.label, []).append(run)
+    return groups
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(_short(v) for v in value)
+    return str(value)
+
+
+def load_runs(paths: list[str | Path]) -> list[Run]:
+    """Load every run; a directory that holds runs (e.g. a sweep) is expanded to its runs."""
+    runs: list[Run] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise RunError(f"{p} does not exist or is not a directory")
+        if (p / "config.json").is_file():
+            runs.append(load_run(p))
+        else:
+            inner = sorted(d for d in p.iterdir() if (d / "config.json").is_file())
+            if not inner:
+                raise RunError(f"{p} holds no run (no config.json in it or its sub-directories)")
+            runs += [load_run(d) for d in inner]
+    if not runs:
+        raise RunError("no runs given")
+    label_runs(runs)
+    return runs

@@ -17,7 +17,13 @@ from ofe.data import CorpusError, default_sample, random_windows
 from ofe.io import atomic_write
 from ofe.models import BLOCK_TYPES, GPT, PRESETS, expected_param_count, preset
 from ofe.monitor import OutlierMonitor
+from ofe.analysis import RunError, load_runs
+from ofe.analysis.claims import format_claims
 from ofe.experiment import load_sweep, run_sweep, sweep_states
+from ofe.experiment.reproduce import ReproduceConfig, reproduce
+from ofe.report import ReportError, run_row
+from ofe.report import write_report as write_run_report
+from ofe.report.build import runs_table
 from ofe.audit import AuditConfig, AuditError, audit, format_summary, write_report
 from ofe.quant import QUANT_FILE, QuantConfig, QuantError, evaluate_run, format_table
 from ofe.train import CheckpointError, NonFiniteLoss, TrainConfig, TrainError, build_train_config, train
@@ -161,6 +167,29 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class ReportOptions:
+    """Options of ``ofe report``."""
+
+    out_dir: str = C.field("report", "directory for report.md, summary.json and figures/ (replaced if it holds a report)")
+    title: str = C.field("Outlier features report", "title of report.md")
+
+
+def _cmd_report(ns: argparse.Namespace) -> int:
+    opts = load_config(ReportOptions, ns)
+    runs = load_runs(ns.run_dirs)
+    claims = write_run_report(runs, opts.out_dir, opts.title)
+    print(runs_table([run_row(r) for r in runs]))
+    print("\n" + format_claims(claims))
+    print(f"\nwrote {Path(opts.out_dir) / 'report.md'}")
+    return 0
+
+
+def _cmd_reproduce(ns: argparse.Namespace) -> int:
+    reproduce(load_config(ReproduceConfig, ns))
+    return 0
+
+
 def _cmd_presets(_ns: argparse.Namespace) -> int:
     print(f"{'preset':<16} {'layers':>6} {'width':>6} {'heads':>5} {'vocab':>6} {'seq':>5} {'params (pre-ln)':>16}")
     for name in PRESETS:
@@ -175,6 +204,7 @@ class Command:
     run: Callable[[argparse.Namespace], int]
     config: type | None = None  # typed options: --config FILE plus one flag per field
     positional: tuple[str, str, str] | None = None  # (dest, metavar, help)
+    nargs: str | None = None  # of the positional: "+" for one or more
 
 
 COMMANDS: dict[str, Command] = {
@@ -185,6 +215,10 @@ COMMANDS: dict[str, Command] = {
                      ("model_dir", "MODEL_DIR", "a local Hugging Face model directory")),
     "sweep": Command("train (and quantise) a grid of runs described by a spec file; resumable", _cmd_sweep,
                      SweepOptions, ("spec", "SPEC", "a .toml or .json sweep spec (see docs/experiments.md)")),
+    "report": Command("figures, a markdown report and the claims table of a set of runs", _cmd_report, ReportOptions,
+                      ("run_dirs", "RUN_DIR", "run directories, or directories holding runs (a sweep)"), nargs="+"),
+    "reproduce": Command("the paper's study end to end: train Pre-LN/OP x AdamW/SOAP, quantise, report the claims",
+                         _cmd_reproduce, ReproduceConfig),
     "zoo": Command("build every block variant and print per-layer outlier metrics", _cmd_zoo, ZooConfig),
     "presets": Command("list the model presets with their parameter counts", _cmd_presets),
 }
@@ -197,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=command.help, description=command.help)
         if command.positional is not None:
             dest, metavar, help_text = command.positional
-            p.add_argument(dest, metavar=metavar, help=help_text)
+            p.add_argument(dest, metavar=metavar, help=help_text, nargs=command.nargs)
         if command.config is not None:
             p.add_argument("--config", metavar="FILE", help="a .toml or .json config file; flags override it")
             C.add_arguments(p, command.config)
@@ -211,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"ofe {ns.command}: error: {e}", file=sys.stderr)
         return 3
-    except (C.ConfigError, CorpusError, TrainError, CheckpointError, QuantError, AuditError) as e:
+    except (C.ConfigError, CorpusError, TrainError, CheckpointError, QuantError, AuditError, RunError, ReportError) as e:
         print(f"ofe {ns.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

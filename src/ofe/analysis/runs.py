@@ -16,7 +16,8 @@ import numpy as np
 from ofe.analysis.decomposition import kurtosis_change_contributions
 
 # Settings that never define a configuration: where it ran and how, not what it computed.
-IGNORED_KEYS = {"out_dir", "seed", "resume", "progress", "device", "compile", "data.cache_dir"}
+IGNORED_KEYS = {"out_dir", "seed", "resume", "progress", "device", "compile", "data.cache_dir", "monitor_interval",
+                "eval_interval", "eval_batches", "ckpt_interval", "decomposition_sequences"}
 
 
 class RunError(ValueError):

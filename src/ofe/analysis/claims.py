@@ -1,0 +1,227 @@
+"""Test the paper's claims (REFERENCE 6) on whatever runs are given.
+
+Each claim compares configurations that differ in one setting only (the block, the optimiser,
+the lr, eps, the final norm), seed by seed; a claim with no such pair among the runs is
+``untested`` rather than guessed. Outlier size is the mean-over-layers residual-stream kurtosis,
+at the end of training and at matched training loss (the step where both runs first reach the
+worse run's final smoothed loss).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ofe.analysis.runs import Run
+
+CLAIMS = {
+    "C1": "OFs (kurtosis well above 1, growing) emerge in Pre-LN + AdamW training",
+    "C2": "normalised blocks show OFs; OP shows far less at matched loss",
+    "C3": "OP without entropy regulation diverges; tanh soft-cap trains but slower",
+    "C4": "smaller lr gives smaller OFs",
+    "C5": "larger Adam eps gives smaller OFs",
+    "C6": "SOAP / rotated AdaFactor give far smaller OFs than AdamW / AdaFactor on the same block",
+    "C7": "high kurtosis goes with high input correlation; the final norm makes both worse",
+    "C8": "W8A8 perplexity degrades much more for Pre-LN + AdamW than for OP + SOAP",
+    "C9": "u4,2 dominates kurtosis growth in Pre-LN; small lr, big eps and SOAP shrink it",
+}
+NORMALISED = ("pre-ln", "post-ln", "pre-rms", "pre-srms")
+FLOOR = 1.0  # kurtosis of perfectly even neurons; effect sizes are ratios of the excess over it
+
+
+@dataclass
+class ClaimResult:
+    id: str
+    claim: str
+    status: str  # "held", "not held", "partly held", "untested"
+    evidence: str
+
+
+def mean_kurtosis(run: Run) -> float:
+    return float(np.mean(run.final["kurtosis"]))
+
+
+def _ok(run: Run) -> bool:
+    return run.diverged is None
+
+
+def _pairs(runs: list[Run], key: str, a: Callable[[object], bool], b: Callable[[object], bool]) -> list[tuple[Run, Run]]:
+    """(run_a, run_b) with the same seed and settings except ``key``, ``a(value_a)``, ``b(value_b)``."""
+    out = []
+    for ra in runs:
+        if not a(ra.settings.get(key)) or not _ok(ra):
+            continue
+        rest = {k: v for k, v in ra.settings.items() if k != key}
+        for rb in runs:
+            if rb is ra or not b(rb.settings.get(key)) or not _ok(rb) or rb.seed != ra.seed:
+                continue
+            if {k: v for k, v in rb.settings.items() if k != key} == rest:
+                out.append((ra, rb))
+    return out
+
+
+def _matched(ra: Run, rb: Run) -> tuple[float | None, float | None]:
+    target = max(ra.final_train_loss(), rb.final_train_loss())
+    return ra.kurtosis_at_loss(target), rb.kurtosis_at_loss(target)
+
+
+def _compare(pairs: list[tuple[Run, Run]], what: str, matched: bool = True) -> tuple[str, str]:
+    """Status and evidence for "a has larger kurtosis than b", seed by seed."""
+    if not pairs:
+        return "untested", "no pair of runs differing only in this setting"
+    lines, wins = [], []
+    for ra, rb in pairs:
+        ka, kb = mean_kurtosis(ra), mean_kurtosis(rb)
+        ok = ka > kb
+        text = f"{ra.label} vs {rb.label}, seed {ra.seed}: final {ka:.2f} vs {kb:.2f}"
+        if matched:
+            ma, mb = _matched(ra, rb)
+            if ma is not None and mb is not None:
+                text += f", at matched loss {ma:.2f} vs {mb:.2f}"
+                ok = ok and ma > mb
+        wins.append(ok)
+        lines.append(text)
+    ratio = np.mean([(mean_kurtosis(a) - FLOOR) / max(mean_kurtosis(b) - FLOOR, 1e-3) for a, b in pairs])
+    status = "held" if all(wins) else ("not held" if not any(wins) else "partly held")
+    return status, f"{what}: {sum(wins)}/{len(wins)} pairs; mean excess-kurtosis ratio {ratio:.1f}x. " + "; ".join(lines)
+
+
+def claim_c1(runs: list[Run]) -> tuple[str, str]:
+    chosen = [r for r in runs if _ok(r) and r.settings.get("model.block") == "pre-ln" and r.settings.get("optim.name") == "adamw"]
+    if not chosen:
+        return "untested", "no Pre-LN + AdamW run"
+    lines, held = [], []
+    for r in chosen:
+        _, k = r.kurtosis_curve()
+        start, peak, end = k[0].mean(), k.mean(1).max(), k[-1].mean()
+        held.append(peak >= 3.0 and end >= 2.0 * start)
+        lines.append(f"{r.label} seed {r.seed}: {start:.2f} -> peak {peak:.2f} -> final {end:.2f}")
+    status = "held" if all(held) else ("not held" if not any(held) else "partly held")
+    return status, "mean-over-layers kurtosis at step 0, its peak, and at the end (held: peak >= 3 and final >= 2x start): " + "; ".join(lines)
+
+
+def claim_c2(runs: list[Run]) -> tuple[str, str]:
+    return _compare(_pairs(runs, "model.block", lambda v: v in NORMALISED, lambda v: v == "op"), "normalised block vs OP")
+
+
+def claim_c3(runs: list[Run]) -> tuple[str, str]:
+    bare = [r for r in runs if r.settings.get("model.block") == "op" and r.settings.get("model.qk_norm") == "none"
+            and not r.settings.get("model.softcap")]
+    if not bare:
+        return "untested", "no OP run without QK-norm and soft-cap"
+    diverged = [r for r in bare if r.diverged]
+    text = f"OP without entropy regulation: {len(diverged)}/{len(bare)} runs diverged"
+    return ("held" if len(diverged) == len(bare) else "not held" if not diverged else "partly held"), text
+
+
+def claim_c4(runs: list[Run]) -> tuple[str, str]:
+    pairs = _pairs(runs, "optim.lr", lambda v: True, lambda v: True)
+    pairs = [(a, b) for a, b in pairs if a.settings["optim.lr"] > b.settings["optim.lr"]]
+    return _compare(pairs, "larger lr vs smaller lr", matched=False)
+
+
+def claim_c5(runs: list[Run]) -> tuple[str, str]:
+    return _compare([(a, b) for a, b in _pairs(runs, "optim.eps", lambda v: True, lambda v: True)
+                     if a.settings["optim.eps"] < b.settings["optim.eps"]], "smaller eps vs larger eps", matched=False)
+
+
+def claim_c6(runs: list[Run]) -> tuple[str, str]:
+    pairs = _pairs(runs, "optim.name", lambda v: v == "adamw", lambda v: v == "soap")
+    pairs += _pairs(runs, "optim.name", lambda v: v == "adafactor", lambda v: v == "rotated-adafactor")
+    return _compare(pairs, "diagonal vs rotated optimiser")
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    rank = lambda v: np.argsort(np.argsort(v)).astype(float)
+    return float(np.corrcoef(rank(x), rank(y))[0, 1])
+
+
+def claim_c7(runs: list[Run]) -> tuple[str, str]:
+    points = [(c, k) for r in runs if _ok(r) and "input_correlation" in r.final
+              for c, k in zip(r.final["input_correlation"], r.final["kurtosis"])]
+    if len(points) < 4:
+        return "untested", "too few (run, layer) points"
+    corr, kurt = map(np.array, zip(*points))
+    rho = spearman(corr, kurt)
+    status, text = ("held" if rho >= 0.5 else "not held"), f"Spearman rho(input correlation, kurtosis) over {len(points)} final (run, layer) points = {rho:.2f} (held: >= 0.5)"
+    norm_pairs = _pairs(runs, "model.final_norm", lambda v: v is True, lambda v: v is False)
+    if norm_pairs:
+        s2, t2 = _compare(norm_pairs, "with vs without final norm", matched=False)
+        text += f". Final norm: {t2}"
+        status = status if s2 == "held" else "partly held"
+    else:
+        text += ". Final-norm part untested (no pair of runs differing only in model.final_norm)"
+        status = "partly held" if status == "held" else status
+    return status, text
+
+
+def claim_c8(runs: list[Run]) -> tuple[str, str]:
+    def is_(r: Run, block: str, opt: str) -> bool:
+        return r.settings.get("model.block") == block and r.settings.get("optim.name") == opt and r.quant is not None
+    pairs = [(a, b) for a in runs if is_(a, "pre-ln", "adamw") for b in runs if is_(b, "op", "soap") and b.seed == a.seed]
+    if not pairs:
+        return "untested", "no quantised Pre-LN + AdamW and OP + SOAP runs with the same seed"
+    lines, wins = [], []
+    for a, b in pairs:
+        w8a, w8b = a.quant_increase("W8A8"), b.quant_increase("W8A8")
+        w4a, w4b = a.quant_increase("W8A4"), b.quant_increase("W8A4")
+        wins.append(w8a is not None and w8b is not None and w8a > w8b)
+        line = f"seed {a.seed}: W8A8 +{w8a:.2f}% vs +{w8b:.2f}%"
+        if w4a is not None and w4b is not None:
+            line += f", W8A4 +{w4a:.1f}% vs +{w4b:.1f}%"
+        lines.append(line)
+    status = "held" if all(wins) else ("not held" if not any(wins) else "partly held")
+    return status, "perplexity increase, Pre-LN + AdamW vs OP + SOAP: " + "; ".join(lines)
+
+
+def _u4_2_share(run: Run) -> tuple[float, str] | None:
+    steps, cum = run.decomposition()
+    if not steps.size:
+        return None
+    final = {k: float(v[-1].mean()) for k, v in cum.items()}
+    top = max(("u4_1", "u4_2", "u4_3", "u4_4"), key=lambda k: final[k])
+    return final["u4_2"], top
+
+
+def claim_c9(runs: list[Run]) -> tuple[str, str]:
+    pre = [r for r in runs if _ok(r) and r.settings.get("model.block") == "pre-ln" and r.settings.get("optim.name") == "adamw"]
+    shares = [(r, _u4_2_share(r)) for r in pre]
+    shares = [(r, s) for r, s in shares if s is not None]
+    if not shares:
+        return "untested", "no Pre-LN + AdamW run with kurtosis_update records"
+    dominant = [s[1] == "u4_2" for _, s in shares]
+    text = "cumulative kurtosis change from u4,2 in Pre-LN + AdamW (mean over layers): " + "; ".join(
+        f"seed {r.seed} {s[0]:+.2f} (largest: {s[1]})" for r, s in shares)
+    shrink = []
+    for key, a, b in (("optim.name", "adamw", "soap"), ("optim.lr", None, None), ("optim.eps", None, None)):
+        for ra, rb in _pairs(runs, key, (lambda v, a=a: a is None or v == a), (lambda v, b=b: b is None or v == b)):
+            if ra.settings.get("model.block") != "pre-ln":
+                continue
+            if key == "optim.lr" and not ra.settings[key] > rb.settings[key]:
+                continue
+            if key == "optim.eps" and not ra.settings[key] < rb.settings[key]:
+                continue
+            sa, sb = _u4_2_share(ra), _u4_2_share(rb)
+            if sa and sb:
+                shrink.append(sb[0] < sa[0])
+                text += f"; {rb.label} {sb[0]:+.2f} vs {ra.label} {sa[0]:+.2f} (seed {ra.seed})"
+    ok = all(dominant) and all(shrink)
+    status = "held" if ok and shrink else ("partly held" if any(dominant) or any(shrink) else "not held")
+    return status, text
+
+
+CHECKS = {"C1": claim_c1, "C2": claim_c2, "C3": claim_c3, "C4": claim_c4, "C5": claim_c5,
+          "C6": claim_c6, "C7": claim_c7, "C8": claim_c8, "C9": claim_c9}
+
+
+def evaluate_claims(runs: list[Run]) -> list[ClaimResult]:
+    return [ClaimResult(cid, CLAIMS[cid], *CHECKS[cid](runs)) for cid in CHECKS]
+
+
+def format_claims(results: list[ClaimResult], width: int = 100) -> str:
+    lines = [f"{'claim':<6} {'status':<12} statement"]
+    for r in results:
+        lines.append(f"{r.id:<6} {r.status:<12} {r.claim}")
+    return "\n".join(lines)

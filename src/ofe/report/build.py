@@ -1,0 +1,125 @@
+"""`ofe report RUN_DIR...`: figures, a markdown report and a JSON summary of a set of runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ofe.analysis.claims import ClaimResult, evaluate_claims
+from ofe.analysis.runs import Run, label_runs
+from ofe.report import figures as F
+
+
+def run_row(run: Run) -> dict[str, Any]:
+    """The report table's numbers for one run."""
+    row: dict[str, Any] = {"run": run.path.name, "configuration": run.label, "seed": run.seed,
+                           "steps": run.final["step"] if run.monitored else None, "diverged": run.diverged}
+    if run.monitored:
+        final = run.final["kurtosis"]
+        row.update(avg_kurtosis=float(np.mean(final)), max_kurtosis=float(np.max(final)))
+    loss = run.val_loss()
+    row.update(val_loss=loss, val_ppl=math.exp(loss) if math.isfinite(loss) else None)
+    if run.quant:
+        row.update(fp_ppl=run.quant["fp_ppl"], w8a8_ppl=run.quant.get("w8a8_ppl"),
+                   w8a8_increase_pct=run.quant_increase("W8A8"), w8a4_increase_pct=run.quant_increase("W8A4"))
+    return row
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+
+def runs_table(rows: list[dict[str, Any]]) -> str:
+    head = "| configuration | seed | steps | val ppl | W8A8 ppl | W8A8 cost | W8A4 cost | avg kurtosis | max kurtosis |"
+    lines = [head, "|" + " --- |" * 9]
+    for r in rows:
+        if r["diverged"]:
+            lines.append(f"| {r['configuration']} | {r['seed']} | diverged | - | - | - | - | - | - |")
+            continue
+        cost8 = _fmt(r.get("w8a8_increase_pct"), "+.2f") + ("%" if r.get("w8a8_increase_pct") is not None else "")
+        cost4 = _fmt(r.get("w8a4_increase_pct"), "+.1f") + ("%" if r.get("w8a4_increase_pct") is not None else "")
+        lines.append(f"| {r['configuration']} | {r['seed']} | {r['steps']} | {_fmt(r['val_ppl'], '.3f')} | "
+                     f"{_fmt(r.get('w8a8_ppl'), '.3f')} | {cost8} | {cost4} | {_fmt(r.get('avg_kurtosis'), '.2f')} | "
+                     f"{_fmt(r.get('max_kurtosis'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def claims_table(claims: list[ClaimResult]) -> str:
+    lines = ["| claim | status | statement | evidence |", "| --- | --- | --- | --- |"]
+    lines += [f"| {c.id} | **{c.status}** | {c.claim} | {c.evidence} |" for c in claims]
+    return "\n".join(lines)
+
+
+FIGURES = [
+    ("kurtosis_vs_step.png", "Kurtosis of the residual stream against step, every layer (mean over seeds)."),
+    ("final_kurtosis_by_layer.png", "Final kurtosis per layer by configuration (bars: min-max over seeds)."),
+    ("loss_curves.png", "Training and validation loss."),
+    ("input_correlation_vs_kurtosis.png", "Signal propagation: input correlation against kurtosis."),
+    ("kurtosis_update_terms.png", "Cumulative contribution of each kurtosis-update term to the kurtosis change "
+                                  "(fixed validation inputs; mean over layers and seeds)."),
+    ("quantisation.png", "Perplexity cost of post-training quantisation against activation bit-width."),
+]
+
+
+def _draw(groups: dict[str, list[Run]], figdir: Path) -> list[str]:
+    colour = F.colours(list(groups))
+    live = {k: [r for r in v if r.diverged is None and r.monitored] for k, v in groups.items()}
+    live = {k: v for k, v in live.items() if v}
+    made = []
+    if live:
+        F.kurtosis_vs_step(live, figdir / FIGURES[0][0])
+        F.final_kurtosis_by_layer(live, colour, figdir / FIGURES[1][0])
+        F.loss_curves(live, colour, figdir / FIGURES[2][0])
+        F.correlation_vs_kurtosis(live, colour, figdir / FIGURES[3][0])
+        made += [name for name, _ in FIGURES[:4]]
+        if F.decomposition(live, figdir / FIGURES[4][0]):
+            made.append(FIGURES[4][0])
+        if F.quantisation(live, colour, figdir / FIGURES[5][0]):
+            made.append(FIGURES[5][0])
+    return made
+
+
+class ReportError(ValueError):
+    """An output directory the report may not replace."""
+
+
+def write_report(runs: list[Run], out_dir: str | Path, title: str = "Outlier features report") -> list[ClaimResult]:
+    """Write ``report.md``, ``summary.json`` and ``figures/*.png`` under ``out_dir``, atomically:
+    everything is drawn into a temporary directory that replaces ``out_dir`` only when complete."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.md").is_file())):
+        raise ReportError(f"{out} exists and is not an ofe report; choose another --out_dir")
+    groups = label_runs(runs)
+    rows = [run_row(r) for r in runs]
+    claims = evaluate_claims(runs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        (tmp / "figures").mkdir()
+        made = _draw(groups, tmp / "figures")
+        captions = dict(FIGURES)
+        md = [f"# {title}", "", f"{len(runs)} runs, {len(groups)} configurations: {', '.join(groups)}.", "",
+              "## Runs", "", "Validation perplexity at the end of training; W8A8 / W8A4 cost: perplexity increase of "
+              "the simulated quantised model over the float one (`ofe quantize`); kurtosis: residual stream after each "
+              "block at the last step, averaged / maximised over layers.", "", runs_table(rows), "",
+              "## Claims", "", "Tested on these runs only; `untested` means no pair of runs isolates the setting.", "",
+              claims_table(claims), "", "## Figures", ""]
+        for name in made:
+            md += [f"![{captions[name]}](figures/{name})", "", f"*{captions[name]}*", ""]
+        md += ["## Runs included", ""] + [f"- `{r.path}`" for r in runs]
+        (tmp / "report.md").write_text("\n".join(md) + "\n")
+        summary = {"runs": rows, "claims": [c.__dict__ for c in claims], "figures": made}
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return claims

@@ -1,0 +1,166 @@
+"""The report's figures, in the paper's style: one PNG each, one colour per configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ofe.analysis.runs import Run  # noqa: E402
+
+TERM_NAMES = {"u4_1": "u4,1 (linear)", "u4_2": "u4,2 (quadratic)", "u4_3": "u4,3", "u4_4": "u4,4", "u2": "2nd moment (u2)"}
+
+
+def colours(labels: list[str]) -> dict[str, tuple]:
+    cmap = plt.get_cmap("tab10")
+    return {label: cmap(i % 10) for i, label in enumerate(labels)}
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def _log_if_spread(ax, values: np.ndarray) -> None:
+    values = values[np.isfinite(values) & (values > 0)]
+    if values.size and values.max() / values.min() > 8:
+        ax.set_yscale("log")
+
+
+def _panels(n: int, size: tuple[float, float] = (4.2, 3.2)):
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def _mean_curve(runs: list[Run]) -> tuple[np.ndarray, np.ndarray]:
+    """Steps shared by all seeds and the mean over seeds of the per-layer kurtosis ``(S, L)``."""
+    curves = [r.kurtosis_curve() for r in runs if r.monitored]
+    n = min(len(s) for s, _ in curves)
+    return curves[0][0][:n], np.mean([k[:n] for _, k in curves], axis=0)
+
+
+def kurtosis_vs_step(groups: dict[str, list[Run]], path: Path) -> Path:
+    fig, axes = _panels(len(groups))
+    for ax, (label, runs) in zip(axes, groups.items()):
+        steps, k = _mean_curve(runs)
+        cmap = plt.get_cmap("viridis")
+        for layer in range(k.shape[1]):
+            ax.plot(steps, k[:, layer], color=cmap(layer / max(1, k.shape[1] - 1)), label=f"layer {layer}")
+        ax.set_title(f"{label} ({len(runs)} seed{'s' * (len(runs) > 1)})", fontsize=9)
+        ax.set_xlabel("step")
+        ax.axhline(1.0, color="grey", lw=0.6, ls=":")
+    axes[0].set_ylabel("kurtosis of neuron RMS (residual stream)")
+    allk = np.concatenate([_mean_curve(r)[1].ravel() for r in groups.values()])
+    _log_if_spread(axes[0], allk)
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def final_kurtosis_by_layer(groups: dict[str, list[Run]], colour: dict[str, tuple], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    allk = []
+    for label, runs in groups.items():
+        finals = np.array([r.final["kurtosis"] for r in runs if r.diverged is None])
+        if not finals.size:
+            continue
+        layers = np.arange(finals.shape[1])
+        mean = finals.mean(0)
+        allk.append(finals.ravel())
+        ax.errorbar(layers, mean, yerr=[mean - finals.min(0), finals.max(0) - mean], color=colour[label],
+                    marker="o", capsize=3, label=label)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("final kurtosis (mean over seeds, bars: min-max)")
+    ax.axhline(1.0, color="grey", lw=0.6, ls=":")
+    if allk:
+        _log_if_spread(ax, np.concatenate(allk))
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def loss_curves(groups: dict[str, list[Run]], colour: dict[str, tuple], path: Path) -> Path:
+    fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, runs in groups.items():
+        for i, r in enumerate(runs):
+            steps, loss = r.train_loss_curve()
+            ax_t.plot(steps, loss, color=colour[label], lw=1, alpha=0.8, label=label if i == 0 else None)
+            val = [(x["step"], x["val_loss"]) for x in r.records if "val_loss" in x]
+            if val:
+                ax_v.plot(*zip(*val), color=colour[label], marker=".", alpha=0.8, label=label if i == 0 else None)
+    ax_t.set_title("training loss (trailing mean of 20 steps)", fontsize=9)
+    ax_v.set_title("validation loss", fontsize=9)
+    for ax in (ax_t, ax_v):
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats / token)")
+        ax.set_yscale("log")
+    ax_v.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def correlation_vs_kurtosis(groups: dict[str, list[Run]], colour: dict[str, tuple], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for label, runs in groups.items():
+        pts = [(c, k) for r in runs if r.diverged is None for rec in r.monitored[1:]
+               if "input_correlation" in rec for c, k in zip(rec["input_correlation"], rec["kurtosis"])]
+        if pts:
+            ax.scatter(*zip(*pts), s=6, alpha=0.35, color=colour[label], label=label)
+    ax.set_xlabel("input correlation (mean cosine similarity between tokens)")
+    ax.set_ylabel("kurtosis")
+    ax.set_yscale("log")
+    ax.set_title("every layer at every monitored step after the first", fontsize=9)
+    ax.legend(fontsize=8, markerscale=3)
+    return _save(fig, path)
+
+
+def decomposition(groups: dict[str, list[Run]], path: Path) -> Path | None:
+    have = {label: runs for label, runs in groups.items() if any(r.decomposition()[0].size for r in runs)}
+    if not have:
+        return None
+    fig, axes = _panels(len(have))
+    for ax, (label, runs) in zip(axes, have.items()):
+        parts = [r.decomposition() for r in runs if r.decomposition()[0].size]
+        n = min(len(s) for s, _ in parts)
+        steps = parts[0][0][:n]
+        for term, name in TERM_NAMES.items():
+            if term == "u2":
+                series = [c["u2_1"][:n] + c["u2_2"][:n] for _, c in parts]
+            else:
+                series = [c[term][:n] for _, c in parts]
+            ax.plot(steps, np.mean(series, axis=0).mean(1), label=name, lw=1.5 if term == "u4_2" else 1)
+        total = np.mean([sum(c[k][:n] for k in c) for _, c in parts], axis=0).mean(1)
+        ax.plot(steps, total, color="black", ls="--", lw=1, label="total = kurtosis change")
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step")
+    axes[0].set_ylabel("cumulative kurtosis change")
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def quantisation(groups: dict[str, list[Run]], colour: dict[str, tuple], path: Path) -> Path | None:
+    order = ["W8A8", "W8A6", "W8A5", "W8A4"]
+    have = {label: [r for r in runs if r.quant] for label, runs in groups.items()}
+    have = {k: v for k, v in have.items() if v}
+    if not have:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    bits = [8, 6, 5, 4]
+    for label, runs in have.items():
+        inc = np.array([[r.quant_increase(f) or np.nan for f in order] for r in runs])
+        ax.plot(bits, np.nanmean(inc, 0), marker="o", color=colour[label], label=label)
+    ax.set_xlabel("activation bits (weights 8-bit)")
+    ax.set_ylabel("perplexity increase over float (%)")
+    ax.set_yscale("log")
+    ax.invert_xaxis()
+    ax.legend(fontsize=8)
+    return _save(fig, path)

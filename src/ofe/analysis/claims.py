@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ofe.analysis.runs import Run
+from ofe.analysis.runs import BLOCK_DEFAULTS, Run
 
 CLAIMS = {
     "C1": "OFs (kurtosis well above 1, growing) emerge in Pre-LN + AdamW training",
@@ -49,15 +49,16 @@ def _ok(run: Run) -> bool:
 
 def _pairs(runs: list[Run], key: str, a: Callable[[object], bool], b: Callable[[object], bool]) -> list[tuple[Run, Run]]:
     """(run_a, run_b) with the same seed and settings except ``key``, ``a(value_a)``, ``b(value_b)``."""
+    skip = {key} | (BLOCK_DEFAULTS if key == "model.block" else set())
     out = []
     for ra in runs:
         if not a(ra.settings.get(key)) or not _ok(ra):
             continue
-        rest = {k: v for k, v in ra.settings.items() if k != key}
+        rest = {k: v for k, v in ra.settings.items() if k not in skip}
         for rb in runs:
             if rb is ra or not b(rb.settings.get(key)) or not _ok(rb) or rb.seed != ra.seed:
                 continue
-            if {k: v for k, v in rb.settings.items() if k != key} == rest:
+            if {k: v for k, v in rb.settings.items() if k not in skip} == rest:
                 out.append((ra, rb))
     return out
 

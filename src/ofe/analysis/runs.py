@@ -19,6 +19,9 @@ from ofe.analysis.decomposition import kurtosis_change_contributions
 IGNORED_KEYS = {"out_dir", "seed", "resume", "progress", "device", "compile", "data.cache_dir", "monitor_interval",
                 "eval_interval", "eval_batches", "ckpt_interval", "decomposition_sequences"}
 
+# Model settings a block resolves to by default (GPTConfig.resolved): comparing blocks compares these too.
+BLOCK_DEFAULTS = {"model.qk_norm", "model.beta", "model.beta_trainable", "model.final_norm", "model.first_norm"}
+
 
 class RunError(ValueError):
     """A directory that is not a readable run."""
@@ -136,8 +139,13 @@ def label_runs(runs: list[Run]) -> dict[str, list[Run]]:
     The label is ``block + optimiser`` followed by every other setting that differs between the
     runs (``lr=0.01``), so runs that differ only in their seed share a label.
     """
+    def follows_block(key: str) -> bool:  # e.g. final_norm False for every OP run, True for every Pre-LN run
+        pairs = {(r.settings.get("model.block"), repr(r.settings.get(key))) for r in runs}
+        return key in BLOCK_DEFAULTS and len(pairs) == len({b for b, _ in pairs})
+
     varying = sorted(k for k in set().union(*(r.settings for r in runs))
-                     if len({repr(r.settings.get(k)) for r in runs}) > 1 and k not in ("model.block", "optim.name"))
+                     if len({repr(r.settings.get(k)) for r in runs}) > 1 and k not in ("model.block", "optim.name")
+                     and not follows_block(k))
     groups: dict[str, list[Run]] = {}
     for run in runs:
         extra = [f"{k.rsplit('.', 1)[-1]}={_short(run.settings.get(k))}" for k in varying]

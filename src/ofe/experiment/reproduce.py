@@ -39,12 +39,13 @@ STUDIES: dict[str, dict[str, Any]] = {
 class ReproduceConfig:
     """Options of ``ofe reproduce``."""
 
-    preset: str = C.field("study-cpu", f"study scale ({', '.join(STUDIES)})")
+    preset: str = C.field("study-cpu", f"model preset; schedules are tuned for {', '.join(STUDIES)} (others use study-cpu's)")
     out_dir: str = C.field("runs/reproduce", "directory of the runs; the report goes to OUT_DIR/report")
     blocks: tuple[str, ...] = C.field(("pre-ln", "op"), "comma-separated blocks to compare")
     optimizers: tuple[str, ...] = C.field(("adamw", "soap"), "comma-separated optimisers to compare")
     seeds: tuple[int, ...] = C.field((0, 1), "comma-separated seeds")
     steps: int = C.field(0, "updates per run; 0: the study's default (study-cpu 300, codeparrot-130m 10000)")
+    batch_size: int = C.field(0, "sequences per update; 0: the study's default (study-cpu 32, codeparrot-130m 128)")
     lr: float = C.field(0.0, "peak lr of every run; 0: the study's default (study-cpu 1e-2, codeparrot-130m 1e-3)")
     betas: tuple[float, ...] = C.field((0.9, 0.95), "(beta1, beta2) of every optimiser")
     corpus: str = C.field("", "corpus (see ofe train --data.corpus); empty: the Python standard library")
@@ -53,27 +54,29 @@ class ReproduceConfig:
     progress: bool = C.field(True, "show a progress bar over the study")
 
     def __post_init__(self) -> None:
-        if self.preset not in STUDIES:
-            raise C.ConfigError(f"config key 'preset': unknown study '{self.preset}' (known: {', '.join(STUDIES)})")
+        if self.preset not in PRESETS:
+            raise C.ConfigError(f"config key 'preset': unknown model preset '{self.preset}' (known: {', '.join(PRESETS)})")
         for key, values, known in (("blocks", self.blocks, BLOCK_TYPES), ("optimizers", self.optimizers, OPTIMIZERS)):
             bad = [v for v in values if v not in known]
             if bad or not values:
                 raise C.ConfigError(f"config key '{key}': unknown {bad[0] if bad else '(none)'!r} (known: {', '.join(known)})")
         if not self.seeds:
             raise C.ConfigError("config key 'seeds' needs at least one seed")
-        if self.steps < 0 or self.lr < 0:
-            raise C.ConfigError("config keys 'steps' and 'lr' must be >= 0 (0: the study's default)")
+        if self.steps < 0 or self.lr < 0 or self.batch_size < 0:
+            raise C.ConfigError("config keys 'steps', 'batch_size' and 'lr' must be >= 0 (0: the study's default)")
 
 
 def study_spec(cfg: ReproduceConfig) -> dict[str, Any]:
     """The sweep spec of the study."""
-    base: dict[str, Any] = {"preset": cfg.preset, "device": cfg.device, **STUDIES[cfg.preset]}
+    base: dict[str, Any] = {"preset": cfg.preset, "device": cfg.device, **STUDIES.get(cfg.preset, STUDIES["study-cpu"])}
     base["optim"] = {**base.get("optim", {}), "betas": list(cfg.betas)}
     if cfg.steps:
         base["steps"] = cfg.steps
         for key in ("eval_interval", "ckpt_interval"):
             base[key] = min(base[key], cfg.steps)
         base["monitor_interval"] = max(1, min(base["monitor_interval"], cfg.steps // 10 or 1))
+    if cfg.batch_size:
+        base["batch_size"] = cfg.batch_size
     if cfg.lr:
         base["optim"]["lr"] = cfg.lr
     if cfg.corpus:

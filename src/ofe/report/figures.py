@@ -156,11 +156,12 @@ def quantisation(groups: dict[str, list[Run]], colour: dict[str, tuple], path: P
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     bits = [8, 6, 5, 4]
     for label, runs in have.items():
-        inc = np.array([[r.quant_increase(f) or np.nan for f in order] for r in runs])
-        ax.plot(bits, np.nanmean(inc, 0), marker="o", color=colour[label], label=label)
+        inc = np.array([[r.quant_increase(f) if r.quant_increase(f) is not None else np.nan for f in order] for r in runs])
+        keep = np.isfinite(inc).any(0)
+        ax.plot(np.array(bits)[keep], np.nanmean(inc[:, keep], 0), marker="o", color=colour[label], label=label)
     ax.set_xlabel("activation bits (weights 8-bit)")
     ax.set_ylabel("perplexity increase over float (%)")
-    ax.set_yscale("log")
+    ax.set_yscale("symlog", linthresh=1.0)  # an increase can be slightly negative at 8 bits
     ax.invert_xaxis()
     ax.legend(fontsize=8)
     return _save(fig, path)

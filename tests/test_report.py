@@ -1,0 +1,140 @@
+"""`ofe report` and the claims engine on synthetic run directories with known numbers; `ofe reproduce` smoke run."""
+
+import json
+import math
+
+import pytest
+
+from ofe.analysis import load_runs
+from ofe.analysis.claims import evaluate_claims
+from ofe.cli import main
+from ofe.report import write_report
+
+
+def make_run(root, name, block, opt, seed, kurt_end, loss_end, lr=1e-2, w8a8=None, w8a4=None, steps=100, layers=3):
+    """A run whose kurtosis rises linearly from 1.2 to ``kurt_end`` and loss falls to ``loss_end``."""
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = {"out_dir": str(d), "seed": seed, "steps": steps, "monitor_interval": 10,
+           "model": {"block": block, "n_layer": layers, "final_norm": block != "op"},
+           "optim": {"name": opt, "lr": lr, "eps": 1e-8}}
+    (d / "config.json").write_text(json.dumps(cfg))
+    records, prev = [], None
+    for step in range(steps + 1):
+        frac = step / steps
+        rec = {"step": step}
+        if step < steps:
+            rec["train_loss"] = 5.0 + (loss_end - 5.0) * frac
+        if step % 50 == 0:
+            rec["val_loss"] = 5.0 + (loss_end - 5.0) * frac
+        if step % 10 == 0:
+            k = [1.2 + (kurt_end - 1.2) * frac * (1 + 0.1 * layer) for layer in range(layers)]
+            rec["kurtosis"] = k
+            rec["input_correlation"] = [0.1 + 0.1 * (x - 1) for x in k]
+            if prev is not None:  # m2 = 1, m4 = previous kurtosis; all change in u4_2
+                rec["kurtosis_update"] = {"m2": [1.0] * layers, "m4": prev, "u2_1": [0.0] * layers, "u2_2": [0.0] * layers,
+                                          "u4_1": [0.0] * layers, "u4_2": [a - b for a, b in zip(k, prev)],
+                                          "u4_3": [0.0] * layers, "u4_4": [0.0] * layers, "kurtosis": k}
+            prev = k
+        records.append(rec)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if w8a8 is not None:
+        fp = math.exp(loss_end)
+        (d / "quant.json").write_text(json.dumps({"fp_ppl": fp, "w8a8_ppl": fp * (1 + w8a8 / 100), "formats": [
+            {"format": "W8A8", "ppl": fp * (1 + w8a8 / 100), "increase_pct": w8a8},
+            {"format": "W8A4", "ppl": fp * (1 + w8a4 / 100), "increase_pct": w8a4}]}))
+    return d
+
+
+def paper_like(root, seeds=(0, 1)):
+    for s in seeds:
+        make_run(root, f"preln-adamw-{s}", "pre-ln", "adamw", s, 8.0 + s, 2.0, w8a8=5.0, w8a4=200.0)
+        make_run(root, f"preln-soap-{s}", "pre-ln", "soap", s, 2.0, 1.5, w8a8=1.0, w8a4=60.0)
+        make_run(root, f"op-adamw-{s}", "op", "adamw", s, 1.6, 1.8, w8a8=0.5, w8a4=40.0)
+        make_run(root, f"op-soap-{s}", "op", "soap", s, 1.3, 1.4, w8a8=0.2, w8a4=20.0)
+        make_run(root, f"preln-adamw-lowlr-{s}", "pre-ln", "adamw", s, 3.0, 2.5, lr=1e-3)
+
+
+def by_id(claims):
+    return {c.id: c for c in claims}
+
+
+def test_claims_hold_on_paper_like_runs(tmp_path):
+    paper_like(tmp_path / "runs")
+    claims = by_id(evaluate_claims(load_runs([tmp_path / "runs"])))
+    for cid in ("C1", "C2", "C4", "C6", "C8", "C9"):
+        assert claims[cid].status == "held", (cid, claims[cid].evidence)
+    assert claims["C3"].status == "untested" and claims["C5"].status == "untested"
+    assert "4/4 pairs" in claims["C6"].evidence  # 2 blocks x 2 seeds
+    assert "2/2 pairs" in claims["C4"].evidence
+    # Pre-LN + AdamW seed 0: excess over 1 is 6.8 x mean(1, 1.1, 1.2) + 0.2 = 7.68 vs SOAP 0.88: ratio ~8.7
+    assert "+5.00% vs +0.20%" in claims["C8"].evidence
+
+
+def test_claims_fail_when_the_data_says_the_opposite(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "preln-adamw", "pre-ln", "adamw", 0, 1.3, 2.0, w8a8=0.1, w8a4=10.0)  # no OFs
+    make_run(root, "op-adamw", "op", "adamw", 0, 6.0, 2.0)
+    make_run(root, "preln-soap", "pre-ln", "soap", 0, 5.0, 2.0)
+    make_run(root, "op-soap", "op", "soap", 0, 6.0, 2.0, w8a8=3.0, w8a4=90.0)
+    claims = by_id(evaluate_claims(load_runs([root])))
+    for cid in ("C1", "C2", "C6", "C8"):
+        assert claims[cid].status == "not held", (cid, claims[cid].evidence)
+
+
+def test_matched_loss_uses_the_step_where_both_runs_reach_the_same_loss(tmp_path):
+    a = make_run(tmp_path, "a", "pre-ln", "adamw", 0, 9.0, 1.0)  # reaches loss 3.0 at half-way
+    runs = load_runs([a])
+    # smoothed loss reaches 3.0 a few steps after step 50 (trailing mean lags); kurtosis there ~5.1-5.5 x layer factor
+    k = runs[0].kurtosis_at_loss(3.0)
+    assert 1.2 + 7.8 * 0.5 * 1.1 < k < 1.2 + 7.8 * 0.7 * 1.1
+    assert runs[0].kurtosis_at_loss(0.5) is None
+
+
+def test_report_writes_figures_table_and_summary(tmp_path, capsys):
+    paper_like(tmp_path / "runs", seeds=(0,))
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path / "runs"), "--out_dir", str(out)]) == 0
+    names = {p.name for p in (out / "figures").iterdir()}
+    assert names == {"kurtosis_vs_step.png", "final_kurtosis_by_layer.png", "loss_curves.png",
+                     "input_correlation_vs_kurtosis.png", "kurtosis_update_terms.png", "quantisation.png"}
+    assert all((out / "figures" / n).read_bytes()[:4] == b"\x89PNG" for n in names)
+    md = (out / "report.md").read_text()
+    assert "| pre-ln + adamw lr=0.01 | 0 | 100 |" in md and "figures/kurtosis_vs_step.png" in md
+    summary = json.loads((out / "summary.json").read_text())
+    row = next(r for r in summary["runs"] if r["run"] == "preln-adamw-0")
+    assert row["val_ppl"] == pytest.approx(math.exp(2.0)) and row["max_kurtosis"] == pytest.approx(1.2 + 6.8 * 1.2)
+    assert row["w8a8_increase_pct"] == 5.0
+    printed = capsys.readouterr().out
+    assert "C6     held" in printed
+    # rewriting a report replaces it; a directory that is not a report is never touched
+    assert main(["report", str(tmp_path / "runs"), "--out_dir", str(out)]) == 0
+    assert main(["report", str(tmp_path / "runs"), "--out_dir", str(tmp_path / "runs")]) == 2
+    assert "not an ofe report" in capsys.readouterr().err
+
+
+def test_report_rejects_what_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{")
+    (bad / "metrics.jsonl").write_text("")
+    assert main(["report", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("ofe report: error:") for line in err)
+
+
+def test_reproduce_smoke_trains_quantises_and_reports(tmp_path, small_corpus, capsys):
+    out = tmp_path / "study"
+    args = ["reproduce", "--preset", "tiny", "--steps", "6", "--batch_size", "4", "--seeds", "0",
+            "--corpus", str(small_corpus), "--out_dir", str(out), "--progress", "false"]
+    assert main(args) == 0
+    runs = sorted(p.name for p in out.iterdir() if (p / "model.safetensors").is_file())
+    assert runs == ["op_adamw_seed0", "op_soap_seed0", "pre-ln_adamw_seed0", "pre-ln_soap_seed0"]
+    assert all((out / r / "quant.json").is_file() for r in runs)
+    printed = capsys.readouterr().out
+    assert "C1 " in printed and "C8 " in printed and (out / "report" / "report.md").is_file()
+    assert main(args) == 0  # finished: skipped, the report is rewritten
+    assert main(["reproduce", "--blocks", "pre-ln,nope"]) == 2

@@ -11,12 +11,13 @@ from ofe.cli import main
 from ofe.report import write_report
 
 
-def make_run(root, name, block, opt, seed, kurt_end, loss_end, lr=1e-2, w8a8=None, w8a4=None, steps=100, layers=3):
+def make_run(root, name, block, opt, seed, kurt_end, loss_end, lr=1e-2, w8a8=None, w8a4=None, steps=100, layers=3,
+             model=None, diverged=None):
     """A run whose kurtosis rises linearly from 1.2 to ``kurt_end`` and loss falls to ``loss_end``."""
     d = root / name
     d.mkdir(parents=True)
     cfg = {"out_dir": str(d), "seed": seed, "steps": steps, "monitor_interval": 10,
-           "model": {"block": block, "n_layer": layers, "final_norm": block != "op"},
+           "model": {"block": block, "n_layer": layers, "final_norm": block != "op", **(model or {})},
            "optim": {"name": opt, "lr": lr, "eps": 1e-8}}
     (d / "config.json").write_text(json.dumps(cfg))
     records, prev = [], None
@@ -37,6 +38,9 @@ def make_run(root, name, block, opt, seed, kurt_end, loss_end, lr=1e-2, w8a8=Non
                                           "u4_3": [0.0] * layers, "u4_4": [0.0] * layers, "kurtosis": k}
             prev = k
         records.append(rec)
+    if diverged:
+        records = records[:diverged]
+        (d / "DIVERGED").write_text(f"loss became nan at step {diverged}\n")
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if w8a8 is not None:
         fp = math.exp(loss_end)
@@ -138,3 +142,14 @@ def test_reproduce_smoke_trains_quantises_and_reports(tmp_path, small_corpus, ca
     assert "C1 " in printed and "C8 " in printed and (out / "report" / "report.md").is_file()
     assert main(args) == 0  # finished: skipped, the report is rewritten
     assert main(["reproduce", "--blocks", "pre-ln,nope"]) == 2
+
+
+def test_c3_needs_bare_op_to_diverge_and_the_soft_cap_to_train_slower(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "qk", "op", "adamw", 0, 1.5, 1.5, model={"qk_norm": "rms"})
+    make_run(root, "bare", "op", "adamw", 0, 1.5, 1.5, model={"qk_norm": "none"}, diverged=35)
+    make_run(root, "cap", "op", "adamw", 0, 1.5, 1.9, model={"qk_norm": "none", "attn_softcap": 5.0})
+    claim = by_id(evaluate_claims(load_runs([root])))["C3"]
+    assert claim.status == "held" and "1/1 runs diverged" in claim.evidence and "1.900 vs QK-norm 1.500" in claim.evidence
+    (root / "bare" / "DIVERGED").unlink()  # the bare OP run trained after all
+    assert by_id(evaluate_claims(load_runs([root])))["C3"].status == "not held"

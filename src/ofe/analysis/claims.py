@@ -108,13 +108,25 @@ def claim_c2(runs: list[Run]) -> tuple[str, str]:
 
 
 def claim_c3(runs: list[Run]) -> tuple[str, str]:
-    bare = [r for r in runs if r.settings.get("model.block") == "op" and r.settings.get("model.qk_norm") == "none"
-            and not r.settings.get("model.softcap")]
+    op = [r for r in runs if r.settings.get("model.block") == "op"]
+    bare = [r for r in op if r.settings.get("model.qk_norm") == "none" and not r.settings.get("model.attn_softcap")]
+    capped = [r for r in op if r.settings.get("model.qk_norm") == "none" and r.settings.get("model.attn_softcap")]
     if not bare:
         return "untested", "no OP run without QK-norm and soft-cap"
     diverged = [r for r in bare if r.diverged]
-    text = f"OP without entropy regulation: {len(diverged)}/{len(bare)} runs diverged"
-    return ("held" if len(diverged) == len(bare) else "not held" if not diverged else "partly held"), text
+    parts = [f"OP without QK-norm or soft-cap: {len(diverged)}/{len(bare)} runs diverged"]
+    held = len(diverged) == len(bare)
+    for r in capped:
+        ref = [q for q in op if q.seed == r.seed and q.settings.get("model.qk_norm") not in (None, "none") and _ok(q)]
+        if r.diverged:
+            parts.append(f"soft-capped seed {r.seed} diverged")
+            held = False
+        elif ref:
+            slower = r.val_loss() > ref[0].val_loss()
+            held = held and slower
+            parts.append(f"soft-capped seed {r.seed} val loss {r.val_loss():.3f} vs QK-norm {ref[0].val_loss():.3f}")
+    status = "held" if held else ("partly held" if diverged else "not held")
+    return status, "; ".join(parts)
 
 
 def claim_c4(runs: list[Run]) -> tuple[str, str]:
@@ -158,6 +170,12 @@ def claim_c7(runs: list[Run]) -> tuple[str, str]:
     return status, text
 
 
+def _residual_sqnr(run: Run) -> float | None:
+    """Mean over layers of the W8A8 model's residual-stream SQNR (dB), from quant.json."""
+    layers = (run.quant or {}).get("layers") or []
+    return float(np.mean([row["sqnr_db"] for row in layers])) if layers else None
+
+
 def claim_c8(runs: list[Run]) -> tuple[str, str]:
     def is_(r: Run, block: str, opt: str) -> bool:
         return r.settings.get("model.block") == block and r.settings.get("optim.name") == opt and r.quant is not None
@@ -172,6 +190,9 @@ def claim_c8(runs: list[Run]) -> tuple[str, str]:
         line = f"seed {a.seed}: W8A8 +{w8a:.2f}% vs +{w8b:.2f}%"
         if w4a is not None and w4b is not None:
             line += f", W8A4 +{w4a:.1f}% vs +{w4b:.1f}%"
+        sa, sb = _residual_sqnr(a), _residual_sqnr(b)
+        if sa is not None and sb is not None:
+            line += f", residual-stream W8A8 SQNR {sa:.1f} vs {sb:.1f} dB"
         lines.append(line)
     status = "held" if all(wins) else ("not held" if not any(wins) else "partly held")
     return status, "perplexity increase, Pre-LN + AdamW vs OP + SOAP: " + "; ".join(lines)

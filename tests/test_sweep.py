@@ -117,3 +117,15 @@ def _write(tmp_path, s):
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(s))
     return path
+
+
+def test_a_second_sweep_on_the_same_directory_is_refused(tmp_path, small_corpus, capsys):
+    import fcntl
+    s = spec(tmp_path / "sweep", small_corpus, grid={"model.block": ["op"]})
+    (tmp_path / "sweep").mkdir()
+    with open(tmp_path / "sweep" / ".sweep.lock", "w") as held:  # as a running sweep holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["sweep", str(_write(tmp_path, s)), "--progress", "false"]) == 2
+        assert "another ofe sweep is running" in capsys.readouterr().err
+        fcntl.flock(held, fcntl.LOCK_UN)
+    assert not (tmp_path / "sweep" / "op").exists()

@@ -23,7 +23,9 @@ A run stopped by a non-finite loss is a result (``DIVERGED`` holds the reason), 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import itertools
 import json
 import shutil
@@ -146,10 +148,29 @@ def sweep_states(sweep: Sweep) -> list[str]:
     return [_state(run, sweep.quantize) for run in sweep.runs]
 
 
+@contextlib.contextmanager
+def _exclusive(root: Path):
+    """Hold ``root/.sweep.lock`` so that two sweeps never train into the same directories."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".sweep.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another ofe sweep is running in {root}; wait for it or stop it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def run_sweep(sweep: Sweep, progress: bool = True, log: Callable[[str], None] = print) -> list[Path]:
     """Train (and quantise) every run not yet finished; returns the run directories in spec order."""
+    with _exclusive(sweep.out_dir):
+        return _run_locked(sweep, progress, log)
+
+
+def _run_locked(sweep: Sweep, progress: bool, log: Callable[[str], None]) -> list[Path]:
     states = sweep_states(sweep)  # check every directory before training anything
-    sweep.out_dir.mkdir(parents=True, exist_ok=True)
     todo = sum(s != "done" for s in states)
     log(f"sweep {sweep.out_dir}: {len(sweep.runs)} runs, {len(sweep.runs) - todo} already finished")
     bar = tqdm(total=len(sweep.runs), initial=len(sweep.runs) - todo, desc="sweep", unit="run",

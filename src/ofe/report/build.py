@@ -60,6 +60,7 @@ FIGURES = [
     ("kurtosis_vs_step.png", "Kurtosis of the residual stream against step, every layer (mean over seeds)."),
     ("final_kurtosis_by_layer.png", "Final kurtosis per layer by configuration (bars: min-max over seeds)."),
     ("loss_curves.png", "Training and validation loss."),
+    ("kurtosis_vs_loss.png", "Kurtosis against training loss: configurations at matched loss (each run from right to left)."),
     ("input_correlation_vs_kurtosis.png", "Signal propagation: input correlation against kurtosis."),
     ("kurtosis_update_terms.png", "Cumulative contribution of each kurtosis-update term to the kurtosis change "
                                   "(fixed validation inputs; mean over layers and seeds)."),
@@ -76,12 +77,13 @@ def _draw(groups: dict[str, list[Run]], figdir: Path) -> list[str]:
         F.kurtosis_vs_step(live, figdir / FIGURES[0][0])
         F.final_kurtosis_by_layer(live, colour, figdir / FIGURES[1][0])
         F.loss_curves(live, colour, figdir / FIGURES[2][0])
-        F.correlation_vs_kurtosis(live, colour, figdir / FIGURES[3][0])
-        made += [name for name, _ in FIGURES[:4]]
-        if F.decomposition(live, figdir / FIGURES[4][0]):
-            made.append(FIGURES[4][0])
-        if F.quantisation(live, colour, figdir / FIGURES[5][0]):
+        F.kurtosis_vs_loss(live, colour, figdir / FIGURES[3][0])
+        F.correlation_vs_kurtosis(live, colour, figdir / FIGURES[4][0])
+        made += [name for name, _ in FIGURES[:5]]
+        if F.decomposition(live, figdir / FIGURES[5][0]):
             made.append(FIGURES[5][0])
+        if F.quantisation(live, colour, figdir / FIGURES[6][0]):
+            made.append(FIGURES[6][0])
     return made
 
 

@@ -106,6 +106,31 @@ def loss_curves(groups: dict[str, list[Run]], colour: dict[str, tuple], path: Pa
     return _save(fig, path)
 
 
+def kurtosis_vs_loss(groups: dict[str, list[Run]], colour: dict[str, tuple], path: Path) -> Path:
+    """Mean-over-layers kurtosis against smoothed training loss: configurations compared at matched loss."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    allk = []
+    for label, runs in groups.items():
+        for i, r in enumerate(runs):
+            steps, loss = r.train_loss_curve()
+            if not steps.size:
+                continue
+            best = np.minimum.accumulate(loss)  # loss reached so far: monotone, so runs line up by progress
+            mon = [m for m in r.monitored if m["step"] <= steps[-1]]
+            x = [best[min(np.searchsorted(steps, m["step"]), len(best) - 1)] for m in mon]
+            y = [float(np.mean(m["kurtosis"])) for m in mon]
+            allk += y
+            ax.plot(x, y, color=colour[label], marker=".", lw=1, alpha=0.85, label=label if i == 0 else None)
+    ax.invert_xaxis()  # training moves left to right
+    ax.set_xscale("log")
+    ax.set_xlabel("lowest training loss so far (trailing mean of 20 steps, nats / token)")
+    ax.set_ylabel("kurtosis (mean over layers)")
+    _log_if_spread(ax, np.array(allk))
+    ax.axhline(1.0, color="grey", lw=0.6, ls=":")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def correlation_vs_kurtosis(groups: dict[str, list[Run]], colour: dict[str, tuple], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for label, runs in groups.items():

@@ -153,3 +153,16 @@ def test_c3_needs_bare_op_to_diverge_and_the_soft_cap_to_train_slower(tmp_path):
     assert claim.status == "held" and "1/1 runs diverged" in claim.evidence and "1.900 vs QK-norm 1.500" in claim.evidence
     (root / "bare" / "DIVERGED").unlink()  # the bare OP run trained after all
     assert by_id(evaluate_claims(load_runs([root])))["C3"].status == "not held"
+
+
+def test_reproduce_gpu_preset_builds_the_codeparrot_study(tmp_path):
+    from ofe.experiment import parse_spec
+    from ofe.experiment.reproduce import ReproduceConfig, study_spec
+    sweep = parse_spec(study_spec(ReproduceConfig(preset="codeparrot-130m", out_dir=str(tmp_path), seeds=(0,))))
+    assert [r.name for r in sweep.runs] == ["pre-ln_adamw_seed0", "pre-ln_soap_seed0", "op_adamw_seed0", "op_soap_seed0"]
+    cfg = sweep.runs[0].config
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.dtype, cfg.compile) == (12, 768, "bfloat16", True)
+    assert cfg.data.tokenizer == "bpe" and cfg.optim.lr == 1e-3 and cfg.steps == 10000 and sweep.quantize
+    small = parse_spec(study_spec(ReproduceConfig(steps=50, lr=3e-3, out_dir=str(tmp_path))))
+    c = small.runs[0].config
+    assert (c.steps, c.optim.lr, c.optim.betas, c.eval_interval, c.monitor_interval) == (50, 3e-3, (0.9, 0.95), 50, 5)

@@ -104,7 +104,8 @@ def test_report_writes_figures_table_and_summary(tmp_path, capsys):
                      "input_correlation_vs_kurtosis.png", "kurtosis_update_terms.png", "quantisation.png"}
     assert all((out / "figures" / n).read_bytes()[:4] == b"\x89PNG" for n in names)
     md = (out / "report.md").read_text()
-    assert "| pre-ln + adamw lr=0.01 | 0 | 100 |" in md and "figures/kurtosis_vs_step.png" in md
+    assert "| pre-ln + adamw | 0 | 100 |" in md and "| pre-ln + adamw lr=0.001 | 0 | 100 |" in md
+    assert "figures/kurtosis_vs_step.png" in md
     summary = json.loads((out / "summary.json").read_text())
     row = next(r for r in summary["runs"] if r["run"] == "preln-adamw-0")
     assert row["val_ppl"] == pytest.approx(math.exp(2.0)) and row["max_kurtosis"] == pytest.approx(1.2 + 6.8 * 1.2)

@@ -136,19 +136,21 @@ def load_run(path: str | Path) -> Run:
 def label_runs(runs: list[Run]) -> dict[str, list[Run]]:
     """Name each run's configuration and group the seeds of one configuration, in first-seen order.
 
-    The label is ``block + optimiser`` followed by every other setting that differs between the
-    runs (``lr=0.01``), so runs that differ only in their seed share a label.
+    The label is ``block + optimiser`` followed by each other setting in which the run departs from
+    the most common value among the runs (among runs of the same block for the settings a block
+    resolves by default): ``pre-ln + adamw lr=0.001``. Runs that differ only in their seed share a
+    label; runs of different configurations never do.
     """
-    def follows_block(key: str) -> bool:  # e.g. final_norm False for every OP run, True for every Pre-LN run
-        pairs = {(r.settings.get("model.block"), repr(r.settings.get(key))) for r in runs}
-        return key in BLOCK_DEFAULTS and len(pairs) == len({b for b, _ in pairs})
-
-    varying = sorted(k for k in set().union(*(r.settings for r in runs))
-                     if len({repr(r.settings.get(k)) for r in runs}) > 1 and k not in ("model.block", "optim.name")
-                     and not follows_block(k))
+    keys = sorted(k for k in set().union(*(r.settings for r in runs)) if k not in ("model.block", "optim.name"))
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        extra = [f"{k.rsplit('.', 1)[-1]}={_short(run.settings.get(k))}" for k in varying]
+        extra = []
+        for key in keys:
+            peers = [r for r in runs if key not in BLOCK_DEFAULTS or r.settings.get("model.block") == run.settings.get("model.block")]
+            values = [repr(r.settings.get(key)) for r in peers]
+            common = max(dict.fromkeys(values), key=values.count)  # most common; ties: first seen
+            if repr(run.settings.get(key)) != common:
+                extra.append(f"{key.rsplit('.', 1)[-1]}={_short(run.settings.get(key))}")
         run.label = " ".join([f"{run.settings.get('model.block')} + {run.settings.get('optim.name')}", *extra])
         groups.setdefault(run.label, []).append(run)
     return groups

@@ -116,8 +116,24 @@ def claim_c3(runs: list[Run]) -> tuple[str, str]:
     diverged = [r for r in bare if r.diverged]
     parts = [f"OP without QK-norm or soft-cap: {len(diverged)}/{len(bare)} runs diverged"]
     held = len(diverged) == len(bare)
-    for r in capped:
-        ref = [q for q in op if q.seed == r.seed and q.settings.get("model.qk_norm") not in (None, "none") and _ok(q)]
+
+    def rest(run: Run) -> dict:
+        return {k: v for k, v in run.settings.items() if k not in ("model.qk_norm", "model.attn_softcap")}
+
+    def min_entropy(run: Run) -> float | None:
+        values = run.final.get("attention_entropy_min") if run.monitored else None
+        return min(values) if values else None
+
+    for r in bare:
+        ref = [q for q in op if q.seed == r.seed and q.settings.get("model.qk_norm") not in (None, "none") and _ok(q)
+               and rest(q) == rest(r)]
+        if not r.diverged and ref and min_entropy(r) is not None and min_entropy(ref[0]) is not None:
+            parts.append(f"seed {r.seed} lr {r.settings.get('optim.lr'):g} trained: val loss {r.val_loss():.3f} vs QK-norm "
+                         f"{ref[0].val_loss():.3f}, lowest head entropy {min_entropy(r):.2f} vs {min_entropy(ref[0]):.2f} nats")
+
+    for r in capped:  # against the QK-normed OP run with the same seed and otherwise the same settings
+        ref = [q for q in op if q.seed == r.seed and q.settings.get("model.qk_norm") not in (None, "none") and _ok(q)
+               and rest(q) == rest(r)]
         if r.diverged:
             parts.append(f"soft-capped seed {r.seed} diverged")
             held = False

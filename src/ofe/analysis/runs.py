@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ofe.models import GPTConfig
+
 from ofe.analysis.decomposition import kurtosis_change_contributions
 
 # Settings that never define a configuration: where it ran and how, not what it computed.
@@ -104,6 +106,17 @@ class Run:
             if f["format"] == fmt:
                 return float(f["increase_pct"])
         return None
+
+
+def at_block_defaults(run: Run) -> bool:
+    """Whether the run uses its block's own defaults for the settings a block resolves
+    (QK-norm, beta, final / first norm), as ``GPTConfig.resolved()`` would set them."""
+    block, layers = run.settings.get("model.block"), run.settings.get("model.n_layer")
+    if block is None or layers is None:
+        return True  # not an ofe config: nothing to compare
+    defaults = GPTConfig(block=block, n_layer=layers).resolved()
+    return all(run.settings.get(key, getattr(defaults, key.split(".", 1)[1])) == getattr(defaults, key.split(".", 1)[1])
+               for key in BLOCK_DEFAULTS)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

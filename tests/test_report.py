@@ -167,3 +167,14 @@ def test_reproduce_gpu_preset_builds_the_codeparrot_study(tmp_path):
     small = parse_spec(study_spec(ReproduceConfig(steps=50, lr=3e-3, out_dir=str(tmp_path))))
     c = small.runs[0].config
     assert (c.steps, c.optim.lr, c.optim.betas, c.eval_interval, c.monitor_interval) == (50, 3e-3, (0.9, 0.95), 50, 5)
+
+
+def test_blocks_are_compared_at_their_own_defaults(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "preln", "pre-ln", "adamw", 0, 8.0, 2.0)
+    make_run(root, "preln-nofinal", "pre-ln", "adamw", 0, 1.1, 2.0, model={"final_norm": False})
+    make_run(root, "op", "op", "adamw", 0, 1.3, 2.0)
+    runs = load_runs([root])
+    assert sorted(r.label for r in runs) == ["op + adamw", "pre-ln + adamw", "pre-ln + adamw final_norm=False"]
+    claim = by_id(evaluate_claims(runs))["C2"]
+    assert claim.status == "held" and "1/1 pairs" in claim.evidence  # the no-final-norm variant is not "Pre-LN"

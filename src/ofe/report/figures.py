@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
 from ofe.analysis.runs import Run  # noqa: E402
@@ -16,8 +17,25 @@ TERM_NAMES = {"u4_1": "u4,1 (linear)", "u4_2": "u4,2 (quadratic)", "u4_3": "u4,3
 
 
 def colours(labels: list[str]) -> dict[str, tuple]:
-    cmap = plt.get_cmap("tab10")
-    return {label: cmap(i % 10) for i, label in enumerate(labels)}
+    """One distinct colour per configuration, the same in every figure."""
+    if len(labels) <= 10:
+        cmap = plt.get_cmap("tab10")
+        return {label: cmap(i) for i, label in enumerate(labels)}
+    if len(labels) <= 20:
+        cmap = plt.get_cmap("tab20")
+        return {label: cmap(i) for i, label in enumerate(labels)}
+    cmap = plt.get_cmap("gist_ncar")
+    return {label: cmap(i / len(labels) * 0.9) for i, label in enumerate(labels)}
+
+
+def _legend(ax, fig, **kw) -> None:
+    """Inside the axes for a few entries, outside on the right when there are many."""
+    n = len(ax.get_legend_handles_labels()[1])
+    if n <= 6:
+        ax.legend(fontsize=8, **kw)
+    else:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, **kw)
+        fig.set_size_inches(fig.get_size_inches()[0] + 3.2, max(fig.get_size_inches()[1], 0.22 * n + 1))
 
 
 def _save(fig, path: Path) -> Path:
@@ -81,9 +99,10 @@ def final_kurtosis_by_layer(groups: dict[str, list[Run]], colour: dict[str, tupl
     ax.set_xlabel("layer")
     ax.set_ylabel("final kurtosis (mean over seeds, bars: min-max)")
     ax.axhline(1.0, color="grey", lw=0.6, ls=":")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if allk:
         _log_if_spread(ax, np.concatenate(allk))
-    ax.legend(fontsize=8)
+    _legend(ax, fig)
     return _save(fig, path)
 
 
@@ -102,7 +121,7 @@ def loss_curves(groups: dict[str, list[Run]], colour: dict[str, tuple], path: Pa
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy (nats / token)")
         ax.set_yscale("log")
-    ax_v.legend(fontsize=8)
+    _legend(ax_v, fig)
     return _save(fig, path)
 
 
@@ -127,7 +146,7 @@ def kurtosis_vs_loss(groups: dict[str, list[Run]], colour: dict[str, tuple], pat
     ax.set_ylabel("kurtosis (mean over layers)")
     _log_if_spread(ax, np.array(allk))
     ax.axhline(1.0, color="grey", lw=0.6, ls=":")
-    ax.legend(fontsize=8)
+    _legend(ax, fig)
     return _save(fig, path)
 
 
@@ -142,7 +161,7 @@ def correlation_vs_kurtosis(groups: dict[str, list[Run]], colour: dict[str, tupl
     ax.set_ylabel("kurtosis")
     ax.set_yscale("log")
     ax.set_title("every layer at every monitored step after the first", fontsize=9)
-    ax.legend(fontsize=8, markerscale=3)
+    _legend(ax, fig, markerscale=3)
     return _save(fig, path)
 
 
@@ -188,5 +207,5 @@ def quantisation(groups: dict[str, list[Run]], colour: dict[str, tuple], path: P
     ax.set_ylabel("perplexity increase over float (%)")
     ax.set_yscale("symlog", linthresh=1.0)  # an increase can be slightly negative at 8 bits
     ax.invert_xaxis()
-    ax.legend(fontsize=8)
+    _legend(ax, fig)
     return _save(fig, path)

@@ -93,6 +93,8 @@ def test_a_changed_spec_does_not_reuse_old_run_directories(tmp_path, small_corpu
     s = spec(tmp_path / "sweep", small_corpus, grid={"model.block": ["op"]})
     s["base"]["steps"] = 2
     assert main(["sweep", str(_write(tmp_path, s)), "--progress", "false"]) == 0
+    s["base"]["device"] = "cpu"  # how it runs, not what it computes: still the same runs
+    assert main(["sweep", str(_write(tmp_path, s)), "--progress", "false"]) == 0
     s["base"]["optim"]["lr"] = 1e-2
     assert main(["sweep", str(_write(tmp_path, s)), "--progress", "false"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -41,6 +41,7 @@ from ofe.config import ConfigError
 from ofe.io import atomic_write
 from ofe.quant import QUANT_FILE, QuantConfig, evaluate_run
 from ofe.train import NonFiniteLoss, TrainConfig, build_train_config, train
+from ofe.train.config import RESUME_MUTABLE
 from ofe.train.loop import CONFIG_FILE
 
 SPEC_KEYS = {"out_dir", "base", "grid", "variants", "quantize"}
@@ -127,12 +128,17 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> Sweep:
     return parse_spec(C.load_file(path), out_dir)
 
 
+def _what_it_computes(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings without those that change only how a run executes (device, compile, progress)."""
+    return {k: v for k, v in settings.items() if k not in RESUME_MUTABLE}
+
+
 def _state(run: SweepRun, quantize: bool) -> str:
     """``done``, ``resume`` or ``new``; raises if the directory belongs to another spec."""
     out = Path(run.config.out_dir)
     marker = out / RUN_SPEC_FILE
     if marker.is_file():
-        if json.loads(marker.read_text()) != run.settings:
+        if _what_it_computes(json.loads(marker.read_text())) != _what_it_computes(run.settings):
             raise ConfigError(f"sweep run {run.name}: {out} was made by a different spec; remove it or change out_dir")
     elif (out / CONFIG_FILE).exists():
         raise ConfigError(f"sweep run {run.name}: {out} holds a run that no sweep made; remove it or change out_dir")
@@ -182,7 +188,7 @@ def _run_locked(sweep: Sweep, progress: bool, log: Callable[[str], None]) -> lis
                 continue
             bar.set_postfix_str(run.name)
             out = Path(run.config.out_dir)
-            if state != "done" and not (out / FINISHED_FILE).is_file():
+            if not (out / FINISHED_FILE).is_file():
                 if state == "new":  # stopped before the first checkpoint: start over
                     for stale in (CONFIG_FILE, "metrics.jsonl", "tokenizer.json", "tb"):
                         path = out / stale

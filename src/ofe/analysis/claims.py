@@ -204,10 +204,16 @@ def _residual_sqnr(run: Run) -> float | None:
 
 def claim_c8(runs: list[Run]) -> tuple[str, str]:
     def is_(r: Run, block: str, opt: str) -> bool:
-        return r.settings.get("model.block") == block and r.settings.get("optim.name") == opt and r.quant is not None
-    pairs = [(a, b) for a in runs if is_(a, "pre-ln", "adamw") for b in runs if is_(b, "op", "soap") and b.seed == a.seed]
+        return (r.settings.get("model.block") == block and r.settings.get("optim.name") == opt and r.quant is not None
+                and at_block_defaults(r))
+
+    def rest(r: Run) -> dict:  # everything but the block (with its defaults) and the optimiser
+        return {k: v for k, v in r.settings.items() if k not in BLOCK_DEFAULTS | {"model.block", "optim.name"}}
+
+    pairs = [(a, b) for a in runs if is_(a, "pre-ln", "adamw") for b in runs
+             if is_(b, "op", "soap") and b.seed == a.seed and rest(a) == rest(b)]
     if not pairs:
-        return "untested", "no quantised Pre-LN + AdamW and OP + SOAP runs with the same seed"
+        return "untested", "no quantised Pre-LN + AdamW and OP + SOAP runs with the same seed and other settings"
     lines, wins = [], []
     for a, b in pairs:
         w8a, w8b = a.quant_increase("W8A8"), b.quant_increase("W8A8")

@@ -10,6 +10,7 @@ worse run's final smoothed loss).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,24 +48,40 @@ def _ok(run: Run) -> bool:
     return run.diverged is None
 
 
-def _pairs(runs: list[Run], key: str, a: Callable[[object], bool], b: Callable[[object], bool]) -> list[tuple[Run, Run]]:
-    """(run_a, run_b) with the same seed and settings except ``key``, ``a(value_a)``, ``b(value_b)``."""
-    # Blocks are compared as each is defined: at its own defaults for QK-norm, beta and the norms.
-    by_block = key == "model.block"
-    skip = {key} | (BLOCK_DEFAULTS if by_block else set())
-    out = []
-    for ra in runs:
-        if not a(ra.settings.get(key)) or not _ok(ra) or (by_block and not at_block_defaults(ra)):
-            continue
-        rest = {k: v for k, v in ra.settings.items() if k not in skip}
-        for rb in runs:
-            if rb is ra or not b(rb.settings.get(key)) or not _ok(rb) or rb.seed != ra.seed:
-                continue
-            if by_block and not at_block_defaults(rb):
-                continue
-            if {k: v for k, v in rb.settings.items() if k not in skip} == rest:
-                out.append((ra, rb))
-    return out
+def _status(agree: list[bool]) -> str:
+    return "held" if all(agree) else ("not held" if not any(agree) else "partly held")
+
+
+def _of(runs: list[Run], block: str, optimizer: str) -> list[Run]:
+    """The trained runs of one block and optimiser."""
+    return [r for r in runs if _ok(r) and r.settings.get("model.block") == block and r.settings.get("optim.name") == optimizer]
+
+
+Keys = str | tuple[str, ...]
+
+
+def _value(run: Run, keys: Keys) -> Any:
+    return run.settings.get(keys) if isinstance(keys, str) else tuple(run.settings.get(k) for k in keys)
+
+
+def _comparable(ra: Run, rb: Run, keys: Keys) -> bool:
+    """Both trained, the same seed, and the same settings except ``keys``. Blocks are compared as each
+    is defined: when the block is one of ``keys``, both runs must use their block's defaults for
+    QK-norm, beta and the norms, and those settings are not compared."""
+    varied = {keys} if isinstance(keys, str) else set(keys)
+    by_block = "model.block" in varied
+    skip = varied | (BLOCK_DEFAULTS if by_block else set())
+    if rb is ra or not (_ok(ra) and _ok(rb)) or ra.seed != rb.seed:
+        return False
+    if by_block and not (at_block_defaults(ra) and at_block_defaults(rb)):
+        return False
+    return {k: v for k, v in ra.settings.items() if k not in skip} == {k: v for k, v in rb.settings.items() if k not in skip}
+
+
+def _pairs(runs: list[Run], keys: Keys, a: Callable[[Any], bool], b: Callable[[Any], bool]) -> list[tuple[Run, Run]]:
+    """(run_a, run_b) that are :func:`_comparable` in ``keys`` with ``a(value_a)`` and ``b(value_b)``."""
+    return [(ra, rb) for ra in runs if a(_value(ra, keys)) for rb in runs
+            if b(_value(rb, keys)) and _comparable(ra, rb, keys)]
 
 
 def _matched(ra: Run, rb: Run) -> tuple[float | None, float | None]:
@@ -89,14 +106,13 @@ def _compare(pairs: list[tuple[Run, Run]], what: str, matched: bool = True) -> t
         wins.append(ok)
         lines.append(text)
     ratio = np.mean([(mean_kurtosis(a) - FLOOR) / max(mean_kurtosis(b) - FLOOR, 1e-3) for a, b in pairs])
-    status = "held" if all(wins) else ("not held" if not any(wins) else "partly held")
-    return status, f"{what}: {sum(wins)}/{len(wins)} pairs; mean excess-kurtosis ratio {ratio:.1f}x. " + "; ".join(lines)
+    return _status(wins), f"{what}: {sum(wins)}/{len(wins)} pairs; mean excess-kurtosis ratio {ratio:.1f}x. " + "; ".join(lines)
 
 
 def claim_c1(runs: list[Run]) -> tuple[str, str]:
     """Judged on the reference Pre-LN + AdamW configuration (the one labelled without departures,
     else the one with most runs); other Pre-LN + AdamW configurations are listed as context."""
-    chosen = [r for r in runs if _ok(r) and r.settings.get("model.block") == "pre-ln" and r.settings.get("optim.name") == "adamw"]
+    chosen = _of(runs, "pre-ln", "adamw")
     if not chosen:
         return "untested", "no Pre-LN + AdamW run"
     labels = [r.label for r in chosen]
@@ -108,8 +124,7 @@ def claim_c1(runs: list[Run]) -> tuple[str, str]:
         if r.label == reference:
             held.append(peak >= 3.0 and end >= 2.0 * start)
         lines.append(f"{r.label} seed {r.seed}: {start:.2f} -> peak {peak:.2f} -> final {end:.2f}")
-    status = "held" if all(held) else ("not held" if not any(held) else "partly held")
-    return status, (f"mean-over-layers kurtosis at step 0, its peak, and at the end; judged on '{reference}' "
+    return _status(held), (f"mean-over-layers kurtosis at step 0, its peak, and at the end; judged on '{reference}' "
                     f"(held: peak >= 3 and final >= 2x start in every seed): " + "; ".join(lines))
 
 
@@ -126,31 +141,29 @@ def claim_c3(runs: list[Run]) -> tuple[str, str]:
     diverged = [r for r in bare if r.diverged]
     parts = [f"OP without QK-norm or soft-cap: {len(diverged)}/{len(bare)} runs diverged"]
     held = len(diverged) == len(bare)
+    regulation = ("model.qk_norm", "model.attn_softcap")
 
-    def rest(run: Run) -> dict:
-        return {k: v for k, v in run.settings.items() if k not in ("model.qk_norm", "model.attn_softcap")}
+    def qk_normed_twin(run: Run) -> Run | None:  # the same seed and otherwise the same settings
+        return next((q for q in op if q.settings.get("model.qk_norm") not in (None, "none")
+                     and _comparable(run, q, regulation)), None)
 
     def min_entropy(run: Run) -> float | None:
         values = run.final.get("attention_entropy_min") if run.monitored else None
         return min(values) if values else None
 
     for r in bare:
-        ref = [q for q in op if q.seed == r.seed and q.settings.get("model.qk_norm") not in (None, "none") and _ok(q)
-               and rest(q) == rest(r)]
-        if not r.diverged and ref and min_entropy(r) is not None and min_entropy(ref[0]) is not None:
+        ref = qk_normed_twin(r)
+        if ref and min_entropy(r) is not None and min_entropy(ref) is not None:
             parts.append(f"seed {r.seed} lr {r.settings.get('optim.lr'):g} trained: val loss {r.val_loss():.3f} vs QK-norm "
-                         f"{ref[0].val_loss():.3f}, lowest head entropy {min_entropy(r):.2f} vs {min_entropy(ref[0]):.2f} nats")
+                         f"{ref.val_loss():.3f}, lowest head entropy {min_entropy(r):.2f} vs {min_entropy(ref):.2f} nats")
 
-    for r in capped:  # against the QK-normed OP run with the same seed and otherwise the same settings
-        ref = [q for q in op if q.seed == r.seed and q.settings.get("model.qk_norm") not in (None, "none") and _ok(q)
-               and rest(q) == rest(r)]
+    for r in capped:
         if r.diverged:
             parts.append(f"soft-capped seed {r.seed} diverged")
             held = False
-        elif ref:
-            slower = r.val_loss() > ref[0].val_loss()
-            held = held and slower
-            parts.append(f"soft-capped seed {r.seed} val loss {r.val_loss():.3f} vs QK-norm {ref[0].val_loss():.3f}")
+        elif ref := qk_normed_twin(r):
+            held = held and r.val_loss() > ref.val_loss()  # slower than QK-norm
+            parts.append(f"soft-capped seed {r.seed} val loss {r.val_loss():.3f} vs QK-norm {ref.val_loss():.3f}")
     status = "held" if held else ("partly held" if diverged else "not held")
     return status, "; ".join(parts)
 
@@ -203,15 +216,8 @@ def _residual_sqnr(run: Run) -> float | None:
 
 
 def claim_c8(runs: list[Run]) -> tuple[str, str]:
-    def is_(r: Run, block: str, opt: str) -> bool:
-        return (r.settings.get("model.block") == block and r.settings.get("optim.name") == opt and r.quant is not None
-                and at_block_defaults(r))
-
-    def rest(r: Run) -> dict:  # everything but the block (with its defaults) and the optimiser
-        return {k: v for k, v in r.settings.items() if k not in BLOCK_DEFAULTS | {"model.block", "optim.name"}}
-
-    pairs = [(a, b) for a in runs if is_(a, "pre-ln", "adamw") for b in runs
-             if is_(b, "op", "soap") and b.seed == a.seed and rest(a) == rest(b)]
+    quantised = [r for r in runs if r.quant is not None]
+    pairs = _pairs(quantised, ("model.block", "optim.name"), lambda v: v == ("pre-ln", "adamw"), lambda v: v == ("op", "soap"))
     if not pairs:
         return "untested", "no quantised Pre-LN + AdamW and OP + SOAP runs with the same seed and other settings"
     lines, wins = [], []
@@ -226,12 +232,11 @@ def claim_c8(runs: list[Run]) -> tuple[str, str]:
         if sa is not None and sb is not None:
             line += f", residual-stream W8A8 SQNR {sa:.1f} vs {sb:.1f} dB"
         lines.append(line)
-    status = "held" if all(wins) else ("not held" if not any(wins) else "partly held")
-    return status, "perplexity increase, Pre-LN + AdamW vs OP + SOAP: " + "; ".join(lines)
+    return _status(wins), "perplexity increase, Pre-LN + AdamW vs OP + SOAP: " + "; ".join(lines)
 
 
 def _u4_2_share(run: Run) -> tuple[float, str] | None:
-    steps, cum = run.decomposition()
+    steps, cum = run.decomposition
     if not steps.size:
         return None
     final = {k: float(v[-1].mean()) for k, v in cum.items()}
@@ -240,7 +245,7 @@ def _u4_2_share(run: Run) -> tuple[float, str] | None:
 
 
 def claim_c9(runs: list[Run]) -> tuple[str, str]:
-    pre = [r for r in runs if _ok(r) and r.settings.get("model.block") == "pre-ln" and r.settings.get("optim.name") == "adamw"]
+    pre = _of(runs, "pre-ln", "adamw")
     shares = {id(r): _u4_2_share(r) for r in pre}
     with_terms = [r for r in pre if shares[id(r)] is not None]
     if not with_terms:
@@ -278,7 +283,7 @@ def evaluate_claims(runs: list[Run]) -> list[ClaimResult]:
     return [ClaimResult(cid, CLAIMS[cid], *CHECKS[cid](runs)) for cid in CHECKS]
 
 
-def format_claims(results: list[ClaimResult], width: int = 100) -> str:
+def format_claims(results: list[ClaimResult]) -> str:
     lines = [f"{'claim':<6} {'status':<12} statement"]
     for r in results:
         lines.append(f"{r.id:<6} {r.status:<12} {r.claim}")

@@ -87,13 +87,13 @@ class KurtosisUpdateTracker:
         previous, self.previous = self.previous, current
         if previous is None:
             return None
-        out: dict[str, list[float]] = {key: [] for key in ("m2", "m4", *TERMS, "kurtosis")}
+        keys = ("m2", "m4", *TERMS)
+        per_layer = []
         for x, x_new in zip(previous, current):
             terms = M.kurtosis_update_terms(x, x_new)
-            for key in ("m2", "m4", *TERMS):
-                out[key].append(terms[key].item())
-            out["kurtosis"].append(M.kurtosis(x_new.double()).item())
-        return out
+            per_layer.append(torch.stack([*(terms[k] for k in keys), M.kurtosis(x_new.double())]))
+        table = torch.stack(per_layer, 1).cpu().tolist()  # (keys + kurtosis, L): one device-to-host copy
+        return dict(zip((*keys, "kurtosis"), table))
 
     def state_dict(self) -> dict[str, Any]:
         return {"previous": self.previous}

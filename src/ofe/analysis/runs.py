@@ -6,6 +6,7 @@ A run directory holds ``config.json`` and ``metrics.jsonl`` (from ``ofe train``)
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,13 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from ofe.models import GPTConfig
-
 from ofe.analysis.decomposition import kurtosis_change_contributions
+from ofe.models import GPTConfig
+from ofe.train.config import RESUME_MUTABLE
 
-# Settings that never define a configuration: where it ran and how, not what it computed.
-IGNORED_KEYS = {"out_dir", "seed", "resume", "progress", "device", "compile", "data.cache_dir", "monitor_interval",
-                "eval_interval", "eval_batches", "ckpt_interval", "decomposition_sequences"}
+# Settings that never define a configuration: how a run executed (RESUME_MUTABLE), where it wrote,
+# what it logged, and the seed (runs that differ only in it are one configuration).
+IGNORED_KEYS = RESUME_MUTABLE | {"out_dir", "seed", "data.cache_dir", "monitor_interval", "eval_interval",
+                                 "eval_batches", "ckpt_interval", "decomposition_sequences"}
 
 # Model settings a block resolves to by default (GPTConfig.resolved): comparing blocks compares these too.
 BLOCK_DEFAULTS = {"model.qk_norm", "model.beta", "model.beta_trainable", "model.final_norm", "model.first_norm"}
@@ -43,7 +45,7 @@ class Run:
     def seed(self) -> int:
         return int(self.config.get("seed", 0))
 
-    @property
+    @functools.cached_property
     def monitored(self) -> list[dict[str, Any]]:
         return [r for r in self.records if "kurtosis" in r]
 
@@ -90,6 +92,7 @@ class Run:
         _, loss = self.train_loss_curve(window)
         return float(loss[-1]) if loss.size else float("nan")
 
+    @functools.cached_property
     def decomposition(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Steps ``(S,)`` and cumulative per-term kurtosis changes ``(S, L)`` (see
         :func:`ofe.analysis.decomposition.kurtosis_change_contributions`)."""
@@ -115,8 +118,11 @@ def at_block_defaults(run: Run) -> bool:
     if block is None or layers is None:
         return True  # not an ofe config: nothing to compare
     defaults = GPTConfig(block=block, n_layer=layers).resolved()
-    return all(run.settings.get(key, getattr(defaults, key.split(".", 1)[1])) == getattr(defaults, key.split(".", 1)[1])
-               for key in BLOCK_DEFAULTS)
+    for key in BLOCK_DEFAULTS:
+        default = getattr(defaults, key.split(".", 1)[1])
+        if run.settings.get(key, default) != default:
+            return False
+    return True
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -155,14 +161,17 @@ def label_runs(runs: list[Run]) -> dict[str, list[Run]]:
     label; runs of different configurations never do.
     """
     keys = sorted(k for k in set().union(*(r.settings for r in runs)) if k not in ("model.block", "optim.name"))
+
+    @functools.cache
+    def common(key: str, block: Any) -> str:  # most common value among the peers; ties: first seen
+        values = [repr(r.settings.get(key)) for r in runs if key not in BLOCK_DEFAULTS or r.settings.get("model.block") == block]
+        return max(dict.fromkeys(values), key=values.count)
+
     groups: dict[str, list[Run]] = {}
     for run in runs:
         extra = []
         for key in keys:
-            peers = [r for r in runs if key not in BLOCK_DEFAULTS or r.settings.get("model.block") == run.settings.get("model.block")]
-            values = [repr(r.settings.get(key)) for r in peers]
-            common = max(dict.fromkeys(values), key=values.count)  # most common; ties: first seen
-            if repr(run.settings.get(key)) != common:
+            if repr(run.settings.get(key)) != common(key, run.settings.get("model.block")):
                 extra.append(f"{key.rsplit('.', 1)[-1]}={_short(run.settings.get(key))}")
         run.label = " ".join([f"{run.settings.get('model.block')} + {run.settings.get('optim.name')}", *extra])
         groups.setdefault(run.label, []).append(run)

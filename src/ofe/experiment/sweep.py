@@ -181,7 +181,7 @@ def _run_locked(sweep: Sweep, progress: bool, log: Callable[[str], None]) -> lis
     log(f"sweep {sweep.out_dir}: {len(sweep.runs)} runs, {len(sweep.runs) - todo} already finished")
     bar = tqdm(total=len(sweep.runs), initial=len(sweep.runs) - todo, desc="sweep", unit="run",
                disable=not progress, dynamic_ncols=True)
-    write = (lambda msg: tqdm.write(msg)) if progress else log
+    write = tqdm.write if progress else log
     try:
         for run, state in zip(sweep.runs, states):
             if state == "done":

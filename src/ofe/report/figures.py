@@ -166,12 +166,12 @@ def correlation_vs_kurtosis(groups: dict[str, list[Run]], colour: dict[str, tupl
 
 
 def decomposition(groups: dict[str, list[Run]], path: Path) -> Path | None:
-    have = {label: runs for label, runs in groups.items() if any(r.decomposition()[0].size for r in runs)}
+    have = {label: runs for label, runs in groups.items() if any(r.decomposition[0].size for r in runs)}
     if not have:
         return None
     fig, axes = _panels(len(have))
     for ax, (label, runs) in zip(axes, have.items()):
-        parts = [r.decomposition() for r in runs if r.decomposition()[0].size]
+        parts = [r.decomposition for r in runs if r.decomposition[0].size]
         n = min(len(s) for s, _ in parts)
         steps = parts[0][0][:n]
         for term, name in TERM_NAMES.items():

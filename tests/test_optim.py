@@ -7,7 +7,7 @@ import torch
 
 from ofe.config import ConfigError
 from ofe.models import GPT, preset
-from ofe.optim import OptimConfig, build_optimizer, lr_at, param_groups
+from ofe.optim import OptimConfig, RotationOptions, build_optimizer, lr_at, param_groups
 
 
 def test_weight_decay_only_on_matrices_and_embeddings():
@@ -92,7 +92,12 @@ def _twin_models(**cfg):
 
 @pytest.mark.parametrize("model", [{"block": "pre-rms"}, {"block": "op", "first_norm": False}])
 def test_soap_matches_pytorch_optimizer_reference(model):
-    """Parameters agree to 1e-5 relative at every one of 20 steps (5 basis refreshes).
+    """Parameters agree to 1e-5 relative at every one of 20 steps (5 basis refreshes), in float64.
+
+    float64 because in float32 a rounding-level difference (ours batches the basis refresh) can move
+    a ReLU pre-activation across zero, and the changed gradient grows to 1e-4 within two steps on
+    some CPUs (seen on an Intel Xeon with AMX at step 6). In float64 both agree to 1e-14 until the
+    first refresh, then to ~1e-6: the reference computes its QR in float32.
 
     Matched setting: every Kronecker factor has full rank. Only sides up to the model width (32)
     are rotated (a longer side's factor has rank <= 32 from one gradient), sequences use every
@@ -103,14 +108,14 @@ def test_soap_matches_pytorch_optimizer_reference(model):
     with its matmuls reordered) differ there; that case is checked at the loss level below.
     """
     oracle_lib = pytest.importorskip("pytorch_optimizer")
-    ours_model, ref_model = _twin_models(**model)
+    ours_model, ref_model = (m.double() for m in _twin_models(**model))
     settings = dict(lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=4, eps=1e-8)
     ours = SOAP(ours_model.parameters(), max_precond_dim=32, **settings)
     ref = oracle_lib.SOAP(ref_model.parameters(), max_precondition_dim=32, **settings)
     batches = _batches(20, T=33)  # every position row of pos_emb gets a gradient (else its factor is rank-deficient)
     for step, (a, b) in enumerate(zip(_run(ours_model, ours, batches), _run(ref_model, ref, batches))):
         assert _max_rel_diff(a, b) < 1e-5, step
-    start = [p.detach() for p in _twin_models(**model)[0].parameters()]
+    start = [p.detach().double() for p in _twin_models(**model)[0].parameters()]
     assert _max_rel_diff(a, start) > 1e-3  # it did train
 
 
@@ -242,7 +247,8 @@ def test_eigh_failure_falls_back_to_float64_and_is_counted(monkeypatch):
 @pytest.mark.parametrize("name", ["adafactor", "soap", "rotated-adafactor"])
 def test_builder_selects_optimizer_with_groups(name):
     model = GPT(preset("tiny"))
-    opt = build_optimizer(OptimConfig(name=name, embedding_max_precond_dim=32), model)
+    rotation = RotationOptions(embedding_max_precond_dim=32 if name != "adafactor" else None)
+    opt = build_optimizer(OptimConfig(name=name, rotation=rotation), model)
     assert type(opt).__name__.lower().replace("rotatedadafactor", "rotated-adafactor") == name
     kinds = {g["kind"]: g for g in opt.param_groups}
     assert kinds["other"]["weight_decay"] == 0.0 and kinds["matrix"]["weight_decay"] == 0.1

@@ -10,7 +10,8 @@ from ofe.cli import main
 from ofe.config import ConfigError
 from ofe.experiment import parse_spec, run_sweep
 from ofe.train import loop as loop_module
-from ofe.train import read_metrics, train
+from ofe.run_dir import RunDir
+from ofe.train import train
 
 
 def spec(root, corpus, **extra):
@@ -82,7 +83,7 @@ def test_sweep_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path, smal
     a, b = load_file(whole / "model.safetensors"), load_file(second / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]
-    assert strip(read_metrics(whole)) == strip(read_metrics(second))
+    assert strip(RunDir(whole).read_metrics()) == strip(RunDir(second).read_metrics())
 
     calls.clear()  # everything finished: nothing runs again
     assert main(["sweep", str(_write(tmp_path, s)), "--progress", "false"]) == 0
@@ -128,6 +129,6 @@ def test_a_second_sweep_on_the_same_directory_is_refused(tmp_path, small_corpus,
     with open(tmp_path / "sweep" / ".sweep.lock", "w") as held:  # as a running sweep holds it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert main(["sweep", str(_write(tmp_path, s)), "--progress", "false"]) == 2
-        assert "another ofe sweep is running" in capsys.readouterr().err
+        assert "another ofe sweep (pid" in capsys.readouterr().err
         fcntl.flock(held, fcntl.LOCK_UN)
     assert not (tmp_path / "sweep" / "op").exists()

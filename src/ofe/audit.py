@@ -22,6 +22,7 @@ import torch
 from ofe import config as C
 from ofe.data import ByteTokenizer, stdlib_files
 from ofe.data.corpus import read_bytes_sample
+from ofe.errors import OfeError
 from ofe.io import atomic_write
 from ofe.monitor import OutlierMonitor, find_block_stack
 from ofe.quant import QuantConfig, SimulatedQuantModel
@@ -33,7 +34,7 @@ SUPPORTED: dict[str, str] = {
 METRICS = ("kurtosis", "mmr", "max_abs", "input_correlation")
 
 
-class AuditError(RuntimeError):
+class AuditError(OfeError):
     """A user-facing problem with the model directory."""
 
 
@@ -63,12 +64,13 @@ def _transformers():
 def load_model(model_dir: Path):
     """``(model, kind, tokenizer or None)`` from a local Hugging Face directory."""
     tf = _transformers()
-    if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
-        raise AuditError(f"{model_dir} is not a model directory (no config.json)")
+    hf_config = model_dir / tf.utils.CONFIG_NAME  # Hugging Face's model config, not an ofe run's
+    if not model_dir.is_dir() or not hf_config.is_file():
+        raise AuditError(f"{model_dir} is not a model directory (no {hf_config.name})")
     try:
         config = tf.AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise AuditError(f"{model_dir}/config.json cannot be read: {str(e).splitlines()[0]}") from None
+        raise AuditError(f"{hf_config} cannot be read: {str(e).splitlines()[0]}") from None
     kind = SUPPORTED.get(config.model_type)
     if kind is None:
         raise AuditError(f"unsupported architecture '{config.model_type}'; supported: {', '.join(SUPPORTED)}")
@@ -194,3 +196,12 @@ def format_summary(result: dict[str, Any]) -> str:
     lines += [f"| {r['layer']} | {r['kurtosis']:.3f} | {r['mmr']:.2f} | {r['max_abs']:.3g} | {r['input_correlation']:.3f} |"
               for r in result["layers"]]
     return "\n".join(lines)
+
+
+def run_audit(model_dir: str | Path, cfg: AuditConfig, log=print) -> list[Path]:
+    """``ofe audit``: audit, write the report (default ``audit-<model directory name>``), print the summary."""
+    result = audit(model_dir, cfg, log=log)
+    paths = write_report(result, Path(cfg.out_dir or f"audit-{Path(model_dir).resolve().name}"))
+    log(format_summary(result))
+    log(f"\nwrote {', '.join(str(p) for p in paths)}")
+    return paths

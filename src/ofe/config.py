@@ -16,10 +16,12 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from ofe.errors import OfeError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(OfeError, ValueError):
     """A user-facing configuration problem; the message names the key."""
 
 

@@ -1,8 +1,5 @@
-"""Analysis of training runs: the kurtosis-update decomposition, loading runs, testing the claims."""
+"""Analysis of finished runs: loading and labelling them (`runs`), testing the claims (`claims`)."""
 
-from ofe.analysis.decomposition import (TERMS, KurtosisUpdateTracker, kurtosis_change_contributions,
-                                        reconstructed_kurtosis)
 from ofe.analysis.runs import Run, RunError, label_runs, load_run, load_runs
 
-__all__ = ["TERMS", "KurtosisUpdateTracker", "Run", "RunError", "kurtosis_change_contributions", "label_runs",
-           "load_run", "load_runs", "reconstructed_kurtosis"]
+__all__ = ["Run", "RunError", "label_runs", "load_run", "load_runs"]

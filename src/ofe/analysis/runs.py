@@ -1,7 +1,8 @@
 """Loading finished (or diverged) runs and the per-run quantities the report and the claims use.
 
-A run directory holds ``config.json`` and ``metrics.jsonl`` (from ``ofe train``), optionally
-``quant.json`` (``ofe quantize``) and ``DIVERGED`` (a sweep run stopped by a non-finite loss).
+A run is read through :class:`ofe.run_dir.RunDir`: its config, its metrics log, optionally the
+quantisation result (``ofe quantize``) and the divergence note (a sweep run stopped by a
+non-finite loss).
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from ofe.analysis.decomposition import kurtosis_change_contributions
+from ofe import config as C
+from ofe.errors import OfeError
 from ofe.models import GPTConfig
-from ofe.train.config import RESUME_MUTABLE
+from ofe.monitor import kurtosis_change_contributions
+from ofe.run_dir import RunDir, RunDirError, find_runs
+from ofe.train.config import RESUME_MUTABLE, saved_config
 
 # Settings that never define a configuration: how a run executed (RESUME_MUTABLE), where it wrote,
 # what it logged, and the seed (runs that differ only in it are one configuration).
@@ -27,7 +31,7 @@ IGNORED_KEYS = RESUME_MUTABLE | {"out_dir", "seed", "data.cache_dir", "monitor_i
 BLOCK_DEFAULTS = {"model.qk_norm", "model.beta", "model.beta_trainable", "model.final_norm", "model.first_norm"}
 
 
-class RunError(ValueError):
+class RunError(OfeError, ValueError):
     """A directory that is not a readable run."""
 
 
@@ -54,7 +58,7 @@ class Run:
         """The last monitored record (the end of training for a finished run)."""
         mon = self.monitored
         if not mon:
-            raise RunError(f"{self.path}: no monitored step in metrics.jsonl")
+            raise RunError(f"{self.path}: no monitored step in its metrics log")
         return mon[-1]
 
     def kurtosis_curve(self) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +99,7 @@ class Run:
     @functools.cached_property
     def decomposition(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Steps ``(S,)`` and cumulative per-term kurtosis changes ``(S, L)`` (see
-        :func:`ofe.analysis.decomposition.kurtosis_change_contributions`)."""
+        :func:`ofe.monitor.kurtosis_change_contributions`)."""
         rows = [r for r in self.records if "kurtosis_update" in r]
         if not rows:
             return np.zeros(0), {}
@@ -136,20 +140,21 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def load_run(path: str | Path) -> Run:
-    path = Path(path)
-    if not (path / "config.json").is_file() or not (path / "metrics.jsonl").is_file():
-        raise RunError(f"{path} is not a run directory (config.json and metrics.jsonl are needed)")
+    """One run: its config (in today's layout), metrics, quantisation result and divergence note."""
+    run = RunDir(path)
     try:
-        config = json.loads((path / "config.json").read_text())
-        records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        quant = json.loads((path / "quant.json").read_text()) if (path / "quant.json").is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{path}: unreadable run file ({e})") from None
-    diverged = (path / "DIVERGED").read_text().strip() if (path / "DIVERGED").is_file() else None
+        config = saved_config(run.read_config())
+        records = run.read_metrics()
+        quant = run.read_quant()
+    except C.ConfigError as e:
+        raise RunError(f"{run.config_path} is not a valid run config: {e}") from None
+    except RunDirError as e:
+        raise RunError(str(e)) from None
+    diverged = run.read_diverged()
     if not diverged and not any("kurtosis" in r for r in records):
-        raise RunError(f"{path}: no monitored step in metrics.jsonl (did training start?)")
+        raise RunError(f"{path}: no monitored step in its metrics log (did training start?)")
     settings = {k: v for k, v in _flatten(config).items() if k not in IGNORED_KEYS}
-    return Run(path, config, records, quant, diverged, settings=settings)
+    return Run(Path(path), config, records, quant, diverged, settings=settings)
 
 
 def label_runs(runs: list[Run]) -> dict[str, list[Run]]:
@@ -189,16 +194,12 @@ def _short(value: Any) -> str:
 def load_runs(paths: list[str | Path]) -> list[Run]:
     """Load every run; a directory that holds runs (e.g. a sweep) is expanded to its runs."""
     runs: list[Run] = []
-    for p in map(Path, paths):
-        if not p.is_dir():
-            raise RunError(f"{p} does not exist or is not a directory")
-        if (p / "config.json").is_file():
-            runs.append(load_run(p))
-        else:
-            inner = sorted(d for d in p.iterdir() if (d / "config.json").is_file())
-            if not inner:
-                raise RunError(f"{p} holds no run (no config.json in it or its sub-directories)")
-            runs += [load_run(d) for d in inner]
+    for p in paths:
+        try:
+            found = find_runs(p)
+        except RunDirError as e:
+            raise RunError(str(e)) from None
+        runs += [load_run(r.path) for r in found]
     if not runs:
         raise RunError("no runs given")
     label_runs(runs)

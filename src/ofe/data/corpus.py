@@ -27,10 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ofe.errors import OfeError
+
 TXT_BLOCK_LINES = 200
 
 
-class CorpusError(ValueError):
+class CorpusError(OfeError, ValueError):
     """A user-facing corpus problem (missing, empty, too short, unreadable)."""
 
 

@@ -26,6 +26,8 @@ from ofe.config import ConfigError, field
 from ofe.data.corpus import CorpusError, is_validation, open_corpus
 from ofe.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
 
+TOKENIZER_FILE = "tokenizer.json"  # in the token cache directory
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -61,6 +63,11 @@ class TokenData:
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
+    @property
+    def tokenizer_file(self) -> Path:
+        """The saved tokenizer (a run keeps a copy of it)."""
+        return self.directory / TOKENIZER_FILE
+
 
 def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32)
@@ -85,7 +92,7 @@ def load_token_data(directory: Path) -> TokenData:
     dtype = np.dtype(meta["dtype"])
     arrays = [np.memmap(directory / f"{split}.bin", dtype=dtype, mode="r") if meta[f"{split}_tokens"] else np.zeros(0, dtype)
               for split in ("train", "val")]
-    return TokenData(arrays[0], arrays[1], load_tokenizer(directory / "tokenizer.json"), meta, directory)
+    return TokenData(arrays[0], arrays[1], load_tokenizer(directory / TOKENIZER_FILE), meta, directory)
 
 
 def _build(cfg: DataConfig, corpus, directory: Path, log) -> None:
@@ -104,7 +111,7 @@ def _build(cfg: DataConfig, corpus, directory: Path, log) -> None:
     try:
         counts = {split: _encode_to_file(tok, texts, tmp / f"{split}.bin", dtype)
                   for split, texts in (("train", train_texts), ("val", val_texts))}
-        tok.save(tmp / "tokenizer.json")
+        tok.save(tmp / TOKENIZER_FILE)
         meta = {"corpus": cfg.corpus, "tokenizer": cfg.tokenizer, "vocab_size": tok.vocab_size, "dtype": dtype.name,
                 "train_docs": len(train_texts), "val_docs": len(val_texts), "skipped_files": corpus.skipped,
                 "train_tokens": counts["train"], "val_tokens": counts["val"], "val_fraction": cfg.val_fraction}

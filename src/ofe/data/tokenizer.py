@@ -22,9 +22,6 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def encode_bytes(self, text: str) -> bytes:
-        return text.encode("utf-8")
-
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
 

@@ -20,8 +20,8 @@ from ofe import config as C
 from ofe.analysis import load_runs
 from ofe.analysis.claims import ClaimResult, format_claims
 from ofe.experiment.sweep import parse_spec, run_sweep
-from ofe.models import BLOCK_TYPES, PRESETS
-from ofe.optim.build import OPTIMIZERS
+from ofe.models import BLOCK_TYPES, preset_fields
+from ofe.optim import OPTIMIZERS
 from ofe.report import run_row, write_report
 from ofe.report.build import runs_table
 
@@ -54,8 +54,7 @@ class ReproduceConfig:
     progress: bool = C.field(True, "show a progress bar over the study")
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise C.ConfigError(f"config key 'preset': unknown model preset '{self.preset}' (known: {', '.join(PRESETS)})")
+        preset_fields(self.preset)
         for key, values, known in (("blocks", self.blocks, BLOCK_TYPES), ("optimizers", self.optimizers, OPTIMIZERS)):
             bad = [v for v in values if v not in known]
             if bad or not values:

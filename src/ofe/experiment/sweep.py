@@ -3,7 +3,7 @@
 A spec (TOML or JSON)::
 
     out_dir = "runs/blocks-x-optimisers"   # one sub-directory per run
-    quantize = true                        # also write quant.json for every run
+    quantize = true                        # also quantise every run (ofe quantize)
     [base]                                 # any `ofe train` settings, shared by every run
     preset = "small-cpu"
     steps = 300
@@ -16,19 +16,18 @@ A spec (TOML or JSON)::
     "optim.lr" = 1e-2
 
 Every run's config is built (and checked) before the first one starts, so a bad key fails at once.
-A finished run (``model.safetensors``, and ``quant.json`` when quantising) is skipped; an
-interrupted one is resumed from its checkpoint; a directory made by a different spec is an error.
-A run stopped by a non-finite loss is a result (``DIVERGED`` holds the reason), and the sweep goes on.
+A finished run (final weights written, and quantised when the spec asks) is skipped; an interrupted
+one is resumed (from its checkpoint, or from step 0 if it stopped before the first); a directory made
+by a different spec is an error. A run stopped by a non-finite loss is a result (its run directory
+records why), and the sweep goes on. What a run directory holds is :mod:`ofe.run_dir`'s business.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import itertools
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,16 +37,14 @@ from tqdm.auto import tqdm
 
 from ofe import config as C
 from ofe.config import ConfigError
-from ofe.io import atomic_write
-from ofe.quant import QUANT_FILE, QuantConfig, evaluate_run
+from ofe.io import LockHeld, exclusive_lock
+from ofe.quant import quantize_run
+from ofe.run_dir import RunDir, RunState
 from ofe.train import NonFiniteLoss, TrainConfig, build_train_config, train
 from ofe.train.config import RESUME_MUTABLE
-from ofe.train.loop import CONFIG_FILE
 
 SPEC_KEYS = {"out_dir", "base", "grid", "variants", "quantize"}
-RUN_SPEC_FILE = "sweep_run.json"  # the unresolved settings of a run, to recognise it on resume
-FINISHED_FILE = "model.safetensors"
-DIVERGED_FILE = "DIVERGED"  # written instead when training stopped on a non-finite loss
+SWEEP_LOCK = ".sweep.lock"
 
 
 @dataclass(frozen=True)
@@ -135,18 +132,19 @@ def _what_it_computes(settings: dict[str, Any]) -> dict[str, Any]:
 
 def _state(run: SweepRun, quantize: bool) -> str:
     """``done``, ``resume`` or ``new``; raises if the directory belongs to another spec."""
-    out = Path(run.config.out_dir)
-    marker = out / RUN_SPEC_FILE
-    if marker.is_file():
-        if _what_it_computes(json.loads(marker.read_text())) != _what_it_computes(run.settings):
+    out = RunDir(run.config.out_dir)
+    made_by = out.read_sweep_settings()
+    state = out.state()
+    if made_by is not None:
+        if _what_it_computes(made_by) != _what_it_computes(run.settings):
             raise ConfigError(f"sweep run {run.name}: {out} was made by a different spec; remove it or change out_dir")
-    elif (out / CONFIG_FILE).exists():
+    elif state is not RunState.NEW:
         raise ConfigError(f"sweep run {run.name}: {out} holds a run that no sweep made; remove it or change out_dir")
-    if (out / DIVERGED_FILE).is_file():
+    if state is RunState.BROKEN:
+        raise ConfigError(f"sweep run {run.name}: {out} holds run files without a readable config; remove it")
+    if state is RunState.DIVERGED or (state is RunState.FINISHED and (not quantize or out.has_quant())):
         return "done"
-    if (out / FINISHED_FILE).is_file() and (not quantize or (out / QUANT_FILE).is_file()):
-        return "done"
-    return "resume" if (out / "checkpoint.pt").is_file() else "new"
+    return "resume" if state is not RunState.NEW else "new"
 
 
 def sweep_states(sweep: Sweep) -> list[str]:
@@ -156,17 +154,13 @@ def sweep_states(sweep: Sweep) -> list[str]:
 
 @contextlib.contextmanager
 def _exclusive(root: Path):
-    """Hold ``root/.sweep.lock`` so that two sweeps never train into the same directories."""
+    """Hold the sweep directory's lock so that two sweeps never train into the same directories."""
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".sweep.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"another ofe sweep is running in {root}; wait for it or stop it") from None
-        try:
+    try:
+        with exclusive_lock(root / SWEEP_LOCK):
             yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    except LockHeld as e:
+        raise ConfigError(f"another ofe sweep (pid {e.pid}) is running in {root}; wait for it or stop it") from None
 
 
 def run_sweep(sweep: Sweep, progress: bool = True, log: Callable[[str], None] = print) -> list[Path]:
@@ -187,26 +181,42 @@ def _run_locked(sweep: Sweep, progress: bool, log: Callable[[str], None]) -> lis
             if state == "done":
                 continue
             bar.set_postfix_str(run.name)
-            out = Path(run.config.out_dir)
-            if not (out / FINISHED_FILE).is_file():
-                if state == "new":  # stopped before the first checkpoint: start over
-                    for stale in (CONFIG_FILE, "metrics.jsonl", "tokenizer.json", "tb"):
-                        path = out / stale
-                        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-                out.mkdir(parents=True, exist_ok=True)
-                atomic_write(out / RUN_SPEC_FILE, lambda p: p.write_text(json.dumps(run.settings, indent=1)))
+            out = RunDir(run.config.out_dir)
+            if not out.is_finished():
+                out.create()
+                out.write_sweep_settings(run.settings)
                 try:
                     train(dataclasses.replace(run.config, resume=state == "resume", progress=False), log=write)
                 except NonFiniteLoss as e:  # a result, not a failure of the sweep (e.g. OP without QK-norm)
-                    atomic_write(out / DIVERGED_FILE, lambda p: p.write_text(str(e) + "\n"))
+                    out.write_diverged(str(e))
                     write(f"{run.name}: diverged: {e}")
                     bar.update(1)
                     continue
-            if sweep.quantize and not (out / QUANT_FILE).is_file():
-                result = evaluate_run(out, QuantConfig(), 0, True, log=write)
-                atomic_write(out / QUANT_FILE, lambda p: p.write_text(json.dumps(result, indent=1)))
+            if sweep.quantize and not out.has_quant():
+                result = quantize_run(out.path, log=write)
                 write(f"{run.name}: W8A8 perplexity {result['w8a8_ppl']:.4f} (float {result['fp_ppl']:.4f})")
             bar.update(1)
     finally:
         bar.close()
     return [Path(run.config.out_dir) for run in sweep.runs]
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """Options of ``ofe sweep`` (the runs themselves are described by SPEC)."""
+
+    out_dir: str = C.field("", "directory of the runs; empty: the spec's out_dir")
+    progress: bool = C.field(True, "show a progress bar over the whole sweep")
+    dry_run: bool = C.field(False, "list the runs and their state, train nothing")
+
+
+def sweep_spec_file(spec: str | Path, opts: SweepOptions = SweepOptions(), log: Callable[[str], None] = print) -> list[Path]:
+    """``ofe sweep``: run the spec's sweep, or with ``dry_run`` list its runs and their state."""
+    if not Path(spec).is_file():
+        raise ConfigError(f"sweep spec {spec} does not exist")
+    planned = load_sweep(spec, opts.out_dir or None)
+    if opts.dry_run:
+        for run, state in zip(planned.runs, sweep_states(planned)):
+            log(f"{state:>7}  {run.config.out_dir}")
+        return []
+    return run_sweep(planned, progress=opts.progress, log=log)

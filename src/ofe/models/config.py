@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ofe.config import ConfigError, field
+from ofe.models.blocks import BLOCKS, BlockSpec
 
-BlockType = Literal["pre-ln", "post-ln", "pre-rms", "pre-srms", "op"]
+BlockType = Literal[tuple(BLOCKS)]  # type: ignore[valid-type]
 QKNormType = Literal["auto", "none", "rms", "layernorm"]
-BLOCK_TYPES: tuple[str, ...] = ("pre-ln", "post-ln", "pre-rms", "pre-srms", "op")
+BLOCK_TYPES: tuple[str, ...] = tuple(BLOCKS)
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class GPTConfig:
     n_head: int = field(4, "attention heads")
     d_model: int = field(256, "residual stream width")
     d_mlp: int | None = field(None, "MLP hidden width; none means 4 * d_model")
-    block: BlockType = field("pre-ln", "block type")
+    block: BlockType = field("pre-ln", "block type: " + "; ".join(f"{k}: {v.help}" for k, v in BLOCKS.items()))
     qk_norm: QKNormType = field("auto", "per-head norm of queries and keys; auto: rms for op, none otherwise")
     attn_softcap: float | None = field(None, "tanh soft-cap c of attention logits, c * tanh(z / c); none: off")
     beta: float | None = field(None, "residual branch gain; none: 1/sqrt(n_layer) for op, 1 otherwise")
@@ -71,26 +72,27 @@ class GPTConfig:
         return self.d_mlp if self.d_mlp is not None else 4 * self.d_model
 
     @property
-    def is_op(self) -> bool:
-        return self.block == "op"
+    def spec(self) -> BlockSpec:
+        """The block's entry in :data:`ofe.models.blocks.BLOCKS`."""
+        return BLOCKS[self.block]
 
     def resolved(self) -> GPTConfig:
         """Copy with every ``auto``/``None`` option replaced by the block's default."""
-        op = self.is_op
+        spec = self.spec
         return dataclasses.replace(
             self,
             d_mlp=self.mlp_width,
-            qk_norm=self.qk_norm if self.qk_norm != "auto" else ("rms" if op else "none"),
-            beta=self.beta if self.beta is not None else (1 / math.sqrt(self.n_layer) if op else 1.0),
-            beta_trainable=self.beta_trainable if self.beta_trainable is not None else op,
-            final_norm=self.final_norm if self.final_norm is not None else self.block.startswith("pre-"),
-            first_norm=self.first_norm if self.first_norm is not None else op,
+            qk_norm=self.qk_norm if self.qk_norm != "auto" else spec.qk_norm,
+            beta=self.beta if self.beta is not None else (1 / math.sqrt(self.n_layer) if spec.beta_inv_sqrt_depth else 1.0),
+            beta_trainable=self.beta_trainable if self.beta_trainable is not None else spec.beta_trainable,
+            final_norm=self.final_norm if self.final_norm is not None else spec.final_norm,
+            first_norm=self.first_norm if self.first_norm is not None else spec.first_norm,
         )
 
     @property
     def norm_kind(self) -> Literal["layernorm", "rms", "srms"]:
         """The block's norm; also used for the optional first and final norms (LayerNorm for op)."""
-        return {"pre-rms": "rms", "pre-srms": "srms"}.get(self.block, "layernorm")  # type: ignore[return-value]
+        return self.spec.norm
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -111,11 +113,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def preset_fields(name: Any) -> dict[str, Any]:
+    """The model settings of preset ``name``: the one place that checks a preset name."""
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r} (known: {', '.join(PRESETS)})")
+    return dict(PRESETS[name])
+
+
 def preset(name: str, **overrides: Any) -> GPTConfig:
     """The named preset with ``overrides`` applied; unknown names raise :class:`ConfigError`."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown model preset '{name}' (known: {', '.join(PRESETS)})")
-    return GPTConfig(**{**PRESETS[name], **overrides})
+    return GPTConfig(**{**preset_fields(name), **overrides})
 
 
 def expected_param_count(cfg: GPTConfig) -> int:
@@ -124,7 +131,7 @@ def expected_param_count(cfg: GPTConfig) -> int:
     d, m, h, hd, b = c.d_model, c.mlp_width, c.n_head, c.head_dim, int(c.bias)
     norm = {"layernorm": d * (1 + b), "rms": d, "srms": 0}[c.norm_kind]
     per_block = 4 * d * d + 2 * d * m + b * (4 * d + m + d)
-    per_block += 0 if c.is_op else 2 * norm
+    per_block += 0 if c.spec.placement == "none" else 2 * norm
     per_block += {"none": 0, "rms": 2 * hd, "layernorm": 2 * hd * 2}[c.qk_norm]  # type: ignore[index]
     per_block += (d * h + b * h) if c.gated_attention else 0
     per_block += 2 if c.beta_trainable else 0
@@ -135,3 +142,13 @@ def expected_param_count(cfg: GPTConfig) -> int:
     total += norm if c.first_norm else 0
     total += norm if c.final_norm else 0
     return total
+
+
+def presets_table() -> str:
+    """One line per preset: shape and parameter count (``ofe presets``)."""
+    lines = [f"{'preset':<16} {'layers':>6} {'width':>6} {'heads':>5} {'vocab':>6} {'seq':>5} {'params (pre-ln)':>16}"]
+    for name in PRESETS:
+        c = preset(name)
+        lines.append(f"{name:<16} {c.n_layer:>6} {c.d_model:>6} {c.n_head:>5} {c.vocab_size:>6} {c.seq_len:>5} "
+                     f"{expected_param_count(c):>16,}")
+    return "\n".join(lines)

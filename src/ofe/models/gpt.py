@@ -161,14 +161,14 @@ class Block(nn.Module):
 
     def __init__(self, cfg: GPTConfig, layer: int) -> None:
         super().__init__()
-        self.kind = cfg.block
+        self.placement = cfg.spec.placement
         norm = lambda: make_norm(cfg.norm_kind, cfg.d_model, cfg.norm_eps, cfg.bias)  # noqa: E731
-        self.norm1, self.norm2 = (nn.Identity(), nn.Identity()) if cfg.is_op else (norm(), norm())
+        self.norm1, self.norm2 = (nn.Identity(), nn.Identity()) if self.placement == "none" else (norm(), norm())
         # The authors' OP code normalises only the first block's attention input, not the stream.
         self.first_norm = norm() if (layer == 0 and cfg.first_norm) else nn.Identity()
         self.attn, self.mlp = Attention(cfg), MLP(cfg)
         self.attn_gain, self.mlp_gain = BranchGain(cfg), BranchGain(cfg)
-        pre = cfg.block.startswith("pre-")
+        pre = self.placement == "pre"
         # Norm-output taps only where a norm acts (post-ln's norm outputs are its residual sums).
         self.norm1_tap = Tap() if pre or not isinstance(self.first_norm, nn.Identity) else None
         self.norm2_tap = Tap() if pre else None
@@ -179,11 +179,11 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: residual stream ``(B, T, d)`` -> ``(B, T, d)``."""
-        if self.kind == "post-ln":
+        if self.placement == "post":
             a_in = through(self.norm1_tap, self.first_norm(x))
             x = through(self.resid_mid_tap, self.norm1(x + self._attn(a_in)))
             x = self.norm2(x + self.mlp_gain(self.mlp(x)))
-        else:  # pre-norm blocks; op has Identity norms
+        else:  # pre-norm blocks; "none" (op) has Identity norms
             x = x + self._attn(through(self.norm1_tap, self.norm1(self.first_norm(x))))
             x = through(self.resid_mid_tap, x)
             x = x + self.mlp_gain(self.mlp(through(self.norm2_tap, self.norm2(x))))

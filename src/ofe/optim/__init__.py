@@ -1,8 +1,12 @@
-"""Optimisers selected by config (AdamW, AdaFactor, SOAP, rotated AdaFactor), weight-decay groups, schedule."""
+"""Optimisers selected by config (`registry`: AdamW, AdaFactor, SOAP, rotated AdaFactor), their options
+(`config`), weight-decay groups and the schedule (`build`)."""
 
 from ofe.optim.adafactor import Adafactor
-from ofe.optim.build import OPTIMIZERS, OptimConfig, build_optimizer, lr_at, param_groups
-from ofe.optim.rotated import SOAP, RotatedAdafactor, RotatedOptimizer
+from ofe.optim.build import build_optimizer, lr_at, param_groups
+from ofe.optim.config import AdafactorOptions, OptimConfig, RotationOptions
+from ofe.optim.registry import OPTIMIZERS
+from ofe.optim.rotated import SOAP, AdamRule, AdafactorRule, RotatedAdafactor, RotatedOptimizer
 
-__all__ = ["OPTIMIZERS", "Adafactor", "OptimConfig", "RotatedAdafactor", "RotatedOptimizer", "SOAP",
-           "build_optimizer", "lr_at", "param_groups"]
+__all__ = ["OPTIMIZERS", "Adafactor", "AdafactorOptions", "AdafactorRule", "AdamRule", "OptimConfig",
+           "RotatedAdafactor", "RotatedOptimizer", "RotationOptions", "SOAP", "build_optimizer", "lr_at",
+           "param_groups"]

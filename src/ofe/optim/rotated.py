@@ -10,8 +10,9 @@ old basis, with the rule's second-moment state re-ordered to follow the estimate
 first moment rotated into the new basis. A side longer than ``max_precond_dim`` is not rotated; 1-D
 parameters get the diagonal rule unrotated.
 
-Diagonal rules: ``adam`` (SOAP, Vyas et al. 2024) and ``adafactor`` (factored second moments on the
-rotated gradient, with update clipping: the paper's "rotated AdaFactor").
+Diagonal rules are objects (:class:`AdamRule`: SOAP, Vyas et al. 2024; :class:`AdafactorRule`: factored
+second moments on the rotated gradient, with update clipping, the paper's "rotated AdaFactor"); the
+rotation never asks which rule it runs.
 
 Implementation: state in float32 whatever the parameter dtype (float64 for float64 parameters); element-wise work with ``torch._foreach``
 ops; the eigh/QR refresh batched over same-sized factors; no host syncs in a step. A failed float32
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,7 +40,55 @@ from ofe.optim.adafactor import (
     state_dtype,
 )
 
-Rule = Literal["adam", "adafactor"]
+
+
+class AdamRule:
+    """Adam's second moment, kept element-wise in the rotated basis."""
+
+    def init_state(self, state: dict[str, Any], shape: torch.Size, device: torch.device, dtype: torch.dtype) -> None:
+        state["v"] = torch.zeros(shape, device=device, dtype=dtype)
+
+    def directions(self, states: list[dict[str, Any]], g_rot: list[Tensor], moments: list[Tensor],
+                   group: dict[str, Any], t: int) -> list[Tensor]:
+        """``m / (sqrt(v) + eps)`` in the rotated basis, after updating ``v``."""
+        second = [s["v"] for s in states]
+        torch._foreach_lerp_(second, torch._foreach_mul(g_rot, g_rot), 1.0 - group["betas"][1])
+        denom = torch._foreach_add(torch._foreach_sqrt(second), group["eps"])
+        return torch._foreach_div(moments, denom)
+
+    def second_moment_correction(self, beta2: float, t: int) -> float:
+        """Factor of the step size that bias-corrects the second moment."""
+        return math.sqrt(1.0 - beta2**t)
+
+    def reorder(self, state: dict[str, Any], side: int, index: Tensor) -> None:
+        """Follow a re-sorted basis along ``side``."""
+        state["v"] = state["v"].index_select(side, index)
+
+
+class AdafactorRule:
+    """AdaFactor's factored second moment on the rotated gradient, with update clipping."""
+
+    def init_state(self, state: dict[str, Any], shape: torch.Size, device: torch.device, dtype: torch.dtype) -> None:
+        init_second_moment(state, shape, device, dtype)
+
+    def directions(self, states: list[dict[str, Any]], g_rot: list[Tensor], moments: list[Tensor],
+                   group: dict[str, Any], t: int) -> list[Tensor]:
+        beta2 = group["betas"][1]
+        beta2_t = beta2_at(t, beta2, group["beta2_decay"])
+        directions = []
+        for s, g, m in zip(states, g_rot, moments):
+            v_hat = second_moment(s, g, beta2_t, group["eps1"])
+            if group["beta2_decay"] is None and group["bias_correction"]:
+                v_hat.div_(1.0 - beta2**t)
+            directions.append(clip_update(m / v_hat.sqrt().add_(group["eps"]), group["d"]))
+        return directions
+
+    def second_moment_correction(self, beta2: float, t: int) -> float:
+        return 1.0  # corrected inside directions(), or not at all with a decaying beta2
+
+    def reorder(self, state: dict[str, Any], side: int, index: Tensor) -> None:
+        reorder_second_moment(state, side, index)
+
 
 
 def _rotated_sides(shape: torch.Size, max_dim: int) -> list[bool]:
@@ -75,7 +124,7 @@ class RotatedOptimizer(torch.optim.Optimizer):
     ``max_precond_dim``, ``bias_correction``; rotated AdaFactor also ``beta2_decay``, ``eps1``, ``d``.
     """
 
-    def __init__(self, params, rule: Rule, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
+    def __init__(self, params, rule: AdamRule | AdafactorRule, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
                  eps: float = 1e-8, weight_decay: float = 0.01, shampoo_beta: float | None = None,
                  precondition_frequency: int = 10, max_precond_dim: int = 10000, bias_correction: bool = True,
                  beta2_decay: float | None = None, eps1: float = 1e-30, d: float = 1.0) -> None:
@@ -103,10 +152,7 @@ class RotatedOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         shape, dev, dtype = p.shape, p.device, state_dtype(p)
         state["m"] = torch.zeros(shape, device=dev, dtype=dtype)  # first moment, in the rotated basis
-        if self.rule == "adam":
-            state["v"] = torch.zeros(shape, device=dev, dtype=dtype)
-        else:
-            init_second_moment(state, shape, dev, dtype)
+        self.rule.init_state(state, shape, dev, dtype)
         for side, rotated in enumerate(_rotated_sides(shape, group["max_precond_dim"])):
             if rotated:
                 state[f"GG{side}"] = torch.zeros(shape[side], shape[side], device=dev, dtype=dtype)
@@ -141,8 +187,7 @@ class RotatedOptimizer(torch.optim.Optimizer):
             step_size = group["lr"]
             if group["bias_correction"]:
                 step_size /= 1.0 - beta1**t
-                if self.rule == "adam":
-                    step_size *= math.sqrt(1.0 - beta2**t)
+                step_size *= self.rule.second_moment_correction(beta2, t)
             same_dtype = [u.to(p.dtype) for u, p in zip(updates, params)]
             torch._foreach_add_(params, same_dtype, alpha=-step_size)
             if group["weight_decay"]:
@@ -154,23 +199,10 @@ class RotatedOptimizer(torch.optim.Optimizer):
 
     def _directions(self, states, grads, group, t: int) -> list[Tensor]:
         """Rotate the gradients, update the moments in the basis, return the rotated-back directions."""
-        beta1, beta2 = group["betas"]
         g_rot = [rotate(g, self._bases(s)) for g, s in zip(grads, states)]
         moments = [s["m"] for s in states]
-        torch._foreach_lerp_(moments, g_rot, 1.0 - beta1)
-        if self.rule == "adam":
-            second = [s["v"] for s in states]
-            torch._foreach_lerp_(second, torch._foreach_mul(g_rot, g_rot), 1.0 - beta2)
-            denom = torch._foreach_add(torch._foreach_sqrt(second), group["eps"])
-            directions = torch._foreach_div(moments, denom)
-        else:
-            beta2_t = beta2_at(t, beta2, group["beta2_decay"])
-            directions = []
-            for s, g, m in zip(states, g_rot, moments):
-                v_hat = second_moment(s, g, beta2_t, group["eps1"])
-                if group["beta2_decay"] is None and group["bias_correction"]:
-                    v_hat.div_(1.0 - beta2**t)
-                directions.append(clip_update(m / v_hat.sqrt().add_(group["eps"]), group["d"]))
+        torch._foreach_lerp_(moments, g_rot, 1.0 - group["betas"][0])
+        directions = self.rule.directions(states, g_rot, moments, group, t)
         return [rotate_back(u, self._bases(s)) for u, s in zip(directions, states)]
 
     @staticmethod
@@ -219,10 +251,7 @@ class RotatedOptimizer(torch.optim.Optimizer):
             q_new, _ = torch.linalg.qr(power)
             q_new, order = _broadcast(q_new.contiguous()), _broadcast(order.contiguous())
             for (s, side), qo, qn, idx in zip(members, q_old, q_new, order):
-                if self.rule == "adam":
-                    s["v"] = s["v"].index_select(side, idx)
-                else:
-                    reorder_second_moment(s, side, idx)
+                self.rule.reorder(s, side, idx)
                 change = qn.mT @ qo  # old basis coordinates -> new basis coordinates
                 s["m"] = change @ s["m"] if side == 0 else s["m"] @ change.mT
                 s[f"Q{side}"] = qn
@@ -239,11 +268,11 @@ class SOAP(RotatedOptimizer):
     """Adam in Shampoo's eigenbasis (Vyas et al. 2024). Defaults follow the reference."""
 
     def __init__(self, params, **kwargs: Any) -> None:
-        super().__init__(params, rule="adam", **kwargs)
+        super().__init__(params, rule=AdamRule(), **kwargs)
 
 
 class RotatedAdafactor(RotatedOptimizer):
     """AdaFactor's factored second moments in Shampoo's eigenbasis, with update clipping."""
 
     def __init__(self, params, **kwargs: Any) -> None:
-        super().__init__(params, rule="adafactor", **kwargs)
+        super().__init__(params, rule=AdafactorRule(), **kwargs)

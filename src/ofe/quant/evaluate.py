@@ -4,44 +4,31 @@ beside each layer's kurtosis. Used by ``ofe quantize RUN_DIR``."""
 from __future__ import annotations
 
 import dataclasses
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
-from safetensors.torch import load_model
-
 from ofe import config as C
 from ofe.data import prepare, train_batch, val_windows
+from ofe.errors import OfeError
 from ofe.metrics import kurtosis
 from ofe.models import GPT
 from ofe.quant.simulate import QuantConfig, SimulatedQuantModel, block_outputs, perplexity, sqnr_db
+from ofe.run_dir import RunDir
+from ofe.train.config import TrainConfig, load_saved
 
-QUANT_FILE = "quant.json"
-
-
-class QuantError(RuntimeError):
+class QuantError(OfeError):
     """A user-facing problem with the run directory to quantise."""
 
 
-def load_run(run_dir: str | Path):
+def load_trained(run_dir: str | Path) -> tuple[TrainConfig, GPT]:
     """``(TrainConfig, GPT with the final weights)`` of a finished ``ofe train`` run."""
-    from ofe.train import TrainConfig
-
-    run = Path(run_dir)
-    if not (run / "config.json").is_file():
-        raise QuantError(f"{run} is not an ofe run directory (no config.json)")
-    if not (run / "model.safetensors").is_file():
-        raise QuantError(f"{run} has no model.safetensors: the run has not finished")
+    run = RunDir(run_dir)
     try:
-        cfg = C.from_dict(TrainConfig, json.loads((run / "config.json").read_text()))
-    except (json.JSONDecodeError, C.ConfigError) as e:
-        raise QuantError(f"{run}/config.json is not a valid run config: {e}") from None
-    model = GPT(cfg.model)
-    try:
-        load_model(model, str(run / "model.safetensors"))
-    except (SafetensorError, RuntimeError, OSError) as e:
-        raise QuantError(f"{run}/model.safetensors does not load into the run's model: {str(e).splitlines()[0]}") from None
+        cfg = load_saved(run.read_config())
+    except C.ConfigError as e:
+        raise QuantError(f"{run.config_path} is not a valid run config: {e}") from None
+    model = run.load_weights(GPT(cfg.model))
     return cfg, model.eval()
 
 
@@ -63,8 +50,8 @@ def format_variants(qcfg: QuantConfig) -> list[QuantConfig]:
 
 def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0, sweep: bool = True,
                  log=print) -> dict[str, Any]:
-    """Calibrate and evaluate; returns the ``quant.json`` content (not written)."""
-    cfg, model = load_run(run_dir)
+    """Calibrate and evaluate; returns the result that :func:`quantize_run` saves beside the run."""
+    cfg, model = load_trained(run_dir)
     data = prepare(cfg.data, log=log)
     T = cfg.model.seq_len
     n_eval = eval_sequences or cfg.eval_batches * cfg.batch_size
@@ -106,3 +93,23 @@ def format_table(result: dict[str, Any]) -> str:
     lines += [f"{'':>{len(result['quant_format']) + 13}}{row['layer']:>5} {row['kurtosis']:>9.3f} {row['sqnr_db']:>8.2f}"
               for row in result["layers"]]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Options of ``ofe quantize`` beside the quantisation settings (``quant.*``)."""
+
+    quant: QuantConfig = QuantConfig()
+    eval_sequences: int = C.field(0, "validation windows to evaluate; 0: the run's eval_batches x batch_size")
+    sweep: bool = C.field(True, "also evaluate W8A6/A5/A4, FP8 and W4 weight-only")
+
+    def __post_init__(self) -> None:
+        if self.eval_sequences < 0:
+            raise C.ConfigError(f"config key 'eval_sequences' must be >= 0, got {self.eval_sequences}")
+
+
+def quantize_run(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig(), log=print) -> dict[str, Any]:
+    """Evaluate the run's formats and save the result in the run directory (``ofe quantize``)."""
+    result = evaluate_run(run_dir, cfg.quant, cfg.eval_sequences, cfg.sweep, log=log)
+    RunDir(run_dir).write_quant(result)
+    return result

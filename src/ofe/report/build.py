@@ -6,13 +6,17 @@ import json
 import math
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ofe.analysis.claims import ClaimResult, evaluate_claims
-from ofe.analysis.runs import Run, label_runs
+from ofe import config as C
+from ofe.analysis.claims import ClaimResult, evaluate_claims, format_claims
+from ofe.analysis.runs import Run, label_runs, load_runs
+from ofe.errors import OfeError
 from ofe.report import figures as F
 
 
@@ -56,38 +60,42 @@ def claims_table(claims: list[ClaimResult]) -> str:
     return "\n".join(lines)
 
 
-FIGURES = [
-    ("kurtosis_vs_step.png", "Kurtosis of the residual stream against step, every layer (mean over seeds)."),
-    ("final_kurtosis_by_layer.png", "Final kurtosis per layer by configuration (bars: min-max over seeds)."),
-    ("loss_curves.png", "Training and validation loss."),
-    ("kurtosis_vs_loss.png", "Kurtosis against training loss: configurations at matched loss (each run from right to left)."),
-    ("input_correlation_vs_kurtosis.png", "Signal propagation: input correlation against kurtosis."),
-    ("kurtosis_update_terms.png", "Cumulative contribution of each kurtosis-update term to the kurtosis change "
-                                  "(fixed validation inputs; mean over layers and seeds)."),
-    ("quantisation.png", "Perplexity cost of post-training quantisation against activation bit-width."),
-]
+@dataclass(frozen=True)
+class Figure:
+    file: str
+    caption: str
+    draw: Callable[[dict[str, list[Run]], dict[str, tuple], Path], Path | None]  # None: nothing to draw
 
 
-def _draw(groups: dict[str, list[Run]], figdir: Path) -> list[str]:
+FIGURES: dict[str, Figure] = {
+    "kurtosis_vs_step": Figure("kurtosis_vs_step.png", "Kurtosis of the residual stream against step, every layer "
+                               "(mean over seeds).", lambda g, c, p: F.kurtosis_vs_step(g, p)),
+    "final_kurtosis_by_layer": Figure("final_kurtosis_by_layer.png", "Final kurtosis per layer by configuration "
+                                      "(bars: min-max over seeds).", F.final_kurtosis_by_layer),
+    "loss_curves": Figure("loss_curves.png", "Training and validation loss.", F.loss_curves),
+    "kurtosis_vs_loss": Figure("kurtosis_vs_loss.png", "Kurtosis against training loss: configurations at matched "
+                               "loss (each run from right to left).", F.kurtosis_vs_loss),
+    "input_correlation_vs_kurtosis": Figure("input_correlation_vs_kurtosis.png", "Signal propagation: input "
+                                            "correlation against kurtosis.", F.correlation_vs_kurtosis),
+    "kurtosis_update_terms": Figure("kurtosis_update_terms.png", "Cumulative contribution of each kurtosis-update "
+                                    "term to the kurtosis change (fixed validation inputs; mean over layers and seeds).",
+                                    lambda g, c, p: F.decomposition(g, p)),
+    "quantisation": Figure("quantisation.png", "Perplexity cost of post-training quantisation against activation "
+                           "bit-width.", F.quantisation),
+}
+
+
+def _draw(groups: dict[str, list[Run]], figdir: Path) -> list[Figure]:
+    """Every figure there is something to draw for, in :data:`FIGURES` order."""
     colour = F.colours(list(groups))
     live = {k: [r for r in v if r.diverged is None and r.monitored] for k, v in groups.items()}
     live = {k: v for k, v in live.items() if v}
-    made = []
-    if live:
-        F.kurtosis_vs_step(live, figdir / FIGURES[0][0])
-        F.final_kurtosis_by_layer(live, colour, figdir / FIGURES[1][0])
-        F.loss_curves(live, colour, figdir / FIGURES[2][0])
-        F.kurtosis_vs_loss(live, colour, figdir / FIGURES[3][0])
-        F.correlation_vs_kurtosis(live, colour, figdir / FIGURES[4][0])
-        made += [name for name, _ in FIGURES[:5]]
-        if F.decomposition(live, figdir / FIGURES[5][0]):
-            made.append(FIGURES[5][0])
-        if F.quantisation(live, colour, figdir / FIGURES[6][0]):
-            made.append(FIGURES[6][0])
-    return made
+    if not live:
+        return []
+    return [fig for fig in FIGURES.values() if fig.draw(live, colour, figdir / fig.file) is not None]
 
 
-class ReportError(ValueError):
+class ReportError(OfeError, ValueError):
     """An output directory the report may not replace."""
 
 
@@ -105,18 +113,17 @@ def write_report(runs: list[Run], out_dir: str | Path, title: str = "Outlier fea
     try:
         (tmp / "figures").mkdir()
         made = _draw(groups, tmp / "figures")
-        captions = dict(FIGURES)
         md = [f"# {title}", "", f"{len(runs)} runs, {len(groups)} configurations: {', '.join(groups)}.", "",
               "## Runs", "", "Validation perplexity at the end of training; W8A8 / W8A4 cost: perplexity increase of "
               "the simulated quantised model over the float one (`ofe quantize`); kurtosis: residual stream after each "
               "block at the last step, averaged / maximised over layers.", "", runs_table(rows), "",
               "## Claims", "", "Tested on these runs only; `untested` means no pair of runs isolates the setting.", "",
               claims_table(claims), "", "## Figures", ""]
-        for name in made:
-            md += [f"![{captions[name]}](figures/{name})", "", f"*{captions[name]}*", ""]
+        for fig in made:
+            md += [f"![{fig.caption}](figures/{fig.file})", "", f"*{fig.caption}*", ""]
         md += ["## Runs included", ""] + [f"- `{r.path}`" for r in runs]
         (tmp / "report.md").write_text("\n".join(md) + "\n")
-        summary = {"runs": rows, "claims": [c.__dict__ for c in claims], "figures": made}
+        summary = {"runs": rows, "claims": [c.__dict__ for c in claims], "figures": [fig.file for fig in made]}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
         if out.exists():
             shutil.rmtree(out)
@@ -124,4 +131,22 @@ def write_report(runs: list[Run], out_dir: str | Path, title: str = "Outlier fea
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return claims
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """Options of ``ofe report``."""
+
+    out_dir: str = C.field("report", "directory for report.md, summary.json and figures/ (replaced if it holds a report)")
+    title: str = C.field("Outlier features report", "title of report.md")
+
+
+def report(run_dirs: list[str], opts: ReportOptions = ReportOptions(), log=print) -> list[ClaimResult]:
+    """``ofe report``: load the runs, write the report, print the runs and claims tables."""
+    runs = load_runs(run_dirs)
+    claims = write_report(runs, opts.out_dir, opts.title)
+    log(runs_table([run_row(r) for r in runs]))
+    log("\n" + format_claims(claims))
+    log(f"\nwrote {Path(opts.out_dir) / 'report.md'}")
     return claims

@@ -1,8 +1,8 @@
-"""Training: typed config, resumable checkpoints, JSONL + TensorBoard logs, DDP via torchrun."""
+"""Training: typed config (`config`), the parts of a run built from it (`build`), the loop (`loop`),
+JSONL + TensorBoard logs (`logger`), DDP via torchrun (`distributed`)."""
 
-from ofe.train.checkpoint import CheckpointError
+from ofe.train.build import TrainError
 from ofe.train.config import TrainConfig, build_train_config
-from ofe.train.logger import read_metrics
-from ofe.train.loop import NonFiniteLoss, TrainError, train
+from ofe.train.loop import NonFiniteLoss, train
 
-__all__ = ["CheckpointError", "NonFiniteLoss", "TrainConfig", "TrainError", "build_train_config", "read_metrics", "train"]
+__all__ = ["NonFiniteLoss", "TrainConfig", "TrainError", "build_train_config", "train"]

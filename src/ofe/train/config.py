@@ -9,17 +9,20 @@ from typing import Any, Literal
 from ofe import config as C
 from ofe.config import ConfigError, field
 from ofe.data import DataConfig
-from ofe.models import PRESETS, GPTConfig
+from ofe.models import PRESETS, GPTConfig, preset_fields
 from ofe.optim import OptimConfig
+from ofe.optim.config import MOVED, drop_unread, upgrade_optim
+from ofe.run_dir import RunDir
 
-# Keys that may differ when resuming: they change how a run is executed, not what it computes.
-RESUME_MUTABLE = frozenset({"resume", "progress", "compile", "device"})
+# Keys that may differ when resuming: they change how or where a run executes, not what it computes.
+RESUME_MUTABLE = frozenset({"resume", "progress", "compile", "device", "out_dir"})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     out_dir: str = field("runs/default", "output directory of the run")
-    preset: str = field("small-cpu", f"model preset ({', '.join(PRESETS)}); model.* settings override it")
+    preset: str = field("small-cpu", f"model preset ({', '.join(PRESETS)}) the model.* settings start from; "
+                                      "a saved config keeps it as provenance, its model.* fields are the model")
     model: GPTConfig = GPTConfig()  # the small-cpu preset; model.vocab_size is set from the tokenizer
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
@@ -47,21 +50,60 @@ class TrainConfig:
             raise ConfigError(f"config key 'decomposition_sequences' must be >= 0, got {self.decomposition_sequences}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
-        if self.preset not in PRESETS:
-            raise ConfigError(f"unknown model preset '{self.preset}' (known: {', '.join(PRESETS)})")
+        preset_fields(self.preset)
+        if not self.out_dir.strip():
+            raise ConfigError("config key 'out_dir' is empty; name the run's directory")
+
+
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict in today's layout: ofe 0.1's flat ``optim`` options move into their groups."""
+    optim = data.get("optim")
+    return {**data, "optim": upgrade_optim(optim)} if isinstance(optim, dict) else data
+
+
+def _upgrade_key(key: str) -> str:
+    head, _, leaf = key.partition(".")
+    return f"optim.{MOVED[leaf]}" if head == "optim" and leaf in MOVED else key
 
 
 def build_train_config(data: dict[str, Any], overrides: dict[str, str] | None = None) -> TrainConfig:
-    """File dict + ``--key value`` overrides -> config, with the preset under the ``model`` table."""
-    data = C.apply_overrides(TrainConfig, data, overrides or {})
-    preset = data.get("preset", TrainConfig.preset)
-    if not isinstance(preset, str) or preset not in PRESETS:
-        raise ConfigError(f"unknown model preset '{preset}' (known: {', '.join(PRESETS)})")
+    """File dict + ``--key value`` overrides -> config; the model is the preset's with ``model.*`` on
+    top, so a saved config (whose model table is complete) loads back unchanged."""
+    overrides = {_upgrade_key(k): v for k, v in (overrides or {}).items()}
+    data = C.apply_overrides(TrainConfig, upgrade(data), overrides)
     model = data.get("model", {})
     if not isinstance(model, dict):
         raise ConfigError("config key 'model' must be a table of model settings")
-    data["model"] = {**PRESETS[preset], **model}
+    data["model"] = {**preset_fields(data.get("preset", TrainConfig.preset)), **model}
     return C.from_dict(TrainConfig, data)
+
+
+def load_saved(saved: dict[str, Any]) -> TrainConfig:
+    """A saved config (any ofe version) as a config with the block's defaults resolved (``ofe
+    train`` saves them resolved); optimiser options that the run's optimiser never read are reset
+    to their defaults (ofe 0.1 did not refuse them)."""
+    saved = upgrade(saved)
+    if isinstance(saved.get("optim"), dict):
+        saved = {**saved, "optim": drop_unread(saved["optim"])}
+    cfg = build_train_config(saved)
+    return dataclasses.replace(cfg, model=cfg.model.resolved())
+
+
+def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """:func:`load_saved` as a complete dict in today's layout."""
+    return C.to_dict(load_saved(saved))
+
+
+def resume_settings(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """Settings to resume with: the saved run's, with what was given (file or flags) on top."""
+    return _deep_merge(saved_config(saved), upgrade(given))
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def incompatible_keys(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -78,5 +120,12 @@ def incompatible_keys(saved: dict[str, Any], new: dict[str, Any], prefix: str = 
     return keys
 
 
-def with_model(cfg: TrainConfig, model: GPTConfig) -> TrainConfig:
-    return dataclasses.replace(cfg, model=model)
+
+def load_train_config(data: dict[str, Any], overrides: dict[str, str] | None = None) -> TrainConfig:
+    """``ofe train``'s config: file + flags; when resuming a run, the saved run is the base and what
+    was given goes on top (so ``--resume`` alone continues a run as it was)."""
+    probe = build_train_config(data, overrides)
+    run = RunDir(probe.out_dir)
+    if probe.resume and run.holds_run():
+        data = resume_settings(run.read_config(), data)
+    return build_train_config(data, overrides)

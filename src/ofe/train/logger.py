@@ -1,42 +1,31 @@
-"""Run logs: ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard scalars."""
+"""Run logs: one JSON record per logged step in the run's metrics file, every scalar mirrored to TensorBoard."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of a run's ``metrics.jsonl``."""
-    path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def truncate_metrics(run_dir: Path, before_step: int) -> None:
-    """Drop records with ``step >= before_step`` (logged after the checkpoint a run resumes from)."""
-    path = run_dir / METRICS_FILE
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < before_step]
-        path.write_text("".join(line + "\n" for line in keep))
+from ofe.run_dir import RunDir
 
 
 class RunLogger:
-    """Appends records to ``metrics.jsonl`` and mirrors every scalar to TensorBoard (rank 0 only)."""
+    """Appends records to the run's metrics log and TensorBoard events (rank 0 only).
 
-    def __init__(self, run_dir: Path, start_step: int, enabled: bool = True) -> None:
+    When a run resumes from the checkpoint of step ``start_step``, records it logged after that
+    step are dropped (they will be logged again) and TensorBoard is told to hide its events from
+    that step on.
+    """
+
+    def __init__(self, run: RunDir, start_step: int, resuming: bool, enabled: bool = True) -> None:
         self.enabled = enabled
         if not enabled:
             return
-        if start_step > 0:
-            truncate_metrics(run_dir, start_step)
-        self._file = (run_dir / METRICS_FILE).open("a")
+        if resuming:
+            run.truncate_metrics(start_step)
+        self._file = run.open_metrics()
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step hides events a killed run wrote after its last checkpoint
-        self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step if start_step > 0 else None)
+        self._tb = SummaryWriter(str(run.tensorboard_dir), purge_step=start_step if resuming else None)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -5,9 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_model
 
-from ofe.analysis import TERMS, KurtosisUpdateTracker, kurtosis_change_contributions, reconstructed_kurtosis
+from ofe.monitor import TERMS, KurtosisUpdateTracker, kurtosis_change_contributions, reconstructed_kurtosis
 from ofe.models import GPT, lm_loss, preset
-from ofe.train import read_metrics, train
+from ofe.run_dir import RunDir
+from ofe.train import train
 from ofe.train.config import build_train_config
 from ofe.data import val_windows, prepare
 
@@ -67,7 +68,7 @@ def test_training_logs_terms_that_reconstruct_the_logged_kurtosis(tmp_path, smal
                               "decomposition_sequences": 4, "data": {"corpus": str(small_corpus)},
                               "optim": {"lr": 1e-2}})
     train(cfg, log=lambda *a: None)
-    records = read_metrics(tmp_path / "run")
+    records = RunDir(tmp_path / "run").read_metrics()
     logged = [r for r in records if "kurtosis_update" in r]
     assert [r["step"] for r in logged] == [3, 6, 9]  # step 0 only records the starting activations
     for r in logged:
@@ -95,4 +96,4 @@ def test_decomposition_can_be_disabled(tmp_path, small_corpus):
                               "eval_batches": 1, "monitor_interval": 2, "progress": False,
                               "decomposition_sequences": 0, "data": {"corpus": str(small_corpus)}})
     train(cfg, log=lambda *a: None)
-    assert not any("kurtosis_update" in r for r in read_metrics(tmp_path / "run"))
+    assert not any("kurtosis_update" in r for r in RunDir(tmp_path / "run").read_metrics())

@@ -1,4 +1,4 @@
-"""Kurtosis-update decomposition during training (REFERENCE section 4).
+"""Kurtosis-update decomposition on fixed inputs (the paper's section 4): a measurement, used by training.
 
 :class:`KurtosisUpdateTracker` runs the model on one fixed batch at every monitored step, keeps the
 residual stream of each layer, and decomposes the change of each layer's kurtosis since the
@@ -17,20 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from ofe import metrics as M
-from ofe.monitor import find_block_stack
+from ofe.monitor.sites import layer_modules
 
 TERMS = ("u2_1", "u2_2", "u4_1", "u4_2", "u4_3", "u4_4")
 U4_TERMS = TERMS[2:]
-
-
-def _layer_modules(model: nn.Module, site: str) -> list[nn.Module]:
-    """The modules whose outputs are the per-layer activations: an ``ofe`` GPT's taps, else the block stack."""
-    if hasattr(model, "taps"):
-        taps = model.taps()
-        if site not in taps:
-            raise ValueError(f"unknown site {site!r}; known: {', '.join(taps)}")
-        return [taps[site][layer] for layer in sorted(taps[site])]
-    return list(find_block_stack(model)[1])
 
 
 class KurtosisUpdateTracker:
@@ -49,7 +39,7 @@ class KurtosisUpdateTracker:
     def __init__(self, model: nn.Module, batch: Tensor, site: str = "resid") -> None:
         self.model = model
         self.batch = batch
-        self.modules = _layer_modules(model, site)
+        self.modules = layer_modules(model, site)
         self.previous: list[Tensor] | None = None
 
     @torch.no_grad()

@@ -1,0 +1,116 @@
+"""What the monitor computes on an observed activation, and how per-layer results are combined.
+
+:func:`site_metrics` turns one activation into small result tensors on the device (the activation
+itself is not kept); :func:`combine` turns the flat list of results of a step, copied to the host
+once, into ``{site: {metric: [value per layer]}}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ofe import metrics as M
+
+ACTIVATION_METRICS: dict[str, Callable[[Tensor], Tensor]] = {
+    "kurtosis": M.kurtosis,
+    "kurtosis_centered": lambda x: M.kurtosis(x, center=True),
+    "mmr": M.max_median_ratio,
+    "input_correlation": M.input_correlation,
+    "max_abs": M.max_abs,
+    "seq_max_abs": M.sequence_max_abs,
+    "seq_kurtosis": M.sequence_kurtosis,
+    "int8_outlier_dims": M.int8_token_frac,  # per-layer token fractions, combined over layers by combine()
+}
+PROBS_METRICS: dict[str, Callable[[Tensor], Tensor]] = {"attention_entropy": M.attention_entropy}
+DEFAULT_METRICS = ("kurtosis", "mmr", "input_correlation", "max_abs", "attention_entropy")
+ALL_METRICS = tuple(ACTIVATION_METRICS) + tuple(PROBS_METRICS)
+PROBS_SITE = "attn_probs"
+# Metrics that need a (..., T, d) tensor with T >= 2: skipped for 2-D outputs.
+SEQUENCE_METRICS = frozenset({"input_correlation", "seq_max_abs", "seq_kurtosis"})
+
+Results = dict[str, dict[str, Any]]
+Pending = tuple[str, int, str, Tensor]  # (site, layer, metric, result on the device)
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Bounds on the work per observed activation (None: exact, over everything)."""
+
+    max_tokens: int | None = None  # tokens per sequence used by input_correlation
+    mmr_max_rows: int | None = 256  # tokens the max-median ratio averages over, evenly spaced
+
+
+def check_metrics(metrics: Sequence[str] | str) -> tuple[str, ...]:
+    names = ALL_METRICS if metrics == "all" else tuple(metrics)
+    unknown = [m for m in names if m not in ALL_METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(ALL_METRICS)}")
+    return names
+
+
+def site_metrics(site: str, x: Tensor, metrics: Sequence[str], costs: Costs) -> list[tuple[str, Tensor]]:
+    """``(metric, value)`` for each metric that applies to ``site``'s activation ``x``."""
+    if site == PROBS_SITE:
+        return [(name, PROBS_METRICS[name](x)) for name in metrics if name in PROBS_METRICS]
+    out = []
+    for name in metrics:
+        if name not in ACTIVATION_METRICS or (name in SEQUENCE_METRICS and x.dim() < 3):
+            continue
+        if name == "input_correlation":
+            value = M.input_correlation(x, max_tokens=costs.max_tokens)
+        elif name == "mmr":
+            value = M.max_median_ratio(x, max_rows=costs.mmr_max_rows)
+        else:
+            value = ACTIVATION_METRICS[name](x)
+        out.append((name, value))
+    return out
+
+
+def combine(pending: list[Pending], reduce: Callable[[Tensor], Tensor] | None = None) -> Results:
+    """Copy every pending value to the host in one transfer (after ``reduce``, e.g. a mean over
+    data-parallel ranks) and group it by site, metric and layer; repeated layers are averaged."""
+    flat_tensor = torch.cat([v.reshape(-1).float() for *_, v in pending])
+    flat = (reduce(flat_tensor) if reduce else flat_tensor).cpu().tolist()
+    grouped: dict[tuple[str, str], dict[int, list[list[float]]]] = {}
+    offset = 0
+    for site, layer, name, value in pending:
+        n = value.numel()
+        grouped.setdefault((site, name), {}).setdefault(layer, []).append(flat[offset : offset + n])
+        offset += n
+    results: Results = {}
+    for (site, name), by_layer in grouped.items():
+        per_layer = [_mean_rows(by_layer[layer]) for layer in sorted(by_layer)]
+        if name == "int8_outlier_dims":
+            token_frac = torch.tensor(per_layer)  # (L, d)
+            results.setdefault(site, {})[name] = int(M.outlier_dims_from_token_frac(token_frac).sum())
+        elif name == "attention_entropy":
+            results.setdefault(site, {})[name] = per_layer
+        else:
+            results.setdefault(site, {})[name] = [v[0] for v in per_layer]
+    return results
+
+
+def _mean_rows(rows: list[list[float]]) -> list[float]:
+    return [sum(col) / len(rows) for col in zip(*rows)]
+
+
+def flatten_results(results: Results) -> dict[str, float]:
+    """``{"site/metric/layer": value}`` scalars for loggers; entropy as ``.../layer/head``."""
+    flat: dict[str, float] = {}
+    for site, by_metric in results.items():
+        for name, values in by_metric.items():
+            if isinstance(values, (int, float)):
+                flat[f"{site}/{name}"] = float(values)
+                continue
+            for layer, value in enumerate(values):
+                if isinstance(value, list):
+                    for head, v in enumerate(value):
+                        flat[f"{site}/{name}/{layer}/{head}"] = v
+                else:
+                    flat[f"{site}/{name}/{layer}"] = value
+    return flat

@@ -1,0 +1,308 @@
+"""The run directory: the one module that knows what a run writes and how it is read back.
+
+A run directory (``ofe train --out_dir DIR``) holds:
+
+============================  ====================================================================
+``config.json``               the resolved :class:`~ofe.train.TrainConfig`; its presence makes DIR a run
+``tokenizer.json``            the tokenizer the run trained with
+``metrics.jsonl``             one JSON record per logged step (``docs/training.md`` lists the keys)
+``tb/``                       the same scalars as TensorBoard events
+``checkpoint.pt``             the resumable state (weights, optimiser, RNG, decomposition tracker)
+``model.safetensors``         the final weights: written last, so its presence means *finished*
+``quant.json``                ``ofe quantize``'s result (optional)
+``DIVERGED``                  why training stopped on a non-finite loss (a sweep's result, optional)
+``sweep_run.json``            the unresolved settings a sweep gave the run (sweeps only)
+``.lock``                     held (``flock``) by the process that trains in DIR; holds its pid
+============================  ====================================================================
+
+Every file is written atomically (:func:`ofe.io.atomic_write`), so a kill at any instant leaves
+either the old file or the new one. Reading a missing or malformed file raises :class:`RunDirError`
+naming it. :meth:`RunDir.state` answers whether a directory is a new, resumable, finished, diverged
+or broken run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import pickle
+import shutil
+import warnings
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from torch import nn
+
+from ofe.errors import OfeError
+from ofe.io import LockHeld, atomic_write, exclusive_lock
+
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tb"
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "model.safetensors"
+QUANT = "quant.json"
+DIVERGED = "DIVERGED"
+SWEEP_SETTINGS = "sweep_run.json"
+LOCK = ".lock"
+
+# What a checkpoint must hold to resume a run.
+CHECKPOINT_KEYS = frozenset({"step", "model", "optimizer", "rng", "config"})
+
+
+class RunDirError(OfeError):
+    """A run directory, or a file in it, that is missing, malformed or in use."""
+
+
+class CheckpointError(RunDirError):
+    """A checkpoint that is missing, corrupt, truncated or from another run."""
+
+
+class RunState(str, enum.Enum):
+    NEW = "new"  # no run yet (the directory may not exist)
+    RESUMABLE = "resumable"  # a run that has not written its final weights
+    FINISHED = "finished"  # the final weights exist
+    DIVERGED = "diverged"  # training stopped on a non-finite loss (DIVERGED holds why)
+    BROKEN = "broken"  # run files without a readable config.json
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise RunDirError(f"{path} is missing")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path} is not valid JSON ({e})") from None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory at ``path`` (which need not exist yet)."""
+
+    path: Path
+
+    def __init__(self, path: str | Path) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # ---- what is where ----------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / TOKENIZER
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / TENSORBOARD
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS
+
+    @property
+    def quant_path(self) -> Path:
+        return self.path / QUANT
+
+    # ---- state ------------------------------------------------------------------------------------
+    def holds_run(self) -> bool:
+        return self.config_path.is_file()
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint_path.is_file()
+
+    def is_finished(self) -> bool:
+        return self.holds_run() and self.weights_path.is_file()
+
+    def has_quant(self) -> bool:
+        return self.quant_path.is_file()
+
+    def state(self) -> RunState:
+        """What the directory holds; reads only ``config.json`` (to tell a broken run)."""
+        if not self.holds_run():
+            leftovers = [p.name for p in (self.checkpoint_path, self.weights_path) if p.exists()]
+            return RunState.BROKEN if leftovers else RunState.NEW
+        try:
+            config = _read_json(self.config_path)
+        except RunDirError:
+            return RunState.BROKEN
+        if not isinstance(config, dict):
+            return RunState.BROKEN
+        if (self.path / DIVERGED).is_file():
+            return RunState.DIVERGED
+        return RunState.FINISHED if self.weights_path.is_file() else RunState.RESUMABLE
+
+    # ---- creating a run ------------------------------------------------------------------------
+    def create(self) -> None:
+        """Make the directory and check that it is writable (before anything is trained)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise RunDirError(f"output directory {self.path} is not writable: {e.strerror or e}") from None
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run's lock for the duration; a second holder gets :class:`RunDirError` naming our pid."""
+        self.create()
+        try:
+            with exclusive_lock(self.path / LOCK):
+                yield
+        except LockHeld as e:
+            raise RunDirError(f"run {self.path} is in use by pid {e.pid}") from None
+
+    # ---- config and tokenizer -------------------------------------------------------------------
+    def read_config(self) -> dict[str, Any]:
+        """The saved config as a dict (turning it into a typed config is the caller's job)."""
+        if not self.config_path.is_file():
+            raise RunDirError(f"{self.path} is not an ofe run directory ({CONFIG} missing)")
+        config = _read_json(self.config_path)
+        if not isinstance(config, dict):
+            raise RunDirError(f"{self.config_path} does not hold a table of settings")
+        return config
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        _write_json(self.config_path, config)
+
+    def write_tokenizer(self, source: Path) -> None:
+        atomic_write(self.tokenizer_path, lambda tmp: shutil.copyfile(source, tmp))
+
+    # ---- metrics ------------------------------------------------------------------------------------
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """Every record of ``metrics.jsonl`` (none if it does not exist yet).
+
+        A torn last line (the process was killed mid-write) is dropped with a warning: the step it
+        described is logged again when the run resumes. A malformed line elsewhere is an error.
+        """
+        if not self.metrics_path.is_file():
+            return []
+        lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or "step" not in record:
+                    raise ValueError("not a record with a step")
+            except ValueError as e:
+                if number == len(lines):
+                    warnings.warn(f"{self.metrics_path}: dropped a torn last line (the run was interrupted mid-write)",
+                                  stacklevel=2)
+                    break
+                raise RunDirError(f"{self.metrics_path} line {number} is malformed ({e})") from None
+            records.append(record)
+        return records
+
+    def truncate_metrics(self, before_step: int) -> None:
+        """Keep only the records with ``step < before_step`` (those before the checkpoint resumed from)."""
+        if self.metrics_path.is_file():
+            keep = [r for r in self.read_metrics() if r["step"] < before_step]
+            atomic_write(self.metrics_path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in keep)))
+
+    def open_metrics(self) -> TextIO:
+        """``metrics.jsonl`` opened for appending one record per line."""
+        return self.metrics_path.open("a")
+
+    # ---- checkpoint and weights ---------------------------------------------------------------
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        missing = CHECKPOINT_KEYS - set(state)
+        if missing:
+            raise ValueError(f"checkpoint state lacks {sorted(missing)}")
+        atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        """Load with ``weights_only=True`` (no code runs); any damage becomes a one-line :class:`CheckpointError`."""
+        path = self.checkpoint_path
+        if not path.is_file():
+            raise CheckpointError(f"no checkpoint at {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+            raise CheckpointError(f"checkpoint {path} is corrupt or truncated "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
+            have = set(state) if isinstance(state, dict) else set()
+            raise CheckpointError(f"checkpoint {path} lacks {sorted(CHECKPOINT_KEYS - have)}: not an ofe checkpoint")
+        return state
+
+    def save_weights(self, model: nn.Module) -> None:
+        from safetensors.torch import save_model
+
+        atomic_write(self.weights_path, lambda tmp: save_model(model, str(tmp)))
+
+    def load_weights(self, model: nn.Module) -> nn.Module:
+        """Load the final weights into ``model`` (built from the run's config)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_model
+
+        if not self.weights_path.is_file():
+            raise RunDirError(f"{self.path} has no {WEIGHTS}: the run has not finished")
+        try:
+            load_model(model, str(self.weights_path))
+        except (SafetensorError, RuntimeError, OSError) as e:
+            raise RunDirError(f"{self.weights_path} does not load into the run's model: "
+                              f"{str(e).splitlines()[0]}") from None
+        return model
+
+    # ---- results beside the run -----------------------------------------------------------------
+    def read_quant(self) -> dict[str, Any] | None:
+        """``ofe quantize``'s result, or None if the run was not quantised."""
+        if not self.quant_path.is_file():
+            return None
+        quant = _read_json(self.quant_path)
+        if not isinstance(quant, dict):
+            raise RunDirError(f"{self.quant_path} does not hold a quantisation result")
+        return quant
+
+    def write_quant(self, result: dict[str, Any]) -> None:
+        _write_json(self.quant_path, result)
+
+    def read_diverged(self) -> str | None:
+        path = self.path / DIVERGED
+        return path.read_text().strip() if path.is_file() else None
+
+    def write_diverged(self, reason: str) -> None:
+        atomic_write(self.path / DIVERGED, lambda tmp: tmp.write_text(reason.strip() + "\n"))
+
+    def read_sweep_settings(self) -> dict[str, Any] | None:
+        path = self.path / SWEEP_SETTINGS
+        return _read_json(path) if path.is_file() else None
+
+    def write_sweep_settings(self, settings: dict[str, Any]) -> None:
+        _write_json(self.path / SWEEP_SETTINGS, settings)
+
+
+def find_runs(folder: str | Path) -> list[RunDir]:
+    """``folder`` itself if it holds a run, else the runs directly below it, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RunDirError(f"{folder} does not exist or is not a directory")
+    if RunDir(folder).holds_run():
+        return [RunDir(folder)]
+    runs = [RunDir(d) for d in sorted(folder.iterdir()) if d.is_dir() and RunDir(d).holds_run()]
+    if not runs:
+        raise RunDirError(f"{folder} holds no run (no {CONFIG} in it or its sub-directories)")
+    return runs

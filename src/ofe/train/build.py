@@ -1,0 +1,230 @@
+"""Turn a :class:`TrainConfig` into the parts a run needs, one short function per part.
+
+:func:`build` is the only entry point: it checks the run directory, prepares the data, resolves the
+config against it, writes (or checks) the saved config, builds the model, optimiser, monitor and
+kurtosis-update tracker, and restores them from the checkpoint when resuming. The loop
+(:mod:`ofe.train.loop`) takes the :class:`Parts` and knows nothing of how any of them is made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ofe import config as C
+from ofe.data import TokenData, check_lengths, prepare, val_windows
+from ofe.errors import OfeError
+from ofe.models import GPT
+from ofe.monitor import KurtosisUpdateTracker, OutlierMonitor
+from ofe.optim import build_optimizer
+from ofe.run_dir import CheckpointError, RunDir, RunState
+from ofe.train import distributed as D
+from ofe.train.config import TrainConfig, incompatible_keys, saved_config
+
+
+class TrainError(OfeError):
+    """A user-facing training problem: output directory, resume mismatch, batch layout."""
+
+
+@dataclass
+class Parts:
+    """Everything a run is made of; built by :func:`build`, used by the loop."""
+
+    cfg: TrainConfig  # resolved against the data (vocabulary size, block defaults)
+    env: D.DistEnv
+    run: RunDir
+    data: TokenData
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    ddp: nn.Module  # the model, wrapped in DDP when there are several processes
+    forward: nn.Module  # what the loop calls: ``ddp``, compiled if asked
+    monitor: OutlierMonitor
+    tracker: KurtosisUpdateTracker | None  # main process only; None when disabled
+    val: torch.Tensor  # this process's validation windows (B, T + 1)
+    start: int  # updates already done
+    resuming: bool
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Sequences per micro-step over all processes."""
+        return self.cfg.batch_size // self.cfg.grad_accum
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.micro_batch_size // self.env.world_size
+
+
+def check_run_dir(cfg: TrainConfig, run: RunDir) -> None:
+    """The output directory contract, checked before anything is written."""
+    state = run.state()
+    if cfg.resume:
+        if state is RunState.NEW:
+            raise TrainError(f"cannot resume: {run} holds no run")
+        if state is RunState.BROKEN:
+            raise TrainError(f"cannot resume {run}: its saved config is missing or unreadable")
+        return
+    if state is not RunState.NEW:
+        raise TrainError(f"{run} already holds a run; pass --resume to continue it or choose another --out_dir")
+
+
+def check_batch_layout(cfg: TrainConfig, env: D.DistEnv) -> None:
+    if cfg.batch_size % (env.world_size * cfg.grad_accum):
+        raise TrainError(f"batch_size {cfg.batch_size} is not divisible by processes x grad_accum = "
+                         f"{env.world_size} x {cfg.grad_accum}")
+
+
+def build_data(cfg: TrainConfig, env: D.DistEnv, log: Callable[..., None]) -> TokenData:
+    """The tokenised corpus: prepared by the main process first, then mapped by the others."""
+    if env.is_main:
+        data = prepare(cfg.data, log=log)
+    D.barrier()
+    if not env.is_main:
+        data = prepare(cfg.data, log=log)
+    return data
+
+
+def resolve(cfg: TrainConfig, data: TokenData) -> TrainConfig:
+    """Fix what depends on the data (the vocabulary size) and resolve the block's defaults."""
+    model = C.from_dict(type(cfg.model), {**C.to_dict(cfg.model), "vocab_size": data.vocab_size}).resolved()
+    check_lengths(data, model.seq_len)
+    return dataclasses.replace(cfg, model=model)
+
+
+def start_run(cfg: TrainConfig, run: RunDir, data: TokenData) -> None:
+    """A new run: the tokenizer, then the config (whose presence makes the directory a run)."""
+    run.write_tokenizer(data.tokenizer_file)
+    run.write_config(C.to_dict(cfg))
+
+
+def load_resume_state(cfg: TrainConfig, run: RunDir, data: TokenData) -> dict[str, Any] | None:
+    """Check that ``cfg`` continues the saved run; its checkpoint, or None (start again at step 0)
+    when the run was stopped before its first checkpoint."""
+    saved = saved_config(run.read_config())
+    bad = incompatible_keys(saved, C.to_dict(cfg))
+    if bad:
+        raise TrainError(f"cannot resume {run}: the config differs from the saved run in {', '.join(bad)}")
+    if not run.tokenizer_path.is_file():
+        run.write_tokenizer(data.tokenizer_file)
+    if not run.has_checkpoint():
+        return None
+    state = run.load_checkpoint()
+    if incompatible_keys(saved_config(_checkpoint_config(state, run)), saved):
+        raise CheckpointError(f"checkpoint in {run} belongs to a different config")
+    return state
+
+
+def _checkpoint_config(state: dict[str, Any], run: RunDir) -> dict[str, Any]:
+    try:
+        config = json.loads(state["config"])
+    except (TypeError, ValueError):
+        config = None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint in {run} holds no readable config")
+    return config
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+def build_model(cfg: TrainConfig, env: D.DistEnv) -> GPT:
+    if env.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return GPT(cfg.model).to(env.device)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def restore(state: dict[str, Any] | None, model: GPT, optimizer: torch.optim.Optimizer, env: D.DistEnv) -> int:
+    """Load the checkpoint's weights, optimiser and RNG state; the step to start from."""
+    if state is None:
+        return 0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"], env.device)
+    return int(state["step"])
+
+
+def wrap_model(model: GPT, cfg: TrainConfig, env: D.DistEnv) -> tuple[nn.Module, nn.Module]:
+    """``(ddp, forward)``: DDP over processes when there are several, compiled if asked.
+    The monitor's hooks must be attached before this."""
+    ddp: nn.Module = model
+    if env.world_size > 1:
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return ddp, (torch.compile(ddp) if cfg.compile else ddp)
+
+
+def validation_windows(cfg: TrainConfig, data: TokenData) -> torch.Tensor:
+    """All validation windows ``(eval_batches * batch_size, T + 1)``, the same for every process."""
+    return val_windows(data.val, cfg.eval_batches * cfg.batch_size, cfg.model.seq_len)
+
+
+def local_share(val: torch.Tensor, env: D.DistEnv) -> torch.Tensor:
+    per_rank = math.ceil(len(val) / env.world_size)
+    return val[env.rank * per_rank : (env.rank + 1) * per_rank]
+
+
+def build_tracker(cfg: TrainConfig, model: GPT, val: torch.Tensor, env: D.DistEnv,
+                  state: dict[str, Any] | None) -> KurtosisUpdateTracker | None:
+    """Kurtosis-update terms on fixed validation sequences (main process only)."""
+    if not cfg.decomposition_sequences or not env.is_main:
+        return None
+    tracker = KurtosisUpdateTracker(model, val[: cfg.decomposition_sequences, :-1].to(env.device))
+    if state is not None and "decomposition" in state:
+        tracker.load_state_dict(state["decomposition"])
+    return tracker
+
+
+def build(cfg: TrainConfig, env: D.DistEnv, run: RunDir, log: Callable[..., None]) -> Parts:
+    """Every part of the run, restored from its checkpoint when resuming. The main process must
+    hold ``run``'s lock."""
+    check_batch_layout(cfg, env)
+    if env.is_main:
+        check_run_dir(cfg, run)
+        run.create()
+    D.barrier()
+    data = build_data(cfg, env, log)
+    cfg = resolve(cfg, data)
+    state = None
+    if cfg.resume:
+        state = load_resume_state(cfg, run, data) if env.is_main else _checkpoint_or_none(run)
+    elif env.is_main:
+        start_run(cfg, run, data)
+    seed_everything(cfg.seed)
+    model = build_model(cfg, env)
+    optimizer = build_optimizer(cfg.optim, model)
+    start = restore(state, model, optimizer, env)
+    monitor = OutlierMonitor(model, every=cfg.monitor_interval)  # hooks before DDP / compile
+    ddp, forward = wrap_model(model, cfg, env)
+    val = validation_windows(cfg, data)
+    tracker = build_tracker(cfg, model, val, env, state)
+    return Parts(cfg, env, run, data, model, optimizer, ddp, forward, monitor, tracker, local_share(val, env),
+                 start, resuming=cfg.resume)
+
+
+def _checkpoint_or_none(run: RunDir) -> dict[str, Any] | None:
+    """Other processes read the checkpoint the main process has checked."""
+    return run.load_checkpoint() if run.has_checkpoint() else None

@@ -231,3 +231,17 @@ def test_resolved_config_is_explicit_and_stable():
     c = tiny(block="op").resolved()
     assert c.resolved() == c
     assert all(getattr(c, f.name) is not None for f in dataclasses.fields(c) if f.name not in ("attn_softcap", "layerscale"))
+
+
+def test_block_table_drives_choices_defaults_and_errors():
+    from ofe.models import BLOCKS
+
+    assert BLOCK_TYPES == tuple(BLOCKS)
+    for name, spec in BLOCKS.items():
+        cfg = GPTConfig(block=name, n_layer=4).resolved()
+        assert cfg.final_norm == spec.final_norm and cfg.first_norm == spec.first_norm
+        assert cfg.beta == (0.5 if spec.beta_inv_sqrt_depth else 1.0)
+    from ofe import config as C
+
+    with pytest.raises(ConfigError, match="'pre-foo' is not one of 'pre-ln' \\| 'post-ln'"):
+        C.from_dict(GPTConfig, {"block": "pre-foo"})

@@ -210,7 +210,7 @@ def claim_c7(runs: list[Run]) -> tuple[str, str]:
 
 
 def _residual_sqnr(run: Run) -> float | None:
-    """Mean over layers of the W8A8 model's residual-stream SQNR (dB), from quant.json."""
+    """Mean over layers of the W8A8 model's residual-stream SQNR (dB), from its quantisation result."""
     layers = (run.quant or {}).get("layers") or []
     return float(np.mean([row["sqnr_db"] for row in layers])) if layers else None
 

@@ -1,0 +1,129 @@
+"""The package's structure: no import cycle between ofe's parts, training never imports analysis,
+one module knows the run directory's file names, every user-facing error derives from OfeError."""
+
+import ast
+import importlib
+import inspect
+import pkgutil
+from pathlib import Path
+
+import pytest
+
+import ofe
+from ofe.errors import OfeError
+
+SRC = Path(ofe.__file__).parent
+
+
+def _part(module: str) -> str:
+    """``ofe.train.loop`` -> ``train``; ``ofe.run_dir`` -> ``run_dir``."""
+    return module.split(".")[1]
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    """Every ``ofe.*`` module that ``path`` imports, at any depth of the file (lazy imports too)."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("ofe.")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative import
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                name = f"{base}.{node.module}" if node.module else base
+            else:
+                name = node.module or ""
+            if name.startswith("ofe."):
+                found.add(name)
+            elif name == "ofe":
+                found |= {f"ofe.{a.name}" for a in node.names}
+    return found
+
+
+def part_graph() -> dict[str, set[str]]:
+    """Which of ofe's parts (sub-packages and top-level modules) import which others."""
+    graph: dict[str, set[str]] = {}
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC.parent).with_suffix("")
+        module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        if module == "ofe" or module == "ofe.__main__":
+            continue
+        src = _part(module)
+        graph.setdefault(src, set())
+        graph[src] |= {_part(m) for m in _imports(path, module) if _part(m) != src}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle as a list of nodes (first == last), or None."""
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_cycle_between_ofe_parts():
+    graph = part_graph()
+    assert {"train", "analysis", "monitor", "run_dir", "optim", "models"} <= set(graph)
+    assert find_cycle(graph) is None, find_cycle(graph)
+
+
+def test_training_depends_on_measurement_not_on_analysis():
+    graph = part_graph()
+    assert not graph["train"] & {"analysis", "report", "experiment", "cli"}
+    assert "monitor" in graph["train"] and "run_dir" in graph["train"]
+    assert not graph["monitor"] & {"train", "analysis", "quant", "report", "experiment"}
+    assert not graph["metrics"] - {"errors", "config"}  # metrics know nothing of models or training
+    assert not graph["run_dir"] - {"errors", "io"}
+
+
+@pytest.mark.parametrize("literal", ["config.json", "checkpoint.pt", "metrics.jsonl", "model.safetensors",
+                                     "quant.json", "sweep_run.json", "DIVERGED"])
+def test_one_module_names_each_run_directory_file(literal):
+    """No string in any other module (code or docstring) names a run-directory file."""
+    def strings(path):
+        return [n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)
+                and isinstance(n.value, str)]
+    holders = sorted(str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if any(literal in s for s in strings(p)))
+    assert holders == ["run_dir.py"], holders
+
+
+def _all_modules():
+    return [importlib.import_module(m.name) for m in pkgutil.walk_packages(ofe.__path__, "ofe.")
+            if m.name != "ofe.__main__"]
+
+
+def test_every_ofe_error_class_derives_from_ofe_error():
+    errors = {obj for mod in _all_modules() for _, obj in inspect.getmembers(mod, inspect.isclass)
+              if issubclass(obj, Exception) and obj.__module__.startswith("ofe.")}
+    names = {e.__name__ for e in errors}
+    assert {"ConfigError", "CorpusError", "TrainError", "NonFiniteLoss", "RunDirError", "CheckpointError",
+            "QuantError", "AuditError", "RunError", "ReportError"} <= names
+    outside = {e.__name__ for e in errors if not issubclass(e, OfeError)} - {"LockHeld"}  # internal signal, caught
+    assert not outside, outside
+
+
+def test_cli_catches_one_error_type():
+    tree = ast.parse((SRC / "cli.py").read_text())
+    caught = {ast.unparse(h.type) for h in ast.walk(tree) if isinstance(h, ast.ExceptHandler) and h.type is not None}
+    assert caught == {"OfeError", "KeyboardInterrupt"}

@@ -1,0 +1,194 @@
+"""The run directory: state, validated reads, torn logs, the lock (real processes), runs from ofe 0.1,
+and the kill windows around the first checkpoint and the final weights."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ofe.analysis import load_runs
+from ofe.cli import main
+from ofe.run_dir import CheckpointError, RunDir, RunDirError, RunState, find_runs
+from ofe.train import build_train_config, train
+from ofe.train import loop as loop_module
+
+FIXTURE = Path(__file__).parent / "fixtures" / "run_v0_1"
+TIMING = {"tokens_per_s"}
+
+
+def quiet(*_a, **_k):
+    pass
+
+
+def strip_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def tiny(out, corpus, **kw):
+    data = {"out_dir": str(out), "preset": "tiny", "steps": 6, "batch_size": 4, "eval_interval": 3, "eval_batches": 1,
+            "monitor_interval": 2, "ckpt_interval": 100, "progress": False, "data": {"corpus": str(corpus)}, **kw}
+    return build_train_config(data)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_state_follows_what_the_directory_holds(tmp_path):
+    run = RunDir(tmp_path / "run")
+    assert run.state() is RunState.NEW  # does not exist
+    run.create()
+    assert run.state() is RunState.NEW
+    run.write_config({"seed": 0})
+    assert run.state() is RunState.RESUMABLE and run.read_config() == {"seed": 0}
+    run.weights_path.write_bytes(b"")
+    assert run.state() is RunState.FINISHED
+    run.write_diverged("loss became nan at step 3")
+    assert run.state() is RunState.DIVERGED and run.read_diverged() == "loss became nan at step 3"
+    run.config_path.write_text("{not json")
+    assert run.state() is RunState.BROKEN
+    other = RunDir(tmp_path / "other")
+    other.create()
+    other.checkpoint_path.write_bytes(b"x")  # run files without a config
+    assert other.state() is RunState.BROKEN
+    assert not list(run.path.glob(".*.tmp"))  # atomic writes leave no temporary file
+
+
+def test_missing_or_malformed_files_are_errors_naming_the_file(tmp_path):
+    run = RunDir(tmp_path)
+    with pytest.raises(RunDirError, match="not an ofe run directory"):
+        run.read_config()
+    run.config_path.write_text("[1, 2]")
+    with pytest.raises(RunDirError, match=str(run.config_path)):
+        run.read_config()
+    run.quant_path.write_text("{")
+    with pytest.raises(RunDirError, match="quant.json is not valid JSON"):
+        run.read_quant()
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        run.load_checkpoint()
+    torch.save({"step": 1}, run.checkpoint_path)
+    with pytest.raises(CheckpointError, match="not an ofe checkpoint"):
+        run.load_checkpoint()
+    with pytest.raises(RunDirError, match="has not finished"):
+        run.load_weights(torch.nn.Linear(2, 2))
+
+
+def test_torn_last_metrics_line_is_dropped_and_a_torn_middle_line_is_an_error(tmp_path):
+    run = RunDir(tmp_path)
+    run.metrics_path.write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.9}\n{"step": 2, "lo')
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert [r["step"] for r in run.read_metrics()] == [0, 1]
+    with pytest.warns(UserWarning):
+        run.truncate_metrics(1)
+    assert run.read_metrics() == [{"step": 0, "loss": 1.0}]
+    run.metrics_path.write_text('{"step": 0}\ngarbage\n{"step": 2}\n')
+    with pytest.raises(RunDirError, match="line 2 is malformed"):
+        run.read_metrics()
+
+
+def test_find_runs(tmp_path):
+    for name in ("b", "a"):
+        RunDir(tmp_path / name).create()
+        RunDir(tmp_path / name).write_config({})
+    (tmp_path / "not-a-run").mkdir()
+    assert [r.path.name for r in find_runs(tmp_path)] == ["a", "b"]
+    assert find_runs(tmp_path / "a") == [RunDir(tmp_path / "a")]
+    with pytest.raises(RunDirError, match="holds no run"):
+        find_runs(tmp_path / "not-a-run")
+    with pytest.raises(RunDirError, match="does not exist"):
+        find_runs(tmp_path / "missing")
+
+
+HOLD_LOCK = """
+import sys
+from ofe.run_dir import RunDir
+with RunDir(sys.argv[1]).lock():
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_a_run_in_use_is_refused_naming_the_pid(tmp_path, small_corpus, capsys):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = ["train", "--out_dir", str(out), "--preset", "tiny", "--steps", "2", "--batch_size", "4",
+                "--progress", "false", "--data.corpus", str(small_corpus)]
+        assert main(args) == 2
+        assert f"in use by pid {holder.pid}" in capsys.readouterr().err
+        assert RunDir(out).state() is RunState.NEW  # nothing was written
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert main(args) == 0  # released when its holder exits
+
+
+def test_a_run_from_ofe_0_1_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, capsys):
+    """tests/fixtures/run_v0_1 was written by ofe 0.1.0 (flat optimiser options, its own checkpoint
+    layout; see make.py there): a SOAP run stopped after its step-3 checkpoint, and the final weights
+    and metrics of the same run uninterrupted."""
+    work = tmp_path / "old"
+    shutil.copytree(FIXTURE, work)
+    monkeypatch.chdir(work)
+    assert RunDir("interrupted").state() is RunState.RESUMABLE
+    assert main(["train", "--out_dir", "interrupted", "--resume", "true", "--progress", "false"]) == 0
+    assert same_weights(Path("interrupted/model.safetensors"), Path("reference/model.safetensors"))
+    assert strip_timing(RunDir("interrupted").read_metrics()) == strip_timing(RunDir("reference").read_metrics())
+    # a moved run resumes too (the output directory is where it is now, not where it was made)
+    shutil.copytree(FIXTURE / "interrupted", work / "moved")
+    assert main(["train", "--out_dir", "moved", "--resume", "true", "--progress", "false"]) == 0
+    assert same_weights(Path("moved/model.safetensors"), Path("reference/model.safetensors"))
+    # and the old run loads for analysis with its options in today's groups
+    runs = load_runs(["interrupted"])
+    assert runs[0].settings["optim.rotation.precondition_frequency"] == 2
+    assert main(["quantize", "interrupted", "--sweep", "false"]) == 0
+
+
+def test_killed_before_the_first_checkpoint_resumes_from_step_0(tmp_path, small_corpus, monkeypatch):
+    train(tiny(tmp_path / "whole", small_corpus), log=quiet)
+    original = loop_module.Trainer._train_step
+
+    def killed_at_step_3(self, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(loop_module.Trainer, "_train_step", killed_at_step_3)
+    broken = tmp_path / "broken"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(broken, small_corpus), log=quiet)
+    assert RunDir(broken).state() is RunState.RESUMABLE and not RunDir(broken).has_checkpoint()
+    monkeypatch.setattr(loop_module.Trainer, "_train_step", original)
+    train(tiny(broken, small_corpus, resume=True), log=quiet)
+    assert same_weights(tmp_path / "whole" / "model.safetensors", broken / "model.safetensors")
+    assert strip_timing(RunDir(broken).read_metrics()) == strip_timing(RunDir(tmp_path / "whole").read_metrics())
+
+
+def test_killed_before_the_final_weights_resume_completes_them(tmp_path, small_corpus, monkeypatch):
+    train(tiny(tmp_path / "whole", small_corpus), log=quiet)
+
+    def killed(self, model):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "save_weights", killed)
+    broken = tmp_path / "broken"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(broken, small_corpus), log=quiet)
+    assert RunDir(broken).load_checkpoint()["step"] == 6 and RunDir(broken).state() is RunState.RESUMABLE
+    monkeypatch.undo()
+    train(tiny(broken, small_corpus, resume=True), log=quiet)
+    assert RunDir(broken).state() is RunState.FINISHED
+    assert same_weights(tmp_path / "whole" / "model.safetensors", broken / "model.safetensors")
+    assert strip_timing(RunDir(broken).read_metrics()) == strip_timing(RunDir(tmp_path / "whole").read_metrics())
+
+
+def test_empty_out_dir_is_refused(capsys):
+    assert main(["train", "--out_dir", "", "--steps", "1"]) == 2
+    assert "out_dir" in capsys.readouterr().err

@@ -20,13 +20,13 @@ from _timing import interleaved, ratio_ci
 
 def build(args, out_dir: str, sequences: int):
     from ofe.train import build_train_config
-    from ofe.train.loop import Trainer
+    from ofe.train.loop import build_trainer
 
     cfg = build_train_config({
         "out_dir": out_dir, "preset": args.preset, "steps": 10**6, "batch_size": args.batch_size, "progress": False,
         "monitor_interval": args.every, "decomposition_sequences": sequences, "device": args.device,
     })
-    trainer = Trainer(cfg, log=lambda *a, **k: None)
+    trainer = build_trainer(cfg, log=lambda *a, **k: None)
     step = iter(range(1, 10**9))
 
     def one_step() -> None:

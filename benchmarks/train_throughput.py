@@ -23,7 +23,7 @@ from _timing import interleaved, ratio_ci
 
 def build_ofe(args, out_dir: str):
     from ofe.train import build_train_config
-    from ofe.train.loop import Trainer
+    from ofe.train.loop import build_trainer
 
     model = {"block": args.block}
     if args.match_gpt2:
@@ -32,7 +32,7 @@ def build_ofe(args, out_dir: str):
         "out_dir": out_dir, "preset": args.preset, "steps": 10**6, "batch_size": args.batch_size, "progress": False,
         "monitor_interval": args.monitor_interval, "model": model, "device": args.device,
     })
-    trainer = Trainer(cfg, log=lambda *a, **k: None)
+    trainer = build_trainer(cfg, log=lambda *a, **k: None)
     counter = iter(range(1, 10**9))  # skip step 0 so the monitor's share is its steady-state one
     return trainer, (lambda: trainer._train_step(next(counter))), trainer.data.train
 

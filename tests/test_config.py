@@ -95,3 +95,20 @@ class WithDefaultInstance:
 def test_partial_table_overrides_the_field_default_instance():
     cfg = C.from_dict(WithDefaultInstance, {"inner": {"rate": 2.0}})
     assert cfg.inner == Inner(width=3, rate=2.0)
+
+
+def test_preset_is_checked_in_one_place_and_a_default_model_follows_its_preset():
+    import ofe
+    from ofe.models import PRESETS
+    from ofe.train import TrainConfig, build_train_config
+
+    assert TrainConfig(preset="tiny").model == GPTConfig(**PRESETS["tiny"])
+    with pytest.raises(C.ConfigError, match="unknown model preset 'nope'"):
+        TrainConfig(preset="nope", model=GPTConfig(n_layer=2))
+    cfg = build_train_config({"preset": "tiny", "model": {"n_layer": 3}})
+    assert (cfg.model.n_layer, cfg.model.d_model) == (3, 32)  # preset, then model.* on top
+    from pathlib import Path
+
+    src = Path(ofe.__file__).parent
+    holders = sorted(str(p.relative_to(src)) for p in src.rglob("*.py") if "unknown model preset" in p.read_text())
+    assert holders == ["models/config.py"]

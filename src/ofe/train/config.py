@@ -50,7 +50,9 @@ class TrainConfig:
             raise ConfigError(f"config key 'decomposition_sequences' must be >= 0, got {self.decomposition_sequences}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
-        preset_fields(self.preset)
+        preset_model = preset_fields(self.preset)
+        if self.model == GPTConfig():  # left at its default: the preset's model, so the two agree
+            object.__setattr__(self, "model", GPTConfig(**preset_model))
         if not self.out_dir.strip():
             raise ConfigError("config key 'out_dir' is empty; name the run's directory")
 

@@ -59,7 +59,7 @@ class Trainer:
         self.cfg = parts.cfg
         self.env = parts.env
         self.model, self.optimizer, self.monitor, self.tracker = parts.model, parts.optimizer, parts.monitor, parts.tracker
-        self.forward, self.ddp, self.val = parts.forward, parts.ddp, parts.val
+        self.forward, self.ddp, self.val, self.data = parts.forward, parts.ddp, parts.val, parts.data
         self.start = parts.start
         self.log = log if self.env.is_main else (lambda *a, **k: None)
 
@@ -186,6 +186,12 @@ class Trainer:
         self.log(f"done: val_loss {final['val_loss']:.4f}, max kurtosis {max(final.get('kurtosis', [float('nan')])):.3f}; "
                  f"wrote {run_dir}")
         return final
+
+
+def build_trainer(cfg: TrainConfig, log: Callable[..., None] = print) -> Trainer:
+    """A :class:`Trainer` for ``cfg`` that the caller steps itself (benchmarks, notebooks); it
+    writes the run's config and tokenizer but takes no lock. :func:`train` is the normal way."""
+    return Trainer(build(cfg, D.setup(cfg.device), RunDir(cfg.out_dir), log), log=log)
 
 
 def train(cfg: TrainConfig, log: Callable[..., None] = print) -> dict[str, Any]:

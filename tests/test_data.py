@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from ofe.data import (
     BPETokenizer,
@@ -142,3 +143,23 @@ def test_random_windows_are_seeded_slices():
     assert (((w1[:, 1:] - w1[:, :-1]) % 256) == 1).all()
     with pytest.raises(CorpusError, match="fewer than"):
         random_windows(tokens[:10], 1, 16, seed=0)
+
+
+def test_bos_windows_start_with_the_bos_token_then_the_same_text():
+    tokens = np.arange(1000, dtype=np.uint8) % 200
+    plain = train_batch(tokens, 4, 16, seed=3, step=7)
+    bos = train_batch(tokens, 4, 16, seed=3, step=7, bos_id=256)
+    assert bos.shape == plain.shape == (4, 17)
+    assert (bos[:, 0] == 256).all() and torch.equal(bos[:, 1:], plain[:, :-1])  # same starts, one token less text
+    val = val_windows(tokens, 3, 16, bos_id=256)
+    assert (val[:, 0] == 256).all() and torch.equal(val[:, 1:], val_windows(tokens, 3, 16)[:, :-1])
+
+
+def test_bos_grows_the_vocabulary_and_trains(tmp_path, small_corpus):
+    from ofe.run_dir import RunDir
+    from ofe.train import build_train_config, train
+
+    cfg = build_train_config({"out_dir": str(tmp_path / "run"), "preset": "tiny", "steps": 2, "batch_size": 4,
+                              "eval_batches": 1, "progress": False, "data": {"corpus": str(small_corpus), "bos": True}})
+    train(cfg, log=lambda *a: None)
+    assert RunDir(tmp_path / "run").read_config()["model"]["vocab_size"] == 257

@@ -38,6 +38,9 @@ class DataConfig:
     tokenizer: Literal["byte", "bpe"] = field("byte", "byte-level (vocab 256) or BPE trained on the training split")
     bpe_vocab_size: int = field(8192, "BPE vocabulary size")
     cache_dir: str = field("", "token cache directory; empty: $OFE_CACHE or ~/.cache/ofe")
+    bos: bool = field(False, "start every window with a BOS token (id = the tokenizer's vocabulary size, so the "
+                             "model's vocabulary grows by one): a consistent first token, where attention sinks "
+                             "and massive activations form")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -58,10 +61,12 @@ class TokenData:
     tokenizer: Tokenizer
     meta: dict
     directory: Path
+    bos_id: int | None = None  # prepended to every window when DataConfig.bos
 
     @property
     def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
+        """The model's vocabulary: the tokenizer's, plus the BOS token if there is one."""
+        return self.tokenizer.vocab_size + (self.bos_id is not None)
 
     @property
     def tokenizer_file(self) -> Path:
@@ -84,7 +89,10 @@ def prepare(cfg: DataConfig, log=print) -> TokenData:
     directory = cfg.resolved_cache_dir() / cache_key(cfg, corpus.fingerprint())
     if not (directory / "meta.json").exists():
         _build(cfg, corpus, directory, log)
-    return load_token_data(directory)
+    data = load_token_data(directory)
+    if cfg.bos:
+        data.bos_id = data.tokenizer.vocab_size
+    return data
 
 
 def load_token_data(directory: Path) -> TokenData:
@@ -141,20 +149,26 @@ def _encode_to_file(tok: Tokenizer, texts: list[str], path: Path, dtype: np.dtyp
         return total
 
 
-def train_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int, micro: int = 0) -> torch.Tensor:
-    """``batch_size`` random windows of ``seq_len + 1`` tokens for ``(seed, step, micro)``: int64 ``(B, T+1)``."""
+def train_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int, micro: int = 0,
+                bos_id: int | None = None) -> torch.Tensor:
+    """``batch_size`` random windows of ``seq_len + 1`` tokens for ``(seed, step, micro)``: int64 ``(B, T+1)``.
+    With ``bos_id`` each window is that token followed by ``seq_len`` tokens of text."""
     rng = np.random.default_rng([seed, step, micro])
     starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
-    return _gather(tokens, starts, seq_len + 1)
+    return _gather(tokens, starts, seq_len + 1, bos_id)
 
 
-def val_windows(tokens: np.ndarray, n: int, seq_len: int) -> torch.Tensor:
-    """A fixed validation set: ``n`` evenly spaced windows of ``seq_len + 1`` tokens, ``(n, T+1)``."""
+def val_windows(tokens: np.ndarray, n: int, seq_len: int, bos_id: int | None = None) -> torch.Tensor:
+    """A fixed validation set: ``n`` evenly spaced windows of ``seq_len + 1`` tokens, ``(n, T+1)`` (the
+    first one ``bos_id`` if given)."""
     starts = np.linspace(0, len(tokens) - seq_len - 1, n).round().astype(np.int64)
-    return _gather(tokens, starts, seq_len + 1)
+    return _gather(tokens, starts, seq_len + 1, bos_id)
 
 
-def _gather(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:
+def _gather(tokens: np.ndarray, starts: np.ndarray, length: int, bos_id: int | None = None) -> torch.Tensor:
+    if bos_id is not None:
+        text = _gather(tokens, starts, length - 1)
+        return torch.cat([torch.full((len(starts), 1), bos_id, dtype=torch.int64), text], dim=1)
     return torch.from_numpy(np.stack([np.asarray(tokens[s : s + length], dtype=np.int64) for s in starts]))
 
 

@@ -55,8 +55,8 @@ def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0
     data = prepare(cfg.data, log=log)
     T = cfg.model.seq_len
     n_eval = eval_sequences or cfg.eval_batches * cfg.batch_size
-    windows = val_windows(data.val, n_eval, T)
-    calib = [train_batch(data.train, qcfg.calib_batch_size, T, qcfg.seed, step=i)[:, :-1]
+    windows = val_windows(data.val, n_eval, T, bos_id=data.bos_id)
+    calib = [train_batch(data.train, qcfg.calib_batch_size, T, qcfg.seed, step=i, bos_id=data.bos_id)[:, :-1]
              for i in range(qcfg.calib_batches)]
     fp_ppl = perplexity(model, windows)
     probe = windows[: min(16, len(windows)), :-1]

@@ -179,7 +179,7 @@ def wrap_model(model: GPT, cfg: TrainConfig, env: D.DistEnv) -> tuple[nn.Module,
 
 def validation_windows(cfg: TrainConfig, data: TokenData) -> torch.Tensor:
     """All validation windows ``(eval_batches * batch_size, T + 1)``, the same for every process."""
-    return val_windows(data.val, cfg.eval_batches * cfg.batch_size, cfg.model.seq_len)
+    return val_windows(data.val, cfg.eval_batches * cfg.batch_size, cfg.model.seq_len, bos_id=data.bos_id)
 
 
 def local_share(val: torch.Tensor, env: D.DistEnv) -> torch.Tensor:

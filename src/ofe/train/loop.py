@@ -71,7 +71,8 @@ class Trainer:
 
     def _micro_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.parts
-        full = train_batch(p.data.train, p.micro_batch_size, self.cfg.model.seq_len, self.cfg.seed, step, micro)
+        full = train_batch(p.data.train, p.micro_batch_size, self.cfg.model.seq_len, self.cfg.seed, step, micro,
+                           bos_id=p.data.bos_id)
         local = full[self.env.rank * p.local_batch_size : (self.env.rank + 1) * p.local_batch_size].to(self.env.device)
         return local[:, :-1], local[:, 1:]
 

@@ -192,3 +192,41 @@ def test_killed_before_the_final_weights_resume_completes_them(tmp_path, small_c
 def test_empty_out_dir_is_refused(capsys):
     assert main(["train", "--out_dir", "", "--steps", "1"]) == 2
     assert "out_dir" in capsys.readouterr().err
+
+
+def test_divergence_keeps_the_last_checkpoint_whose_loss_was_finite(tmp_path, small_corpus, monkeypatch, capsys):
+    """The step-4 checkpoint holds the weights that give a NaN at step 4: it is dropped, step 2's is kept."""
+    real = loop_module.lm_loss
+    state = {"train_forwards": 0}
+
+    def poisoned(logits, targets):
+        loss = real(logits, targets)
+        if torch.is_grad_enabled():
+            state["train_forwards"] += 1
+            if state["train_forwards"] == 5:  # the forward of step 4
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(loop_module, "lm_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(loop_module.NonFiniteLoss, match="newest checkpoint \\(step 4\\) gave it and was dropped; "
+                                                        "the one of step 2"):
+        train(tiny(out, small_corpus, ckpt_interval=2), log=quiet)
+    assert RunDir(out).load_checkpoint()["step"] == 2
+    assert not (out / "checkpoint.prev.pt").exists()
+
+
+def test_a_finite_loss_retires_the_previous_checkpoint(tmp_path, small_corpus):
+    out = tmp_path / "run"
+    train(tiny(out, small_corpus, ckpt_interval=2), log=quiet)
+    assert RunDir(out).load_checkpoint()["step"] == 6 and not (out / "checkpoint.prev.pt").exists()
+
+
+def test_a_kill_between_setting_aside_and_renaming_loads_the_previous_checkpoint(tmp_path):
+    run = RunDir(tmp_path)
+    state = {"step": 2, "model": {}, "optimizer": {}, "rng": {}, "config": "{}"}
+    run.save_checkpoint(state)
+    run.save_checkpoint({**state, "step": 4})
+    assert (tmp_path / "checkpoint.prev.pt").exists() and run.load_checkpoint()["step"] == 4
+    run.checkpoint_path.unlink()  # as if killed after the old one was set aside
+    assert run.has_checkpoint() and run.load_checkpoint()["step"] == 2

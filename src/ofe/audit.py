@@ -68,19 +68,22 @@ def load_model(model_dir: Path):
     if not model_dir.is_dir() or not hf_config.is_file():
         raise AuditError(f"{model_dir} is not a model directory (no {hf_config.name})")
     try:
-        config = tf.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        config = tf.AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise AuditError(f"{hf_config} cannot be read: {str(e).splitlines()[0]}") from None
+    if getattr(config, "auto_map", None):  # code shipped in the directory: never run it
+        raise AuditError(f"{model_dir} asks to run its own Python code (auto_map in {hf_config.name}); "
+                         "ofe audit only loads architectures built into transformers")
     kind = SUPPORTED.get(config.model_type)
     if kind is None:
         raise AuditError(f"unsupported architecture '{config.model_type}'; supported: {', '.join(SUPPORTED)}")
     cls = tf.AutoModelForCausalLM if kind == "causal" else tf.AutoModel
     try:
-        model = cls.from_pretrained(model_dir, local_files_only=True).eval()
+        model = cls.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False).eval()
     except (OSError, ValueError, RuntimeError) as e:
         raise AuditError(f"cannot load the weights in {model_dir}: {str(e).splitlines()[0]}") from None
     try:
-        tokenizer = tf.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        tokenizer = tf.AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
         # transformers may build an empty tokenizer from a config alone: it must encode real text
         if len(tokenizer) < 2 or not tokenizer("def f(x):\n    return x", add_special_tokens=False)["input_ids"]:
             tokenizer = None

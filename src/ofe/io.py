@@ -4,14 +4,41 @@ and exclusive locks that die with their process."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ofe.errors import OfeError
+
+
+class DiskFullError(OfeError):
+    """A write failed because the disk (or the user's quota) is full."""
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path) -> Iterator[None]:
+    """Turn a full disk or quota while writing ``path`` into one :class:`DiskFullError` line."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"cannot write {path}: {os.strerror(e.errno).lower()}; free some space and "
+                                "re-run (with --resume for a run)") from None
+        raise
+
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename over ``path``: a crash leaves the old file intact."""
+    """Call ``write(tmp_path)``, fsync, then rename over ``path``: a crash leaves the old file intact.
+    A full disk is a :class:`DiskFullError` naming ``path``; the old file is left as it was."""
+    with disk_errors(path):
+        _atomic_write(path, write)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
@@ -57,3 +84,17 @@ def exclusive_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+PAUSE_ENV = "OFE_PAUSE_AT"
+
+
+def pause_point(name: str) -> None:
+    """A named instant at which tests kill the process with a real signal.
+
+    When ``$OFE_PAUSE_AT`` equals ``name`` the process says so on stderr and stops itself
+    (``SIGSTOP``), so a test can send ``SIGKILL`` or ``SIGINT`` (then ``SIGCONT``) at exactly this
+    instant, with no sleep-based race. A no-op otherwise."""
+    if os.environ.get(PAUSE_ENV) == name:
+        print(f"ofe: paused at {name}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)

@@ -8,6 +8,7 @@ A run directory (``ofe train --out_dir DIR``) holds:
 ``metrics.jsonl``             one JSON record per logged step (``docs/training.md`` lists the keys)
 ``tb/``                       the same scalars as TensorBoard events
 ``checkpoint.pt``             the resumable state (weights, optimiser, RNG, decomposition tracker)
+``checkpoint.prev.pt``        the one before, until the newest one's weights have given a finite loss
 ``model.safetensors``         the final weights: written last, so its presence means *finished*
 ``quant.json``                ``ofe quantize``'s result (optional)
 ``DIVERGED``                  why training stopped on a non-finite loss (a sweep's result, optional)
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import os
 import pickle
 import shutil
 import warnings
@@ -39,13 +41,14 @@ import torch
 from torch import nn
 
 from ofe.errors import OfeError
-from ofe.io import LockHeld, atomic_write, exclusive_lock
+from ofe.io import LockHeld, atomic_write, exclusive_lock, pause_point
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"  # kept until the newest checkpoint's weights give a finite loss
 WEIGHTS = "model.safetensors"
 QUANT = "quant.json"
 DIVERGED = "DIVERGED"
@@ -129,9 +132,6 @@ class RunDir:
     # ---- state ------------------------------------------------------------------------------------
     def holds_run(self) -> bool:
         return self.config_path.is_file()
-
-    def has_checkpoint(self) -> bool:
-        return self.checkpoint_path.is_file()
 
     def is_finished(self) -> bool:
         return self.holds_run() and self.weights_path.is_file()
@@ -228,14 +228,45 @@ class RunDir:
 
     # ---- checkpoint and weights ---------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Write the checkpoint; the one it replaces is kept as the previous checkpoint until
+        :meth:`confirm_checkpoint` (a crash at any instant leaves one of the two loadable)."""
         missing = CHECKPOINT_KEYS - set(state)
         if missing:
             raise ValueError(f"checkpoint state lacks {sorted(missing)}")
-        atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+        previous = self.path / PREVIOUS_CHECKPOINT
+
+        def write(tmp: Path) -> None:
+            torch.save(state, tmp)
+            if self.checkpoint_path.exists():
+                os.replace(self.checkpoint_path, previous)
+                pause_point("checkpoint-set-aside")
+
+        atomic_write(self.checkpoint_path, write)
+
+    def confirm_checkpoint(self) -> None:
+        """The newest checkpoint's weights gave a finite loss: the previous one is no longer needed."""
+        (self.path / PREVIOUS_CHECKPOINT).unlink(missing_ok=True)
+
+    def revert_checkpoint(self) -> bool:
+        """The newest checkpoint's weights gave a non-finite loss: put the previous one back (True),
+        or remove the newest if there is none before it (False)."""
+        previous = self.path / PREVIOUS_CHECKPOINT
+        if previous.exists():
+            os.replace(previous, self.checkpoint_path)
+            return True
+        self.checkpoint_path.unlink(missing_ok=True)
+        return False
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint_path.is_file() or (self.path / PREVIOUS_CHECKPOINT).is_file()
 
     def load_checkpoint(self) -> dict[str, Any]:
-        """Load with ``weights_only=True`` (no code runs); any damage becomes a one-line :class:`CheckpointError`."""
+        """Load with ``weights_only=True`` (no code runs); any damage becomes a one-line :class:`CheckpointError`.
+        If a kill fell between setting the old checkpoint aside and renaming the new one into place,
+        the old one is loaded."""
         path = self.checkpoint_path
+        if not path.is_file() and (self.path / PREVIOUS_CHECKPOINT).is_file():
+            path = self.path / PREVIOUS_CHECKPOINT
         if not path.is_file():
             raise CheckpointError(f"no checkpoint at {path}")
         try:
@@ -293,6 +324,17 @@ class RunDir:
 
     def write_sweep_settings(self, settings: dict[str, Any]) -> None:
         _write_json(self.path / SWEEP_SETTINGS, settings)
+
+
+def check_name(name: str, what: str) -> str:
+    """``name`` if it is safe as one directory name below a folder of runs: not empty, no path
+    separator, not ``.``/``..``, no leading dot (hidden), no control characters."""
+    bad = (not name or name in (".", "..") or name.startswith(".") or "/" in name or "\\" in name
+           or any(ord(c) < 32 for c in name))
+    if bad:
+        raise RunDirError(f"{what} {name!r} cannot name a run directory (one path component: no '/', no '..', "
+                          "no leading '.')")
+    return name
 
 
 def find_runs(folder: str | Path) -> list[RunDir]:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ofe.config import ConfigError, field
+from ofe.io import disk_errors
 from ofe.data.corpus import CorpusError, is_validation, open_corpus
 from ofe.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -88,7 +89,8 @@ def prepare(cfg: DataConfig, log=print) -> TokenData:
     corpus = open_corpus(cfg.corpus, cfg.glob, cfg.text_field)
     directory = cfg.resolved_cache_dir() / cache_key(cfg, corpus.fingerprint())
     if not (directory / "meta.json").exists():
-        _build(cfg, corpus, directory, log)
+        with disk_errors(directory):
+            _build(cfg, corpus, directory, log)
     data = load_token_data(directory)
     if cfg.bos:
         data.bos_id = data.tokenizer.vocab_size

@@ -39,7 +39,7 @@ from ofe import config as C
 from ofe.config import ConfigError
 from ofe.io import LockHeld, exclusive_lock
 from ofe.quant import quantize_run
-from ofe.run_dir import RunDir, RunState
+from ofe.run_dir import RunDir, RunState, check_name
 from ofe.train import NonFiniteLoss, TrainConfig, build_train_config, train
 from ofe.train.config import RESUME_MUTABLE
 
@@ -63,7 +63,7 @@ class Sweep:
 
 def _value_label(value: Any) -> str:
     text = "-".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-    return text.replace("/", "-").replace(" ", "")
+    return text.replace("/", "-").replace("\\", "-").replace(" ", "")  # a path value names one directory
 
 
 def run_name(point: dict[str, Any], variant: str | None) -> str:
@@ -102,7 +102,7 @@ def parse_spec(spec: dict[str, Any], out_dir: str | None = None) -> Sweep:
             raise ConfigError("every sweep variant needs a 'name'")
         for values in itertools.product(*grid.values()):
             point = dict(zip(grid, values))
-            name = run_name(point, vname)
+            name = check_name(run_name(point, vname), f"sweep run name (variant {vname!r}, grid {point})")
             settings = json.loads(json.dumps(base))
             for key, value in [*((k, v) for k, v in variant.items() if k != "name"), *point.items()]:
                 C.set_dotted(settings, key, value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -99,12 +100,49 @@ class ReportError(OfeError, ValueError):
     """An output directory the report may not replace."""
 
 
-def write_report(runs: list[Run], out_dir: str | Path, title: str = "Outlier features report") -> list[ClaimResult]:
-    """Write ``report.md``, ``summary.json`` and ``figures/*.png`` under ``out_dir``, atomically:
-    everything is drawn into a temporary directory that replaces ``out_dir`` only when complete."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.md").is_file())):
+REPORT_FILES = ("report.md", "summary.json")  # with figures/<FIGURES files>: all a report writes
+
+
+def _check_report_dir(out: Path) -> None:
+    """``out`` may be new, empty, or a report this writer made (its summary.json has our keys)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ReportError(f"{out} exists and is not a directory; choose another --out_dir")
+    if not any(out.iterdir()):
+        return
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+        ours = isinstance(summary, dict) and {"runs", "claims", "figures"} <= set(summary)
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
         raise ReportError(f"{out} exists and is not an ofe report; choose another --out_dir")
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the report's own files from ``tmp`` into ``out`` one by one (each an atomic rename);
+    figures of an earlier report that this one did not draw are removed; nothing else is touched."""
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    known = {fig.file for fig in FIGURES.values()}
+    for name in known:
+        new, old = tmp / "figures" / name, out / "figures" / name
+        if new.exists():
+            os.replace(new, old)
+        elif old.exists():
+            old.unlink()
+    for name in REPORT_FILES[::-1]:  # summary.json first: report.md last, once the rest is in place
+        os.replace(tmp / name, out / name)
+
+
+def write_report(runs: list[Run], out_dir: str | Path, title: str = "Outlier features report") -> list[ClaimResult]:
+    """Write ``report.md``, ``summary.json`` and ``figures/*.png`` under ``out_dir``.
+
+    Everything is drawn into a temporary sibling directory first; only when it is complete are the
+    report's own files moved in, each atomically. Other files in ``out_dir`` are never touched, and
+    a directory that is not an ofe report is refused."""
+    out = Path(out_dir)
+    _check_report_dir(out)
     groups = label_runs(runs)
     rows = [run_row(r) for r in runs]
     claims = evaluate_claims(runs)
@@ -125,12 +163,9 @@ def write_report(runs: list[Run], out_dir: str | Path, title: str = "Outlier fea
         (tmp / "report.md").write_text("\n".join(md) + "\n")
         summary = {"runs": rows, "claims": [c.__dict__ for c in claims], "figures": [fig.file for fig in made]}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
+        _install(tmp, out)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return claims
 
 
@@ -138,7 +173,8 @@ def write_report(runs: list[Run], out_dir: str | Path, title: str = "Outlier fea
 class ReportOptions:
     """Options of ``ofe report``."""
 
-    out_dir: str = C.field("report", "directory for report.md, summary.json and figures/ (replaced if it holds a report)")
+    out_dir: str = C.field("report", "directory for report.md, summary.json and figures/ (an earlier report's files "
+                                     "there are replaced; nothing else in it is touched)")
     title: str = C.field("Outlier features report", "title of report.md")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ofe.io import disk_errors
 from ofe.run_dir import RunDir
 
 
@@ -22,6 +23,7 @@ class RunLogger:
             return
         if resuming:
             run.truncate_metrics(start_step)
+        self._path = run.metrics_path
         self._file = run.open_metrics()
         from torch.utils.tensorboard import SummaryWriter
 
@@ -30,8 +32,9 @@ class RunLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        with disk_errors(self._path):
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         step = record["step"]
         for key, value in record.items():
             if key == "step":

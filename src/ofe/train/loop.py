@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ofe import config as C
 from ofe.data import train_batch
+from ofe.io import pause_point
 from ofe.models import lm_loss
 from ofe.optim import lr_at
 from ofe.run_dir import RunDir
@@ -61,6 +62,11 @@ class Trainer:
         self.model, self.optimizer, self.monitor, self.tracker = parts.model, parts.optimizer, parts.monitor, parts.tracker
         self.forward, self.ddp, self.val, self.data = parts.forward, parts.ddp, parts.val, parts.data
         self.start = parts.start
+        # steps of the newest checkpoint and the one before; the newest is "unverified" until the
+        # weights it holds have given a finite loss
+        self.last_checkpoint: int | None = parts.start if parts.resuming and parts.start else None
+        self.previous_checkpoint: int | None = None
+        self.unverified_checkpoint: int | None = self.last_checkpoint
         self.log = log if self.env.is_main else (lambda *a, **k: None)
 
     # ---- pieces of a step ----------------------------------------------------------------------
@@ -108,10 +114,33 @@ class Trainer:
         loss_value, norm_value = D.mean_across_ranks(torch.stack([loss_sum, grad_norm.float()])).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             raise NonFiniteLoss(f"loss became {loss_value} (gradient norm {norm_value}) at step {step}; "
-                                f"stopped before the update; the last good checkpoint in {self.parts.run} is kept")
+                                f"stopped before the update; {self._keep_last_finite(step)}")
+        self._checkpoint_verified(step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, stats
+
+    def _checkpoint_verified(self, step: int) -> None:
+        """The weights of step ``step`` gave a finite loss: if they are the newest checkpoint's,
+        the one before it is no longer needed."""
+        if step == self.unverified_checkpoint:
+            if self.env.is_main:
+                self.parts.run.confirm_checkpoint()
+            self.unverified_checkpoint = None
+
+    def _keep_last_finite(self, step: int) -> str:
+        """After a non-finite loss at ``step``: drop the newest checkpoint if it holds the weights that
+        gave it, keeping the last one whose loss was finite; say which step that is."""
+        if self.last_checkpoint is None:
+            return f"no checkpoint was written yet; --resume of {self.parts.run} starts again at step 0"
+        if step != self.unverified_checkpoint:
+            return f"the checkpoint of step {self.last_checkpoint} in {self.parts.run} is kept (its loss was finite)"
+        if self.env.is_main and self.parts.run.revert_checkpoint():
+            return (f"the newest checkpoint (step {step}) gave it and was dropped; the one of step "
+                    f"{self.previous_checkpoint} in {self.parts.run} is kept (its loss was finite)")
+        if self.env.is_main:
+            return f"the only checkpoint (step {step}) gave it and was dropped; --resume starts again at step 0"
+        return "rank 0 keeps the last checkpoint whose loss was finite"
 
     def _save(self, step: int) -> None:
         if self.env.is_main:
@@ -122,6 +151,7 @@ class Trainer:
             if self.tracker is not None:
                 state["decomposition"] = self.tracker.state_dict()
             self.parts.run.save_checkpoint(state)
+        self.previous_checkpoint, self.last_checkpoint, self.unverified_checkpoint = self.last_checkpoint, step, step
 
     def _decomposition_record(self) -> dict[str, Any]:
         """Kurtosis-update terms since the previous monitored step (fixed inputs), per layer."""
@@ -132,6 +162,8 @@ class Trainer:
         """Validation loss, monitor metrics and decomposition terms of the trained model."""
         cfg = self.cfg
         final = {"step": cfg.steps, "tokens": cfg.steps * tokens_per_step, "val_loss": self.evaluate()}
+        if math.isfinite(final["val_loss"]):
+            self._checkpoint_verified(cfg.steps)
         x, _ = self._micro_batch(cfg.steps, 0)
         with self.monitor.observe(), torch.no_grad(), self._autocast():
             self.forward(x)
@@ -156,6 +188,7 @@ class Trainer:
         last_kurtosis = float("nan")
         try:
             for step in range(self.start, cfg.steps):
+                pause_point(f"step-{step}")
                 t0 = time.perf_counter()
                 lr = lr_at(cfg.optim, step, cfg.steps)
                 for group in self.optimizer.param_groups:
@@ -174,11 +207,13 @@ class Trainer:
                 logger.log(record)
                 if (step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.steps:
                     self._save(step + 1)
+                    pause_point(f"after-checkpoint-{step + 1}")
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", max_kurt=f"{last_kurtosis:.2f}", tok_s=f"{record['tokens_per_s']:.0f}")
             final = self._final_record(tokens_per_step)
             logger.log(final)
             if self.env.is_main:
+                pause_point("before-weights")
                 run_dir.save_weights(self.model)
         finally:
             bar.close()

@@ -1,0 +1,84 @@
+"""Kills with real signals at named instants (``$OFE_PAUSE_AT``, see ``ofe.io.pause_point``): a
+``SIGKILL`` or ``SIGINT`` anywhere leaves a run directory that ``--resume`` finishes with the same
+weights and metrics as a run that was never interrupted."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ofe.cli import main
+from ofe.run_dir import RunDir
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="signals at pause points are tested on Linux")
+
+TIMING = {"tokens_per_s"}
+
+
+def args(out: Path, corpus: Path) -> list[str]:
+    return ["train", "--out_dir", str(out), "--preset", "tiny", "--steps", "6", "--batch_size", "4",
+            "--eval_interval", "3", "--eval_batches", "1", "--monitor_interval", "2", "--ckpt_interval", "2",
+            "--progress", "false", "--data.corpus", str(corpus)]
+
+
+def start_paused(out: Path, corpus: Path, point: str) -> subprocess.Popen:
+    """``ofe train`` in a subprocess, stopped (SIGSTOP) at ``point``."""
+    env = {**os.environ, "OFE_PAUSE_AT": point, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ofe", *args(out, corpus)], env=env, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:
+        if line.strip() == f"ofe: paused at {point}":
+            return proc
+    proc.wait(timeout=60)
+    raise AssertionError(f"never paused at {point} (exit {proc.returncode})")
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, small_corpus_module):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    assert main(args(out, small_corpus_module)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_corpus_module(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(60):
+        body = "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for j in range(40))
+        (root / f"m{i:03d}.py").write_text(f"# module {i}\nimport os\n\n{body}")
+    return root
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]  # noqa: E731
+    assert strip(RunDir(a).read_metrics()) == strip(RunDir(b).read_metrics())
+
+
+@pytest.mark.parametrize("point", ["step-1", "after-checkpoint-4", "checkpoint-set-aside", "before-weights"])
+def test_sigkill_at_a_named_point_then_resume(tmp_path, whole, small_corpus_module, point):
+    out = tmp_path / "run"
+    proc = start_paused(out, small_corpus_module, point)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert not RunDir(out).is_finished()
+    assert main([*args(out, small_corpus_module), "--resume", "true"]) == 0
+    assert_same_run(whole, out)
+
+
+def test_sigint_stops_with_one_line_and_resume_finishes(tmp_path, whole, small_corpus_module):
+    out = tmp_path / "run"
+    proc = start_paused(out, small_corpus_module, "step-3")
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
+    assert proc.wait(timeout=60) == 130
+    err = proc.stderr.read().strip().splitlines()
+    assert err == ["ofe train: interrupted"]
+    assert main([*args(out, small_corpus_module), "--resume", "true"]) == 0
+    assert_same_run(whole, out)

@@ -230,3 +230,29 @@ def test_a_kill_between_setting_aside_and_renaming_loads_the_previous_checkpoint
     assert (tmp_path / "checkpoint.prev.pt").exists() and run.load_checkpoint()["step"] == 4
     run.checkpoint_path.unlink()  # as if killed after the old one was set aside
     assert run.has_checkpoint() and run.load_checkpoint()["step"] == 2
+
+
+def test_a_changed_corpus_is_refused_on_resume_and_a_copied_run_counts_once(tmp_path, small_corpus, monkeypatch,
+                                                                              capsys):
+    out = tmp_path / "run"
+    original = loop_module.Trainer._train_step
+
+    def killed_at_step_4(self, step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(loop_module.Trainer, "_train_step", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(out, small_corpus, ckpt_interval=2), log=quiet)
+    monkeypatch.undo()
+    (small_corpus / "m000.py").write_text("# edited after the run started\n" * 50)
+    assert main(["train", "--out_dir", str(out), "--resume", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "changed since the run started" in err and len(err.strip().splitlines()) == 1
+    sweep = tmp_path / "sweep"
+    train(tiny(sweep / "a", small_corpus), log=quiet)
+    shutil.copytree(sweep / "a", sweep / "b")
+    with pytest.warns(UserWarning, match="is a copy of"):
+        runs = load_runs([sweep])
+    assert [r.path.name for r in runs] == ["a"]

@@ -3,6 +3,8 @@
 A run directory (``ofe train --out_dir DIR``) holds:
 
 ============================  ====================================================================
+``run.json``                  the run's identity: a random ``run_id`` (a copied run keeps it, so a report
+                              counts it once) and the fingerprint of the corpus it trains on
 ``config.json``               the resolved :class:`~ofe.train.TrainConfig`; its presence makes DIR a run
 ``tokenizer.json``            the tokenizer the run trained with
 ``metrics.jsonl``             one JSON record per logged step (``docs/training.md`` lists the keys)
@@ -30,6 +32,7 @@ import json
 import os
 import pickle
 import shutil
+import uuid
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -53,6 +56,7 @@ WEIGHTS = "model.safetensors"
 QUANT = "quant.json"
 DIVERGED = "DIVERGED"
 SWEEP_SETTINGS = "sweep_run.json"
+IDENTITY = "run.json"
 LOCK = ".lock"
 
 # What a checkpoint must hold to resume a run.
@@ -187,6 +191,22 @@ class RunDir:
 
     def write_config(self, config: dict[str, Any]) -> None:
         _write_json(self.config_path, config)
+
+    def read_identity(self) -> dict[str, Any] | None:
+        """``{"run_id", "corpus"}``, or None for a run made before ofe wrote it."""
+        path = self.path / IDENTITY
+        if not path.is_file():
+            return None
+        identity = _read_json(path)
+        if not isinstance(identity, dict) or not isinstance(identity.get("run_id"), str):
+            raise RunDirError(f"{path} does not hold a run identity")
+        return identity
+
+    def write_identity(self, corpus: str, run_id: str | None = None) -> dict[str, Any]:
+        """Record a (new, unless given) run id and the corpus fingerprint."""
+        identity = {"run_id": run_id or uuid.uuid4().hex, "corpus": corpus}
+        _write_json(self.path / IDENTITY, identity)
+        return identity
 
     def write_tokenizer(self, source: Path) -> None:
         atomic_write(self.tokenizer_path, lambda tmp: shutil.copyfile(source, tmp))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ class Run:
     quant: dict[str, Any] | None = None
     diverged: str | None = None  # the reason, when training stopped on a non-finite loss
     label: str = ""  # the configuration, set by :func:`label_runs`
+    run_id: str | None = None  # from the run's identity; a copied run has its original's
     settings: dict[str, Any] = field(default_factory=dict)  # flattened config without IGNORED_KEYS
 
     @property
@@ -146,6 +148,7 @@ def load_run(path: str | Path) -> Run:
         config = saved_config(run.read_config())
         records = run.read_metrics()
         quant = run.read_quant()
+        identity = run.read_identity()
     except C.ConfigError as e:
         raise RunError(f"{run.config_path} is not a valid run config: {e}") from None
     except RunDirError as e:
@@ -154,7 +157,22 @@ def load_run(path: str | Path) -> Run:
     if not diverged and not any("kurtosis" in r for r in records):
         raise RunError(f"{path}: no monitored step in its metrics log (did training start?)")
     settings = {k: v for k, v in _flatten(config).items() if k not in IGNORED_KEYS}
-    return Run(Path(path), config, records, quant, diverged, settings=settings)
+    return Run(Path(path), config, records, quant, diverged, settings=settings,
+               run_id=identity["run_id"] if identity else None)
+
+
+def _without_copies(runs: list[Run]) -> list[Run]:
+    """Each run once: a directory copied from another (same run id) is left out, with a warning."""
+    seen: dict[str, Path] = {}
+    kept = []
+    for run in runs:
+        if run.run_id is not None and run.run_id in seen:
+            warnings.warn(f"{run.path} is a copy of {seen[run.run_id]} (same run id): counted once", stacklevel=3)
+            continue
+        if run.run_id is not None:
+            seen[run.run_id] = run.path
+        kept.append(run)
+    return kept
 
 
 def label_runs(runs: list[Run]) -> dict[str, list[Run]]:
@@ -202,5 +220,6 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
         runs += [load_run(r.path) for r in found]
     if not runs:
         raise RunError("no runs given")
+    runs = _without_copies(runs)
     label_runs(runs)
     return runs

@@ -98,10 +98,27 @@ def resolve(cfg: TrainConfig, data: TokenData) -> TrainConfig:
     return dataclasses.replace(cfg, model=model)
 
 
+def corpus_fingerprint(data: TokenData) -> str:
+    """Names the tokenised corpus: its files (paths, sizes, times) and the tokenisation settings."""
+    return data.directory.name
+
+
 def start_run(cfg: TrainConfig, run: RunDir, data: TokenData) -> None:
-    """A new run: the tokenizer, then the config (whose presence makes the directory a run)."""
+    """A new run: its identity, the tokenizer, then the config (whose presence makes the directory a run)."""
+    run.write_identity(corpus_fingerprint(data))
     run.write_tokenizer(data.tokenizer_file)
     run.write_config(C.to_dict(cfg))
+
+
+def check_corpus(run: RunDir, data: TokenData) -> None:
+    """A run resumes only on the corpus it started on (a run from before run identities gets one)."""
+    identity = run.read_identity()
+    if identity is None:
+        run.write_identity(corpus_fingerprint(data))
+    elif identity.get("corpus") != corpus_fingerprint(data):
+        raise TrainError(f"cannot resume {run}: the corpus {data.meta.get('corpus')!r} changed since the run started "
+                         f"(fingerprint {identity.get('corpus')} -> {corpus_fingerprint(data)}); restore it or start "
+                         "a new run")
 
 
 def load_resume_state(cfg: TrainConfig, run: RunDir, data: TokenData) -> dict[str, Any] | None:
@@ -111,6 +128,7 @@ def load_resume_state(cfg: TrainConfig, run: RunDir, data: TokenData) -> dict[st
     bad = incompatible_keys(saved, C.to_dict(cfg))
     if bad:
         raise TrainError(f"cannot resume {run}: the config differs from the saved run in {', '.join(bad)}")
+    check_corpus(run, data)
     if not run.tokenizer_path.is_file():
         run.write_tokenizer(data.tokenizer_file)
     if not run.has_checkpoint():

@@ -74,14 +74,14 @@ class OptimConfig:
         for name in ("lr", "eps", "weight_decay", "grad_clip", "warmup_frac", "min_lr_frac"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"optim.{name} must be finite, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if not 0 < self.lr <= 10:
+            raise ConfigError(f"optim.lr must be in (0, 10], got {self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
-        if not self.eps > 0:
-            raise ConfigError(f"optim.eps must be positive, got {self.eps}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0")
+        if not 0 < self.eps < 1:
+            raise ConfigError(f"optim.eps must be in (0, 1), got {self.eps}")
+        if not 0 <= self.weight_decay <= 10 or self.grad_clip < 0:
+            raise ConfigError("optim.weight_decay must be in [0, 10] and optim.grad_clip >= 0")
         if not 0.0 <= self.warmup_frac < 1.0 or not 0.0 <= self.min_lr_frac <= 1.0:
             raise ConfigError("optim.warmup_frac must be in [0, 1) and optim.min_lr_frac in [0, 1]")
         unread = [key for key in changed_options(self) if key not in COMMON | OPTIMIZERS[self.name].reads]

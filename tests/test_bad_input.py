@@ -1,0 +1,106 @@
+"""Every subcommand over a table of user mistakes: exit code 2, one line on stderr naming the problem,
+no traceback, and nothing written outside the directory the command was given."""
+
+import json
+import os
+
+import pytest
+
+from ofe.cli import main
+
+
+@pytest.fixture
+def world(tmp_path, small_corpus):
+    """A scratch directory with the files the bad inputs point at; returns a path formatter."""
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bad.toml").write_text("steps = = 3\n")
+    (tmp_path / "unknown.toml").write_text("stepz = 3\n")
+    (tmp_path / "notdir").write_text("a file")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "mine.txt").write_text("user data")
+    run = tmp_path / "unfinished"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"preset": "tiny"}))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    (tmp_path / "spec_unknown.toml").write_text('out_dir = "sw"\nflavour = 1\n')
+    (tmp_path / "spec_escape.toml").write_text('out_dir = "sw"\n[base]\npreset = "tiny"\n[[variants]]\nname = "../escape"\n')
+    (tmp_path / "spec_bad.toml").write_text("[base\n")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{broken")
+    return lambda s: s.format(t=tmp_path, c=small_corpus)
+
+
+TRAIN = "train --out_dir {t}/out --preset tiny --steps 2 --batch_size 4 --progress false --data.corpus {c}"
+CASES = [
+    TRAIN + " --steps abc",
+    TRAIN + " --steps -1",
+    TRAIN + " --optim.lr nan",
+    TRAIN + " --optim.lr inf",
+    TRAIN + " --optim.lr 1e39",
+    TRAIN + " --optim.weight_decay 1e30",
+    TRAIN + " --optim.eps nan",
+    TRAIN + " --optim.grad_clip nan",
+    TRAIN + " --optim.betas 0.9",
+    TRAIN + " --optim.betas 2,3",
+    TRAIN + " --optim.rotation.precondition_frequency 3",
+    TRAIN + " --model.block foo",
+    TRAIN + " --preset nope",
+    TRAIN + " --model.n_head 3",
+    TRAIN + " --batch_size 3 --grad_accum 2",
+    TRAIN + " --data.val_fraction 0",
+    TRAIN + " --data.tokenizer words",
+    TRAIN + " --data.corpus {t}/missing",
+    TRAIN + " --data.corpus {t}/empty.txt",
+    TRAIN + " --config {t}/missing.toml",
+    TRAIN + " --config {t}/bad.toml",
+    TRAIN + " --config {t}/unknown.toml",
+    TRAIN + " --out_dir {t}/notdir",
+    TRAIN + " --out_dir {t}/broken",
+    TRAIN + " --out_dir {t}/unfinished",
+    "train --out_dir {t}/nothing --resume true",
+    "train --out_dir {t}/broken --resume true",
+    "quantize {t}/missing",
+    "quantize {t}/plain",
+    "quantize {t}/unfinished",
+    "quantize {t}/broken",
+    "quantize {t}/unfinished --eval_sequences -1",
+    "report {t}/missing",
+    "report {t}/plain",
+    "report {t}/broken",
+    "sweep {t}/missing.toml",
+    "sweep {t}/spec_bad.toml",
+    "sweep {t}/spec_unknown.toml",
+    "sweep {t}/spec_escape.toml",
+    "audit {t}/missing",
+    "audit {t}/plain",
+    "audit {t}/hf",
+    "reproduce --blocks foo",
+    "reproduce --optimizers sgd",
+    "reproduce --preset nope",
+    "reproduce --steps -5",
+    "zoo --blocks foo",
+    "zoo --preset nope",
+    "zoo --batch_size 0",
+]
+
+
+def _snapshot(root):
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, world, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = world(case).split()
+    before = _snapshot(tmp_path)
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (case, err)
+    assert len(err.splitlines()) == 1 and err.startswith(f"ofe {argv[0]}: error: ") and "Traceback" not in err, err
+    after = _snapshot(tmp_path)
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    allowed = {"out", "out/.lock"}  # a new run's directory and lock may appear before the config is refused
+    assert changed <= allowed, (case, sorted(changed))

@@ -71,3 +71,33 @@ def test_audit_errors_are_one_line(tmp_path, capsys):
     assert main(["audit", str(t5)]) == 2
     err = capsys.readouterr().err.strip()
     assert "unsupported architecture 't5'" in err and "llama" in err and len(err.splitlines()) == 1
+
+
+def test_roberta_positions_are_clamped_and_remote_code_is_refused(tmp_path, capsys):
+    """RoBERTa numbers positions from pad_token_id + 1: 66 embeddings with pad 1 take 64 tokens."""
+    torch.manual_seed(0)
+    model = tf.RobertaModel(tf.RobertaConfig(**{**SMALL, "max_position_embeddings": 66}, intermediate_size=64,
+                                             pad_token_id=1))
+    model.save_pretrained(tmp_path / "roberta")
+    _save_tokenizer(tmp_path / "roberta")
+    args = ["audit", str(tmp_path / "roberta"), "--out_dir", str(tmp_path / "r"), "--sequences", "2", "--seq_len", "65",
+            "--quant.calib_batches", "1", "--quant.calib_batch_size", "2"]
+    assert main(args) == 0
+    assert "seq_len 65 is more than roberta takes: using 64" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r" / "audit.json").read_text())["seq_len"] == 64
+    remote = tmp_path / "remote"
+    _build("gpt2").save_pretrained(remote)
+    config = json.loads((remote / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (remote / "config.json").write_text(json.dumps(config))
+    (remote / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    assert main(["audit", str(remote)]) == 2
+    assert "asks to run its own Python code" in capsys.readouterr().err
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, capsys):
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4))
+    model.save_pretrained(tmp_path / "small-vocab")  # no tokenizer: bytes up to 255 do not fit 100 ids
+    with pytest.warns(UserWarning):
+        assert main(["audit", str(tmp_path / "small-vocab"), "--out_dir", str(tmp_path / "o")]) == 2
+    assert "outside the model's vocabulary of 100" in capsys.readouterr().err

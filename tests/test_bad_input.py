@@ -84,6 +84,7 @@ CASES = [
     "zoo --blocks foo",
     "zoo --preset nope",
     "zoo --batch_size 0",
+    "audit {t}/plain --seq_len 1",
 ]
 
 

@@ -153,7 +153,7 @@ def run_cli(args, capsys):
     [(["--preset", "gpt-9"], "unknown model preset 'gpt-9'"), (["--stepz", "3"], None),
      (["--steps", "ten"], "'steps': expected an integer"), (["--steps", "0"], "'steps' must be positive"),
      (["--batch_size", "-8"], "'batch_size' must be positive"), (["--model.block", "pre-xx"], "'model.block'"),
-     (["--optim.lr", "-1"], "optim.lr must be positive"), (["--data.corpus", "/nonexistent/dir"], "corpus not found")],
+     (["--optim.lr", "-1"], "optim.lr must be in (0, 10]"), (["--data.corpus", "/nonexistent/dir"], "corpus not found")],
 )
 def test_bad_config_is_one_line(tmp_path, capsys, args, needle):
     if needle is None:  # argparse rejects unknown flags itself, with exit code 2

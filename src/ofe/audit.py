@@ -94,11 +94,23 @@ def load_model(model_dir: Path):
     return model, kind, tokenizer
 
 
+def max_positions(config) -> int | None:
+    """The longest sequence the model takes. RoBERTa-style models number positions from
+    ``pad_token_id + 1``, so they take ``max_position_embeddings - pad_token_id - 1`` tokens."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        limit -= (config.pad_token_id or 0) + 1
+    return limit
+
+
 def corpus_windows(tokenizer, vocab_size: int, n: int, seq_len: int) -> torch.Tensor:
     """``n`` consecutive windows of ``seq_len`` tokens from the standard-library corpus, int64 ``(n, T)``."""
     text = read_bytes_sample(stdlib_files(), n * seq_len * 8).decode("utf-8", errors="replace")
     ids = ByteTokenizer().encode(text) if tokenizer is None else tokenizer(text, add_special_tokens=False)["input_ids"]
-    ids = np.asarray(ids, dtype=np.int64) % vocab_size
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.size and ids.max() >= vocab_size:
+        source = "the byte fallback (no usable tokenizer)" if tokenizer is None else "the model's tokenizer"
+        raise AuditError(f"{source} produces token id {int(ids.max())}, outside the model's vocabulary of {vocab_size}")
     if len(ids) < n * seq_len:
         ids = np.resize(ids, n * seq_len)  # a very coarse tokenizer: repeat the sample
     return torch.from_numpy(ids[: n * seq_len].reshape(n, seq_len))
@@ -119,8 +131,10 @@ def audit(model_dir: str | Path, cfg: AuditConfig, log=print) -> dict[str, Any]:
     model_dir = Path(model_dir)
     model, kind, tokenizer = load_model(model_dir)
     config = model.config
-    max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or cfg.seq_len
+    max_len = max_positions(config) or cfg.seq_len
     T = min(cfg.seq_len, max_len)
+    if T < cfg.seq_len:
+        log(f"seq_len {cfg.seq_len} is more than {config.model_type} takes: using {T}")
     q = cfg.quant
     sample = corpus_windows(tokenizer, config.vocab_size, cfg.sequences + q.calib_batches * q.calib_batch_size, T)
     windows = sample[: cfg.sequences]  # evaluation first, then disjoint calibration batches

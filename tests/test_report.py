@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -116,6 +117,23 @@ def test_report_writes_figures_table_and_summary(tmp_path, capsys):
     assert main(["report", str(tmp_path / "runs"), "--out_dir", str(out)]) == 0
     assert main(["report", str(tmp_path / "runs"), "--out_dir", str(tmp_path / "runs")]) == 2
     assert "not an ofe report" in capsys.readouterr().err
+
+
+def test_rewriting_a_report_keeps_the_users_files_and_drops_only_stale_figures(tmp_path, capsys):
+    paper_like(tmp_path / "runs", seeds=(0,))
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path / "runs"), "--out_dir", str(out)]) == 0
+    (out / "notes.txt").write_text("my notes")  # the user's files beside the report
+    (out / "figures" / "my_plot.png").write_bytes(b"mine")
+    shutil.copytree(tmp_path / "runs" / "preln-adamw-0", out / "a-run")
+    for run in (tmp_path / "runs").iterdir():  # no quantisation results now: that figure is stale
+        (run / "quant.json").unlink(missing_ok=True)
+    assert main(["report", str(tmp_path / "runs"), "--out_dir", str(out)]) == 0
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "figures" / "my_plot.png").read_bytes() == b"mine"
+    assert (out / "a-run" / "config.json").is_file()
+    assert not (out / "figures" / "quantisation.png").exists()
+    assert "quantisation.png" not in json.loads((out / "summary.json").read_text())["figures"]
+    assert oct((out / "figures").stat().st_mode & 0o777) != oct(0o700)  # the user's umask, not mkdtemp's
 
 
 def test_report_rejects_what_is_not_a_run(tmp_path, capsys):

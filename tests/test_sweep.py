@@ -132,3 +132,16 @@ def test_a_second_sweep_on_the_same_directory_is_refused(tmp_path, small_corpus,
         assert "another ofe sweep (pid" in capsys.readouterr().err
         fcntl.flock(held, fcntl.LOCK_UN)
     assert not (tmp_path / "sweep" / "op").exists()
+
+
+@pytest.mark.parametrize("variants,grid", [([{"name": "../escape"}], None), ([{"name": ".hidden"}], None),
+                                           (None, {"data.glob": ["..", "*.py"]})])
+def test_names_that_would_escape_the_sweep_folder_are_refused(tmp_path, small_corpus, capsys, variants, grid):
+    s = spec(tmp_path / "sweep", small_corpus)
+    if variants:
+        s["variants"] = variants
+    if grid:
+        s["grid"] = grid
+    assert main(["sweep", str(_write(tmp_path, s)), "--progress", "false"]) == 2
+    assert "cannot name a run directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "spec.json"]  # nothing created

@@ -256,3 +256,29 @@ def test_a_changed_corpus_is_refused_on_resume_and_a_copied_run_counts_once(tmp_
     with pytest.warns(UserWarning, match="is a copy of"):
         runs = load_runs([sweep])
     assert [r.path.name for r in runs] == ["a"]
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_old_checkpoint_survives(tmp_path, small_corpus, monkeypatch,
+                                                                                   capsys):
+    import errno
+
+    out = tmp_path / "run"
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save_until_full(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    args = ["train", "--out_dir", str(out), "--preset", "tiny", "--steps", "6", "--batch_size", "4", "--ckpt_interval",
+            "2", "--eval_batches", "1", "--progress", "false", "--data.corpus", str(small_corpus)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint.pt" in err and "no space left on device" in err, err
+    assert RunDir(out).load_checkpoint()["step"] == 2  # the earlier checkpoint is intact
+    assert not list(out.glob(".*.tmp"))
+    monkeypatch.undo()
+    assert main([*args, "--resume", "true"]) == 0

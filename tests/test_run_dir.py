@@ -282,3 +282,34 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_old_checkpoint_survives
     assert not list(out.glob(".*.tmp"))
     monkeypatch.undo()
     assert main([*args, "--resume", "true"]) == 0
+
+
+def test_resume_after_a_torn_metrics_line_says_so_and_matches(tmp_path, small_corpus, monkeypatch):
+    train(tiny(tmp_path / "whole", small_corpus, ckpt_interval=2), log=quiet)
+    original = loop_module.Trainer._train_step
+
+    def killed_at_step_5(self, step):
+        if step == 5:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(loop_module.Trainer, "_train_step", killed_at_step_5)
+    broken = tmp_path / "broken"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(broken, small_corpus, ckpt_interval=2), log=quiet)
+    monkeypatch.undo()
+    with (broken / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "lr": 0.00')  # killed mid-write
+    with pytest.warns(UserWarning, match="torn last line"):
+        train(tiny(broken, small_corpus, ckpt_interval=2, resume=True), log=quiet)
+    assert same_weights(tmp_path / "whole" / "model.safetensors", broken / "model.safetensors")
+    assert strip_timing(RunDir(broken).read_metrics()) == strip_timing(RunDir(tmp_path / "whole").read_metrics())
+
+
+def test_quantize_reads_and_writes_the_directory_it_is_given(tmp_path, small_corpus):
+    train(tiny(tmp_path / "original", small_corpus), log=quiet)
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+    (tmp_path / "original" / "model.safetensors").unlink()  # the copy must not read the original's weights
+    assert main(["quantize", str(tmp_path / "copy"), "--sweep", "false", "--eval_sequences", "4"]) == 0
+    assert RunDir(tmp_path / "copy").read_quant()["run"] == str(tmp_path / "copy")
+    assert RunDir(tmp_path / "original").read_quant() is None

@@ -266,3 +266,32 @@ def test_update_terms_closed_forms():
     assert t["u2_1"].item() == pytest.approx((2 * s2).mean().item()) and t["u4_2"].item() == pytest.approx((6 * s2**2).mean().item())
     with pytest.raises(ValueError, match="shapes differ"):
         M.kurtosis_update_terms(x, x[:, :4])
+
+
+def test_per_token_outlier_metrics_against_float64_on_a_planted_spike():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, 32, generator=g)
+    x[1, 0, 5] = 80.0  # a massive activation on the first token
+    x[2, 0, 7] = -60.0
+    ref = np.abs(x.double().numpy())
+    assert M.abs_max_median(x).item() == pytest.approx(ref.max() / np.median(ref), rel=1e-6)
+    sub = M.abs_max_median(x, max_elements=101)  # the median on an evenly spaced subset; the max stays exact
+    assert sub.item() == pytest.approx(ref.max() / np.median(ref.reshape(-1)[np.linspace(0, ref.size - 1, 101).round().astype(int)]), rel=1e-6)
+    assert M.top_positions(x, k=2).tolist() == [0, 0]
+    order = np.argsort(-ref.reshape(-1))[:10]
+    assert M.top_positions(x, k=10).tolist() == [int(i % (16 * 32)) // 32 for i in order]
+    assert M.position0_share(x, k=2).item() == 1.0
+    assert M.position0_share(x, k=10).item() == pytest.approx(np.mean([(i % (16 * 32)) // 32 == 0 for i in order]))
+
+
+def test_sink_score_is_the_mass_on_the_first_key():
+    T = 6
+    uniform = torch.tril(torch.ones(T, T))
+    uniform = (uniform / uniform.sum(-1, keepdim=True)).expand(2, 3, T, T)
+    expected = np.mean([1.0 / (t + 1) for t in range(1, T)])
+    assert M.sink_score(uniform).tolist() == pytest.approx([expected] * 3)
+    sink = torch.zeros(1, 2, T, T)
+    sink[..., 0] = 1.0
+    assert M.sink_score(sink).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError):
+        M.sink_score(torch.ones(1, 1, 1, 1))

@@ -28,6 +28,10 @@ __all__ = [
     "input_correlation",
     "attention_entropy",
     "max_abs",
+    "abs_max_median",
+    "top_positions",
+    "position0_share",
+    "sink_score",
     "sequence_max_abs",
     "sequence_kurtosis",
     "int8_token_frac",
@@ -189,6 +193,53 @@ def max_abs(x: Tensor, keep_dims: int = 0) -> Tensor:
     _check(x, keep_dims, 1, "max_abs")
     x = _to_float(x)
     return x.abs().reshape(*x.shape[:keep_dims], -1).amax(-1)
+
+
+def abs_max_median(x: Tensor, max_elements: int | None = 1 << 22) -> Tensor:
+    """The largest ``|x|`` over all entries divided by the median ``|x|`` over all entries: how far
+    the single biggest activation stands above a typical one (massive activations give 10^2-10^4).
+
+    Unlike :func:`max_median_ratio` (a per-token ratio, averaged) this is one global ratio. The max is
+    exact; the median is taken over at most ``max_elements`` evenly spaced entries (None: all; exact
+    for inputs up to that size). Returns a float scalar; inf if the median is zero, NaN if all zero.
+    """
+    _check(x, 0, 1, "abs_max_median")
+    a = _to_float(x).abs().reshape(-1)
+    top = a.amax()
+    if max_elements is not None and a.numel() > max_elements:
+        a = a.index_select(0, _evenly_spaced(a.numel(), max_elements, a.device))
+    return top / _median_last(a)
+
+
+def top_positions(x: Tensor, k: int = 50) -> Tensor:
+    """Sequence positions of the ``k`` largest ``|x|`` entries of ``x`` ``(B, T, d)``: int64 ``(k,)``
+    (fewer if ``x`` has fewer entries), largest first."""
+    _check(x, 0, 3, "top_positions")
+    B, T, d = x.shape[-3:]
+    flat = _to_float(x).abs().reshape(-1, T * d)  # (B', T * d)
+    k = min(k, flat.numel())
+    idx = flat.reshape(-1).topk(k).indices
+    return (idx % (T * d)) // d
+
+
+def position0_share(x: Tensor, k: int = 50) -> Tensor:
+    """Fraction of the ``k`` largest ``|x|`` entries of ``(B, T, d)`` that sit at position 0: 1/T when
+    outliers are spread over tokens, near 1 when they form on the first token (massive activations
+    and attention sinks do). Float scalar."""
+    return (top_positions(x, k) == 0).float().mean()
+
+
+def sink_score(probs: Tensor) -> Tensor:
+    """Per head, the attention mass that queries after the first put on key 0, averaged over those
+    queries and the batch: ``(..., H, T, T)`` -> ``(H,)``. ``1/(t+1)`` on average for uniform causal
+    attention; near 1 for an attention sink."""
+    _check(probs, 0, 3, "sink_score")
+    p = _to_float(probs)
+    if p.shape[-2] < 2:
+        raise ValueError(f"sink_score: needs at least 2 queries, got shape {tuple(p.shape)}")
+    mass = p[..., 1:, 0]  # (..., H, T - 1)
+    H = mass.shape[-2]
+    return mass.mean(-1).reshape(-1, H).mean(0)
 
 
 def _sequences(x: Tensor, keep_dims: int, name: str) -> Tensor:

@@ -25,13 +25,18 @@ ACTIVATION_METRICS: dict[str, Callable[[Tensor], Tensor]] = {
     "seq_max_abs": M.sequence_max_abs,
     "seq_kurtosis": M.sequence_kurtosis,
     "int8_outlier_dims": M.int8_token_frac,  # per-layer token fractions, combined over layers by combine()
+    "abs_max_median": M.abs_max_median,
+    "position0_share": M.position0_share,
 }
-PROBS_METRICS: dict[str, Callable[[Tensor], Tensor]] = {"attention_entropy": M.attention_entropy}
+PROBS_METRICS: dict[str, Callable[[Tensor], Tensor]] = {"attention_entropy": M.attention_entropy,
+                                                        "sink_score": M.sink_score}
 DEFAULT_METRICS = ("kurtosis", "mmr", "input_correlation", "max_abs", "attention_entropy")
 ALL_METRICS = tuple(ACTIVATION_METRICS) + tuple(PROBS_METRICS)
 PROBS_SITE = "attn_probs"
+# What training logs: the defaults plus where the largest activations sit (massive activations, sinks).
+TRAIN_METRICS = DEFAULT_METRICS + ("abs_max_median", "position0_share", "sink_score")
 # Metrics that need a (..., T, d) tensor with T >= 2: skipped for 2-D outputs.
-SEQUENCE_METRICS = frozenset({"input_correlation", "seq_max_abs", "seq_kurtosis"})
+SEQUENCE_METRICS = frozenset({"input_correlation", "seq_max_abs", "seq_kurtosis", "position0_share"})
 
 Results = dict[str, dict[str, Any]]
 Pending = tuple[str, int, str, Tensor]  # (site, layer, metric, result on the device)
@@ -88,7 +93,7 @@ def combine(pending: list[Pending], reduce: Callable[[Tensor], Tensor] | None = 
         if name == "int8_outlier_dims":
             token_frac = torch.tensor(per_layer)  # (L, d)
             results.setdefault(site, {})[name] = int(M.outlier_dims_from_token_frac(token_frac).sum())
-        elif name == "attention_entropy":
+        elif name in PROBS_METRICS:  # one value per head
             results.setdefault(site, {})[name] = per_layer
         else:
             results.setdefault(site, {})[name] = [v[0] for v in per_layer]

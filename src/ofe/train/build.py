@@ -23,7 +23,7 @@ from ofe import config as C
 from ofe.data import TokenData, check_lengths, prepare, val_windows
 from ofe.errors import OfeError
 from ofe.models import GPT
-from ofe.monitor import KurtosisUpdateTracker, OutlierMonitor
+from ofe.monitor import TRAIN_METRICS, KurtosisUpdateTracker, OutlierMonitor
 from ofe.optim import build_optimizer
 from ofe.run_dir import CheckpointError, RunDir, RunState
 from ofe.train import distributed as D
@@ -235,7 +235,7 @@ def build(cfg: TrainConfig, env: D.DistEnv, run: RunDir, log: Callable[..., None
     model = build_model(cfg, env)
     optimizer = build_optimizer(cfg.optim, model)
     start = restore(state, model, optimizer, env)
-    monitor = OutlierMonitor(model, every=cfg.monitor_interval)  # hooks before DDP / compile
+    monitor = OutlierMonitor(model, every=cfg.monitor_interval, metrics=TRAIN_METRICS)  # hooks before DDP / compile
     ddp, forward = wrap_model(model, cfg, env)
     val = validation_windows(cfg, data)
     tracker = build_tracker(cfg, model, val, env, state)

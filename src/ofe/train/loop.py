@@ -40,15 +40,18 @@ class NonFiniteLoss(TrainError):
 
 
 def monitor_record(stats: dict[str, Any] | None) -> dict[str, Any]:
-    """The residual-stream metrics and per-layer attention entropy (mean and lowest head) of a
-    monitor result, as log-record fields."""
+    """The residual-stream metrics, per-layer attention entropy (mean and lowest head) and attention
+    sink score (highest head) of a monitor result, as log-record fields."""
     if not stats:
         return {}
     record = dict(stats.get("resid", {}))
-    heads = stats.get("attn_probs", {}).get("attention_entropy")
+    probs = stats.get("attn_probs", {})
+    heads = probs.get("attention_entropy")
     if heads:
         record["attention_entropy"] = [sum(h) / len(h) for h in heads]
         record["attention_entropy_min"] = [min(h) for h in heads]
+    if probs.get("sink_score"):
+        record["attention_sink"] = [max(h) for h in probs["sink_score"]]
     return record
 
 

@@ -13,7 +13,7 @@ from ofe.report import write_report
 
 
 def make_run(root, name, block, opt, seed, kurt_end, loss_end, lr=1e-2, w8a8=None, w8a4=None, steps=100, layers=3,
-             model=None, diverged=None):
+             model=None, diverged=None, u4_1=0.0, u4_3=0.0):
     """A run whose kurtosis rises linearly from 1.2 to ``kurt_end`` and loss falls to ``loss_end``."""
     d = root / name
     d.mkdir(parents=True)
@@ -35,8 +35,9 @@ def make_run(root, name, block, opt, seed, kurt_end, loss_end, lr=1e-2, w8a8=Non
             rec["input_correlation"] = [0.1 + 0.1 * (x - 1) for x in k]
             if prev is not None:  # m2 = 1, m4 = previous kurtosis; all change in u4_2
                 rec["kurtosis_update"] = {"m2": [1.0] * layers, "m4": prev, "u2_1": [0.0] * layers, "u2_2": [0.0] * layers,
-                                          "u4_1": [0.0] * layers, "u4_2": [a - b for a, b in zip(k, prev)],
-                                          "u4_3": [0.0] * layers, "u4_4": [0.0] * layers, "kurtosis": k}
+                                          "u4_1": [u4_1 * (a - b) for a, b in zip(k, prev)],
+                                          "u4_2": [(1 - u4_1 - u4_3) * (a - b) for a, b in zip(k, prev)],
+                                          "u4_3": [u4_3 * (a - b) for a, b in zip(k, prev)], "u4_4": [0.0] * layers, "kurtosis": k}
             prev = k
         records.append(rec)
     if diverged:
@@ -74,6 +75,25 @@ def test_claims_hold_on_paper_like_runs(tmp_path):
     assert "2/2 pairs" in claims["C4"].evidence
     # Pre-LN + AdamW seed 0: excess over 1 is 6.8 x mean(1, 1.1, 1.2) + 0.2 = 7.68 vs SOAP 0.88: ratio ~8.7
     assert "+5.00% vs +0.20%" in claims["C8"].evidence
+
+
+def test_c9_is_not_held_when_an_opposite_term_is_larger(tmp_path):
+    """u4,2 grows the kurtosis but u4,1 pulls the other way harder: "dominates" is by magnitude."""
+    for s in (0, 1):  # u4_1 = -1.5 x change, u4_2 = 2.5 x change: u4,2 positive, but |u4,1| < |u4,2| -> dominant
+        make_run(tmp_path / "a", f"preln-adamw-{s}", "pre-ln", "adamw", s, 8.0, 2.0, u4_1=-1.5)
+        make_run(tmp_path / "a", f"preln-soap-{s}", "pre-ln", "soap", s, 2.0, 1.5)
+    c9 = by_id(evaluate_claims(load_runs([tmp_path / "a"])))["C9"]
+    assert c9.status == "held", c9.evidence
+    for s in (0, 1):  # u4_1 = +3 x change, u4_2 = -2 x change: a negative u4,2 never dominates growth
+        make_run(tmp_path / "b", f"preln-adamw-{s}", "pre-ln", "adamw", s, 8.0, 2.0, u4_1=3.0)
+        make_run(tmp_path / "b", f"preln-soap-{s}", "pre-ln", "soap", s, 2.0, 1.5, u4_1=3.0)
+    c9 = by_id(evaluate_claims(load_runs([tmp_path / "b"])))["C9"]
+    assert c9.status != "held" and "dominates (positive, largest in magnitude) in 0/2" in c9.evidence, c9.evidence
+    assert "largest other u4,1 +" in c9.evidence
+    for s in (0, 1):  # the issue's case: u4,2 positive (+0.5 x change) but u4,1 (-3 x change) larger in magnitude
+        make_run(tmp_path / "c", f"preln-adamw-{s}", "pre-ln", "adamw", s, 8.0, 2.0, u4_1=-3.0, u4_3=3.5)
+    c9 = by_id(evaluate_claims(load_runs([tmp_path / "c"])))["C9"]
+    assert c9.status == "not held" and "in 0/2" in c9.evidence and "largest other u4,3 +" in c9.evidence, c9.evidence
 
 
 def test_claims_fail_when_the_data_says_the_opposite(tmp_path):

@@ -235,24 +235,41 @@ def claim_c8(runs: list[Run]) -> tuple[str, str]:
     return _status(wins), "perplexity increase, Pre-LN + AdamW vs OP + SOAP: " + "; ".join(lines)
 
 
-def _u4_2_share(run: Run) -> tuple[float, str] | None:
+U4 = ("u4_1", "u4_2", "u4_3", "u4_4")
+
+
+def _u4_terms(run: Run) -> dict[str, float] | None:
+    """Cumulative contribution of each u4 term to the kurtosis change over training, mean over layers."""
     steps, cum = run.decomposition
     if not steps.size:
         return None
-    final = {k: float(v[-1].mean()) for k, v in cum.items()}
-    top = max(("u4_1", "u4_2", "u4_3", "u4_4"), key=lambda k: final[k])
-    return final["u4_2"], top
+    return {k: float(cum[k][-1].mean()) for k in U4}
+
+
+def _u4_2_dominates(terms: dict[str, float]) -> bool:
+    """u4,2 drives growth (positive) and no other u4 term is larger in magnitude, of either sign."""
+    return terms["u4_2"] > 0 and all(abs(terms["u4_2"]) >= abs(terms[k]) for k in U4 if k != "u4_2")
+
+
+def _describe(terms: dict[str, float]) -> str:
+    rival = max((k for k in U4 if k != "u4_2"), key=lambda k: abs(terms[k]))
+    return f"u4,2 {terms['u4_2']:+.1f}, largest other {rival.replace('_', ',')} {terms[rival]:+.1f}"
 
 
 def claim_c9(runs: list[Run]) -> tuple[str, str]:
-    pre = _of(runs, "pre-ln", "adamw")
-    shares = {id(r): _u4_2_share(r) for r in pre}
-    with_terms = [r for r in pre if shares[id(r)] is not None]
-    if not with_terms:
+    """Rule: u4,2 dominates a run when it is positive and at least as large in magnitude as every
+    other u4 term (cumulative contribution to the kurtosis change, mean over layers). Held when it
+    dominates in every Pre-LN + AdamW run and SOAP, a smaller lr and a larger eps each shrink it in
+    every pair that isolates them; partly held when some of these hold; not held when none does."""
+    pre = [(r, t) for r in _of(runs, "pre-ln", "adamw") if (t := _u4_terms(r)) is not None]
+    if not pre:
         return "untested", "no Pre-LN + AdamW run with kurtosis_update records"
-    dominant = [shares[id(r)][1] == "u4_2" for r in with_terms]
-    parts = [f"u4,2 is the largest u4 contribution to the kurtosis change in {sum(dominant)}/{len(dominant)} "
-             f"Pre-LN + AdamW runs"]
+    dominant = [_u4_2_dominates(t) for _, t in pre]
+    parts = [f"u4,2 dominates (positive, largest in magnitude) in {sum(dominant)}/{len(dominant)} Pre-LN + AdamW "
+             f"runs ({'; '.join(f'seed {r.seed}: {_describe(t)}' for r, t in pre)})"]
+    op = [(r, t) for r in _of(runs, "op", "adamw") if (t := _u4_terms(r)) is not None]
+    if op:
+        parts.append(f"OP + AdamW for comparison: {'; '.join(f'seed {r.seed}: {_describe(t)}' for r, t in op)}")
     checks: list[bool] = []
     comparisons = (("SOAP", "optim.name", lambda a, b: a == "adamw" and b == "soap"),
                    ("smaller lr", "optim.lr", lambda a, b: a > b),
@@ -262,14 +279,14 @@ def claim_c9(runs: list[Run]) -> tuple[str, str]:
         for ra, rb in _pairs(runs, key, lambda v: True, lambda v: True):
             if ra.settings.get("model.block") != "pre-ln" or not order(ra.settings[key], rb.settings[key]):
                 continue
-            sa, sb = _u4_2_share(ra), _u4_2_share(rb)
-            if sa and sb:
-                results.append((sb[0] < sa[0], f"{sb[0]:+.1f} vs {sa[0]:+.1f}"))
+            ta, tb = _u4_terms(ra), _u4_terms(rb)
+            if ta and tb:
+                results.append((tb["u4_2"] < ta["u4_2"], f"{tb['u4_2']:+.1f} vs {ta['u4_2']:+.1f}"))
         if results:
             checks += [ok for ok, _ in results]
-            parts.append(f"{name} shrinks it in {sum(ok for ok, _ in results)}/{len(results)} pairs "
+            parts.append(f"{name} shrinks u4,2 in {sum(ok for ok, _ in results)}/{len(results)} pairs "
                          f"({', '.join(t for _, t in results)})")
-    parts.append("values: cumulative kurtosis change from u4,2, mean over layers")
+    parts.append("values: cumulative kurtosis change from each term, mean over layers")
     ok = all(dominant) and checks and all(checks)
     status = "held" if ok else ("partly held" if any(dominant) or any(checks) else "not held")
     return status, "; ".join(parts)

@@ -313,7 +313,10 @@ def test_quantize_reads_and_writes_the_directory_it_is_given(tmp_path, small_cor
     shutil.copytree(tmp_path / "original", tmp_path / "copy")
     (tmp_path / "original" / "model.safetensors").unlink()  # the copy must not read the original's weights
     assert main(["quantize", str(tmp_path / "copy"), "--sweep", "false", "--eval_sequences", "4"]) == 0
-    assert RunDir(tmp_path / "copy").read_quant()["run"] == str(tmp_path / "copy")
+    quant = RunDir(tmp_path / "copy").read_quant()
+    assert quant["run"] == str(tmp_path / "copy")
+    for row in quant["layers"]:  # where the largest activations sit, beside kurtosis and SQNR
+        assert row["abs_max_median"] >= row["max_abs"] / (row["max_abs"] + 1e-9) and 0 <= row["position0_share"] <= 1
     assert RunDir(tmp_path / "original").read_quant() is None
 
 

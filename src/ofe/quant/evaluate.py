@@ -11,7 +11,7 @@ from typing import Any
 from ofe import config as C
 from ofe.data import prepare, train_batch, val_windows
 from ofe.errors import OfeError
-from ofe.metrics import kurtosis
+from ofe.metrics import abs_max_median, kurtosis, position0_share
 from ofe.models import GPT
 from ofe.quant.simulate import QuantConfig, SimulatedQuantModel, block_outputs, perplexity, sqnr_db
 from ofe.run_dir import RunDir
@@ -73,7 +73,9 @@ def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0
         if variant == qcfg:
             main = sim
     quant_hidden = block_outputs(main.model, main.model.blocks, probe)
-    layers = [{"layer": i, "kurtosis": kurtosis(f).item(), "sqnr_db": sqnr_db(f, q)}
+    layers = [{"layer": i, "kurtosis": kurtosis(f).item(), "max_abs": f.abs().max().item(),
+               "abs_max_median": abs_max_median(f).item(), "position0_share": position0_share(f).item(),
+               "sqnr_db": sqnr_db(f, q)}
               for i, (f, q) in enumerate(zip(float_hidden, quant_hidden))]
     return {
         "run": str(run_dir), "block": cfg.model.block, "optimizer": cfg.optim.name,
@@ -89,9 +91,11 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"{result['run']}: {result['block']} + {result['optimizer']}, float perplexity {result['fp_ppl']:.4f}",
              f"{'format':<8} {'perplexity':>11} {'increase':>9}"]
     lines += [f"{f['format']:<8} {f['ppl']:>11.4f} {f['increase_pct']:>+8.2f}%" for f in result["formats"]]
-    lines.append(f"per layer ({result['quant_format']}): {'layer':>5} {'kurtosis':>9} {'SQNR dB':>8}")
-    lines += [f"{'':>{len(result['quant_format']) + 13}}{row['layer']:>5} {row['kurtosis']:>9.3f} {row['sqnr_db']:>8.2f}"
-              for row in result["layers"]]
+    pad = len(result["quant_format"]) + 13
+    lines.append(f"per layer ({result['quant_format']}): {'layer':>5} {'kurtosis':>9} {'max|x|':>8} {'max/med':>8} "
+                 f"{'top@pos0':>8} {'SQNR dB':>8}")
+    lines += [f"{'':>{pad}}{row['layer']:>5} {row['kurtosis']:>9.3f} {row['max_abs']:>8.1f} {row['abs_max_median']:>8.1f} "
+              f"{row['position0_share']:>8.2f} {row['sqnr_db']:>8.2f}" for row in result["layers"]]
     return "\n".join(lines)
 
 

@@ -75,14 +75,15 @@ FIGURES: dict[str, Figure] = {
                                       "(bars: min-max over seeds).", F.final_kurtosis_by_layer),
     "loss_curves": Figure("loss_curves.png", "Training and validation loss.", F.loss_curves),
     "kurtosis_vs_loss": Figure("kurtosis_vs_loss.png", "Kurtosis against training loss: configurations at matched "
-                               "loss (each run from right to left).", F.kurtosis_vs_loss),
+                               "loss (training moves left to right, to lower loss).", F.kurtosis_vs_loss),
     "input_correlation_vs_kurtosis": Figure("input_correlation_vs_kurtosis.png", "Signal propagation: input "
                                             "correlation against kurtosis.", F.correlation_vs_kurtosis),
     "kurtosis_update_terms": Figure("kurtosis_update_terms.png", "Cumulative contribution of each kurtosis-update "
                                     "term to the kurtosis change (fixed validation inputs; mean over layers and seeds).",
                                     lambda g, c, p: F.decomposition(g, p)),
-    "quantisation": Figure("quantisation.png", "Perplexity cost of post-training quantisation against activation "
-                           "bit-width.", F.quantisation),
+    "quantisation": Figure("quantisation.png", "Perplexity cost of post-training quantisation: against "
+                           "activation bit-width (left) and for every format run (right); mean over seeds, error bars "
+                           "min-max.", F.quantisation),
 }
 
 

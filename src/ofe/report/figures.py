@@ -51,8 +51,19 @@ def _log_if_spread(ax, values: np.ndarray) -> None:
         ax.set_yscale("log")
 
 
+def _plain_ticks(ax, axis: str = "y") -> None:
+    """Tick labels as plain numbers (2, 3, 5), not 2x10^0, on a log axis."""
+    def minor(v: float, _pos: int) -> str:  # label 2, 3, 5 (x 10^k) between the decades, no crowding
+        return f"{v:g}" if v > 0 and f"{v:e}"[0] in "235" else ""
+
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}"))
+    target.set_minor_formatter(matplotlib.ticker.FuncFormatter(minor))
+
+
 def _panels(n: int, size: tuple[float, float] = (4.2, 3.2)):
-    cols = min(n, 4)
+    """A grid that fits a page: 2 columns up to 4 panels (2x2), 3 beyond."""
+    cols = min(n, 2 if n <= 4 else 3)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False, sharey=True)
     for ax in axes.flat[n:]:
@@ -121,6 +132,7 @@ def loss_curves(groups: dict[str, list[Run]], colour: dict[str, tuple], path: Pa
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy (nats / token)")
         ax.set_yscale("log")
+        _plain_ticks(ax)
     _legend(ax_v, fig)
     return _save(fig, path)
 
@@ -142,6 +154,7 @@ def kurtosis_vs_loss(groups: dict[str, list[Run]], colour: dict[str, tuple], pat
             ax.plot(x, y, color=colour[label], marker=".", lw=1, alpha=0.85, label=label if i == 0 else None)
     ax.invert_xaxis()  # training moves left to right
     ax.set_xscale("log")
+    _plain_ticks(ax, "x")
     ax.set_xlabel("lowest training loss so far (trailing mean of 20 steps, nats / token)")
     ax.set_ylabel("kurtosis (mean over layers)")
     _log_if_spread(ax, np.array(allk))
@@ -191,21 +204,51 @@ def decomposition(groups: dict[str, list[Run]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+SWEEP_FORMATS = ("W8A8", "W8A6", "W8A5", "W8A4")
+
+
+def _spread(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over seeds (rows) and the (low, high) error-bar lengths of the min-max range."""
+    mean = np.nanmean(values, 0)
+    return mean, np.vstack([mean - np.nanmin(values, 0), np.nanmax(values, 0) - mean])
+
+
 def quantisation(groups: dict[str, list[Run]], colour: dict[str, tuple], path: Path) -> Path | None:
-    order = ["W8A8", "W8A6", "W8A5", "W8A4"]
+    """Left: the activation bit-width sweep (weights 8-bit). Right: every format that was run.
+    Perplexity increase over the float model on a symmetric-log axis (an 8-bit increase can be
+    slightly negative); bars and markers are the mean over seeds, error bars the min-max."""
     have = {label: [r for r in runs if r.quant] for label, runs in groups.items()}
     have = {k: v for k, v in have.items() if v}
     if not have:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    bits = [8, 6, 5, 4]
-    for label, runs in have.items():
-        inc = np.array([[r.quant_increase(f) if r.quant_increase(f) is not None else np.nan for f in order] for r in runs])
+    formats = list(dict.fromkeys(f["format"] for runs in have.values() for r in runs for f in r.quant.get("formats", [])))
+    fig, (ax_b, ax_f) = plt.subplots(1, 2, figsize=(11, 4.2))
+    bits = np.array([8, 6, 5, 4])
+    width = 0.8 / len(have)
+    lowest = 0.0
+    for i, (label, runs) in enumerate(have.items()):
+        inc = np.array([[r.quant_increase(f) if r.quant_increase(f) is not None else np.nan for f in SWEEP_FORMATS]
+                        for r in runs], dtype=float)
         keep = np.isfinite(inc).any(0)
-        ax.plot(np.array(bits)[keep], np.nanmean(inc[:, keep], 0), marker="o", color=colour[label], label=label)
-    ax.set_xlabel("activation bits (weights 8-bit)")
-    ax.set_ylabel("perplexity increase over float (%)")
-    ax.set_yscale("symlog", linthresh=1.0)  # an increase can be slightly negative at 8 bits
-    ax.invert_xaxis()
-    _legend(ax, fig)
+        if keep.any():
+            mean, err = _spread(inc[:, keep])
+            ax_b.errorbar(bits[keep], mean, yerr=err, marker="o", capsize=3, color=colour[label], label=label)
+        per_format = np.array([[r.quant_increase(f) if r.quant_increase(f) is not None else np.nan for f in formats]
+                               for r in runs], dtype=float)
+        mean, err = _spread(per_format)
+        lowest = min(lowest, float(np.nanmin(per_format)))
+        ax_f.bar(np.arange(len(formats)) + (i - (len(have) - 1) / 2) * width, mean, width, yerr=err, capsize=2,
+                 color=colour[label], label=label)
+    ax_b.set_xlabel("activation bits (weights 8-bit, integer per-tensor)")
+    ax_b.set_xticks(bits)
+    ax_b.invert_xaxis()
+    ax_f.set_xticks(np.arange(len(formats)), formats, rotation=30, ha="right")
+    ax_f.set_xlabel("format")
+    for ax in (ax_b, ax_f):
+        ax.set_ylabel("perplexity increase over float (%)")
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.set_ylim(bottom=lowest * 1.5 if lowest < 0 else 0)  # no empty negative half when nothing is negative
+        _plain_ticks(ax)
+        ax.axhline(0, color="grey", lw=0.6)
+    _legend(ax_f, fig)
     return _save(fig, path)

@@ -35,6 +35,21 @@ def tiny(out, corpus, **kw):
     return build_train_config(data)
 
 
+def interrupted_at(monkeypatch, run_cfg, step: int) -> None:
+    """Train ``run_cfg`` with a Ctrl-C at the start of ``step``'s update (as a kill there would)."""
+    original = loop_module.Trainer._train_step
+
+    def killed(self, s):
+        if s == step:
+            raise KeyboardInterrupt
+        return original(self, s)
+
+    monkeypatch.setattr(loop_module.Trainer, "_train_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_cfg, log=quiet)
+    monkeypatch.setattr(loop_module.Trainer, "_train_step", original)
+
+
 def same_weights(a: Path, b: Path) -> bool:
     x, y = load_file(a), load_file(b)
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
@@ -155,19 +170,9 @@ def test_a_run_from_ofe_0_1_resumes_to_the_uninterrupted_weights(tmp_path, monke
 
 def test_killed_before_the_first_checkpoint_resumes_from_step_0(tmp_path, small_corpus, monkeypatch):
     train(tiny(tmp_path / "whole", small_corpus), log=quiet)
-    original = loop_module.Trainer._train_step
-
-    def killed_at_step_3(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(loop_module.Trainer, "_train_step", killed_at_step_3)
     broken = tmp_path / "broken"
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny(broken, small_corpus), log=quiet)
+    interrupted_at(monkeypatch, tiny(broken, small_corpus), 3)
     assert RunDir(broken).state() is RunState.RESUMABLE and not RunDir(broken).has_checkpoint()
-    monkeypatch.setattr(loop_module.Trainer, "_train_step", original)
     train(tiny(broken, small_corpus, resume=True), log=quiet)
     assert same_weights(tmp_path / "whole" / "model.safetensors", broken / "model.safetensors")
     assert strip_timing(RunDir(broken).read_metrics()) == strip_timing(RunDir(tmp_path / "whole").read_metrics())
@@ -237,17 +242,7 @@ def test_a_kill_between_setting_aside_and_renaming_loads_the_previous_checkpoint
 def test_a_changed_corpus_is_refused_on_resume_and_a_copied_run_counts_once(tmp_path, small_corpus, monkeypatch,
                                                                               capsys):
     out = tmp_path / "run"
-    original = loop_module.Trainer._train_step
-
-    def killed_at_step_4(self, step):
-        if step == 4:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(loop_module.Trainer, "_train_step", killed_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny(out, small_corpus, ckpt_interval=2), log=quiet)
-    monkeypatch.undo()
+    interrupted_at(monkeypatch, tiny(out, small_corpus, ckpt_interval=2), 4)
     (small_corpus / "m000.py").write_text("# edited after the run started\n" * 50)
     assert main(["train", "--out_dir", str(out), "--resume", "true"]) == 2
     err = capsys.readouterr().err
@@ -288,18 +283,8 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_old_checkpoint_survives
 
 def test_resume_after_a_torn_metrics_line_says_so_and_matches(tmp_path, small_corpus, monkeypatch):
     train(tiny(tmp_path / "whole", small_corpus, ckpt_interval=2), log=quiet)
-    original = loop_module.Trainer._train_step
-
-    def killed_at_step_5(self, step):
-        if step == 5:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(loop_module.Trainer, "_train_step", killed_at_step_5)
     broken = tmp_path / "broken"
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny(broken, small_corpus, ckpt_interval=2), log=quiet)
-    monkeypatch.undo()
+    interrupted_at(monkeypatch, tiny(broken, small_corpus, ckpt_interval=2), 5)
     with (broken / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "lr": 0.00')  # killed mid-write
     with pytest.warns(UserWarning, match="torn last line"):

@@ -139,8 +139,9 @@ class Trainer:
         if step != self.unverified_checkpoint:
             return f"the checkpoint of step {self.last_checkpoint} in {self.parts.run} is kept (its loss was finite)"
         if self.env.is_main and self.parts.run.revert_checkpoint():
-            return (f"the newest checkpoint (step {step}) gave it and was dropped; the one of step "
-                    f"{self.previous_checkpoint} in {self.parts.run} is kept (its loss was finite)")
+            kept = f"the one of step {self.previous_checkpoint}" if self.previous_checkpoint is not None else "the one before it"
+            return (f"the newest checkpoint (step {step}) gave it and was dropped; {kept} in {self.parts.run} is kept "
+                    "(its loss was finite)")
         if self.env.is_main:
             return f"the only checkpoint (step {step}) gave it and was dropped; --resume starts again at step 0"
         return "rank 0 keeps the last checkpoint whose loss was finite"

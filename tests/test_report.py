@@ -216,3 +216,13 @@ def test_blocks_are_compared_at_their_own_defaults(tmp_path):
     assert sorted(r.label for r in runs) == ["op + adamw", "pre-ln + adamw", "pre-ln + adamw final_norm=False"]
     claim = by_id(evaluate_claims(runs))["C2"]
     assert claim.status == "held" and "1/1 pairs" in claim.evidence  # the no-final-norm variant is not "Pre-LN"
+
+
+def test_configurations_come_in_one_order_whatever_the_directory_order(tmp_path):
+    paper_like(tmp_path / "runs", seeds=(0,))  # directories list as op-*, preln-*
+    labels = list(dict.fromkeys(r.label for r in load_runs([tmp_path / "runs"])))
+    blocks = [label.split(" ")[0] for label in labels]
+    assert blocks == sorted(blocks, key=["pre-ln", "op"].index) and blocks[0] == "pre-ln"  # the zoo's block order
+    assert labels.index("pre-ln + soap") > labels.index("pre-ln + adamw")  # then the registry's optimiser order
+    shuffled = load_runs([tmp_path / "runs" / "op-soap-0", tmp_path / "runs" / "preln-adamw-0"])
+    assert [r.label.split(" ")[0] for r in shuffled] == ["pre-ln", "op"]

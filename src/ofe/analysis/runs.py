@@ -18,8 +18,9 @@ import numpy as np
 
 from ofe import config as C
 from ofe.errors import OfeError
-from ofe.models import GPTConfig
+from ofe.models import BLOCKS, GPTConfig
 from ofe.monitor import kurtosis_change_contributions
+from ofe.optim import OPTIMIZERS
 from ofe.run_dir import RunDir, RunDirError, find_runs
 from ofe.train.config import RESUME_MUTABLE, saved_config
 
@@ -161,6 +162,15 @@ def load_run(path: str | Path) -> Run:
                run_id=identity["run_id"] if identity else None)
 
 
+def _canonical_order(run: Run) -> tuple[int, int]:
+    """Blocks in the zoo's order, then optimisers in the registry's: one order (and so one colour per
+    configuration) in every report, whatever order the directories were given or listed in."""
+    blocks, optimizers = list(BLOCKS), list(OPTIMIZERS)
+    block, optimizer = run.settings.get("model.block"), run.settings.get("optim.name")
+    return (blocks.index(block) if block in blocks else len(blocks),
+            optimizers.index(optimizer) if optimizer in optimizers else len(optimizers))
+
+
 def _without_copies(runs: list[Run]) -> list[Run]:
     """Each run once: a directory copied from another (same run id) is left out, with a warning."""
     seen: dict[str, Path] = {}
@@ -220,6 +230,6 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
         runs += [load_run(r.path) for r in found]
     if not runs:
         raise RunError("no runs given")
-    runs = _without_copies(runs)
+    runs = sorted(_without_copies(runs), key=_canonical_order)  # stable: seeds and variants keep their order
     label_runs(runs)
     return runs

@@ -244,5 +244,5 @@ def build(cfg: TrainConfig, env: D.DistEnv, run: RunDir, log: Callable[..., None
 
 
 def _checkpoint_or_none(run: RunDir) -> dict[str, Any] | None:
-    """Other processes read the checkpoint the main process has checked."""
+    """Other processes read the checkpoint too (only the main process checks it against the config)."""
     return run.load_checkpoint() if run.has_checkpoint() else None

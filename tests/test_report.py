@@ -13,8 +13,9 @@ from ofe.report import write_report
 
 
 def make_run(root, name, block, opt, seed, kurt_end, loss_end, lr=1e-2, w8a8=None, w8a4=None, steps=100, layers=3,
-             model=None, diverged=None, u4_1=0.0, u4_3=0.0):
-    """A run whose kurtosis rises linearly from 1.2 to ``kurt_end`` and loss falls to ``loss_end``."""
+             model=None, diverged=None, u4_1=0.0, u4_3=0.0, val_every=50, kept=None):
+    """A run whose kurtosis rises linearly from 1.2 to ``kurt_end`` and loss falls to ``loss_end``;
+    ``kept`` maps a step to the W8A8 increase of the weights kept there."""
     d = root / name
     d.mkdir(parents=True)
     cfg = {"out_dir": str(d), "seed": seed, "steps": steps, "monitor_interval": 10,
@@ -27,7 +28,7 @@ def make_run(root, name, block, opt, seed, kurt_end, loss_end, lr=1e-2, w8a8=Non
         rec = {"step": step}
         if step < steps:
             rec["train_loss"] = 5.0 + (loss_end - 5.0) * frac
-        if step % 50 == 0:
+        if step % val_every == 0:
             rec["val_loss"] = 5.0 + (loss_end - 5.0) * frac
         if step % 10 == 0:
             k = [1.2 + (kurt_end - 1.2) * frac * (1 + 0.1 * layer) for layer in range(layers)]
@@ -49,6 +50,11 @@ def make_run(root, name, block, opt, seed, kurt_end, loss_end, lr=1e-2, w8a8=Non
         (d / "quant.json").write_text(json.dumps({"fp_ppl": fp, "w8a8_ppl": fp * (1 + w8a8 / 100), "formats": [
             {"format": "W8A8", "ppl": fp * (1 + w8a8 / 100), "increase_pct": w8a8},
             {"format": "W8A4", "ppl": fp * (1 + w8a4 / 100), "increase_pct": w8a4}]}))
+    for step, pct in (kept or {}).items():
+        (d / "weights").mkdir(exist_ok=True)
+        (d / "weights" / f"step_{step:06d}.st").write_bytes(b"")
+        (d / f"quant.step_{step:06d}.json").write_text(json.dumps({"step": step, "formats": [
+            {"format": "W8A8", "increase_pct": pct}]}))
     return d
 
 
@@ -125,7 +131,9 @@ def test_report_writes_figures_table_and_summary(tmp_path, capsys):
                      "input_correlation_vs_kurtosis.png", "kurtosis_update_terms.png", "quantisation.png"}
     assert all((out / "figures" / n).read_bytes()[:4] == b"\x89PNG" for n in names)
     md = (out / "report.md").read_text()
-    assert "| pre-ln + adamw | 0 | 100 |" in md and "| pre-ln + adamw lr=0.001 | 0 | 100 |" in md
+    assert "| pre-ln + adamw | 0 | 0.01 | 100 |" in md and "| pre-ln + adamw lr=0.001 | 0 | 0.001 | 100 |" in md
+    assert "| pre-ln + adamw | 2.500 | **2.000** |" in md  # the lr table: the tuned lr in bold
+    assert "- **C8**: per seed, Pre-LN + AdamW and OP + SOAP each at its tuned lr" in md
     assert "figures/kurtosis_vs_step.png" in md
     summary = json.loads((out / "summary.json").read_text())
     row = next(r for r in summary["runs"] if r["run"] == "preln-adamw-0")
@@ -171,14 +179,17 @@ def test_report_rejects_what_is_not_a_run(tmp_path, capsys):
 
 def test_reproduce_smoke_trains_quantises_and_reports(tmp_path, small_corpus, capsys):
     out = tmp_path / "study"
-    args = ["reproduce", "--preset", "tiny", "--steps", "6", "--batch_size", "4", "--seeds", "0",
+    args = ["reproduce", "--preset", "tiny", "--steps", "6", "--batch_size", "4", "--seeds", "0,1",
             "--corpus", str(small_corpus), "--out_dir", str(out), "--progress", "false"]
     assert main(args) == 0
     runs = sorted(p.name for p in out.iterdir() if (p / "model.safetensors").is_file())
-    assert runs == ["op_adamw_seed0", "op_soap_seed0", "pre-ln_adamw_seed0", "pre-ln_soap_seed0"]
+    assert runs == ["op_adamw_lr0.003_seed0", "op_soap_lr0.003_seed0", "op_soap_lr0.003_seed1",
+                    "pre-ln_adamw_lr0.003_seed0", "pre-ln_adamw_lr0.003_seed1", "pre-ln_soap_lr0.003_seed0"]
     assert all((out / r / "quant.json").is_file() for r in runs)
+    assert all((out / r / "weights").is_dir() for r in runs)  # kept weights for the matched-loss comparison
     printed = capsys.readouterr().out
     assert "C1 " in printed and "C8 " in printed and (out / "report" / "report.md").is_file()
+    assert (out / "report" / "claims.json").is_file() and "time: training and quantisation" in printed
     assert main(args) == 0  # finished: skipped, the report is rewritten
     assert main(["reproduce", "--blocks", "pre-ln,nope"]) == 2
 
@@ -198,13 +209,31 @@ def test_reproduce_gpu_preset_builds_the_codeparrot_study(tmp_path):
     from ofe.experiment import parse_spec
     from ofe.experiment.reproduce import ReproduceConfig, study_spec
     sweep = parse_spec(study_spec(ReproduceConfig(preset="codeparrot-130m", out_dir=str(tmp_path), seeds=(0,))))
-    assert [r.name for r in sweep.runs] == ["pre-ln_adamw_seed0", "pre-ln_soap_seed0", "op_adamw_seed0", "op_soap_seed0"]
+    assert [r.name for r in sweep.runs] == ["pre-ln_adamw_lr0.001_seed0", "pre-ln_soap_lr0.001_seed0",
+                                            "op_adamw_lr0.001_seed0", "op_soap_lr0.001_seed0"]
     cfg = sweep.runs[0].config
     assert (cfg.model.n_layer, cfg.model.d_model, cfg.dtype, cfg.compile) == (12, 768, "bfloat16", True)
     assert cfg.data.tokenizer == "bpe" and cfg.optim.lr == 1e-3 and cfg.steps == 10000 and sweep.quantize
     small = parse_spec(study_spec(ReproduceConfig(steps=50, lr=3e-3, out_dir=str(tmp_path))))
     c = small.runs[0].config
-    assert (c.steps, c.optim.lr, c.optim.betas, c.eval_interval, c.monitor_interval) == (50, 3e-3, (0.9, 0.95), 50, 5)
+    assert (c.steps, c.optim.lr, c.optim.betas, c.eval_interval, c.monitor_interval) == (50, 3e-3, (0.9, 0.95), 5, 5)
+
+
+def test_reproduce_runs_the_c8_pair_on_every_seed_and_each_arm_at_its_lr(tmp_path, monkeypatch):
+    from ofe.experiment import parse_spec
+    from ofe.experiment import reproduce as R
+    study = {**R.STUDIES["small-cpu"], "lrs": {"pre-ln+adamw": 1e-3, "op+soap": 1e-2}}
+    monkeypatch.setitem(R.STUDIES, "small-cpu", study)
+    sweep = parse_spec(R.study_spec(R.ReproduceConfig(out_dir=str(tmp_path))))
+    lrs = {(r.config.model.block, r.config.optim.name, r.config.seed): r.config.optim.lr for r in sweep.runs}
+    assert lrs == {("pre-ln", "adamw", 0): 1e-3, ("pre-ln", "adamw", 1): 1e-3, ("pre-ln", "adamw", 2): 1e-3,
+                   ("pre-ln", "soap", 0): 3e-3, ("op", "adamw", 0): 3e-3,  # untuned arms: the study's lr
+                   ("op", "soap", 0): 1e-2, ("op", "soap", 1): 1e-2, ("op", "soap", 2): 1e-2}
+    c = sweep.runs[0].config
+    assert (c.model.seq_len, c.batch_size, c.optim.decay, c.optim.weight_decay, c.keep_weights) == (128, 8, "constant", 0.0, True)
+    tuning = parse_spec(R.tuning_spec(R.ReproduceConfig(out_dir=str(tmp_path), blocks=("pre-ln",), optimizers=("adamw",))))
+    assert [r.name for r in tuning.runs] == ["pre-ln_adamw_lr0.001_seed0", "pre-ln_adamw_lr0.003_seed0",
+                                             "pre-ln_adamw_lr0.01_seed0"] and not tuning.quantize
 
 
 def test_blocks_are_compared_at_their_own_defaults(tmp_path):

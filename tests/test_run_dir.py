@@ -82,7 +82,7 @@ def test_missing_or_malformed_files_are_errors_naming_the_file(tmp_path):
     run.config_path.write_text("[1, 2]")
     with pytest.raises(RunDirError, match=str(run.config_path)):
         run.read_config()
-    run.quant_path.write_text("{")
+    run.quant_path().write_text("{")
     with pytest.raises(RunDirError, match="quant.json is not valid JSON"):
         run.read_quant()
     with pytest.raises(CheckpointError, match="no checkpoint"):

@@ -13,6 +13,9 @@ A run directory (``ofe train --out_dir DIR``) holds:
 ``checkpoint.prev.pt``        the one before, until the newest one's weights have given a finite loss
 ``model.safetensors``         the final weights: written last, so its presence means *finished*
 ``quant.json``                ``ofe quantize``'s result (optional)
+``weights/step_NNNNNN.st``    the weights after NNNNNN updates, kept at every evaluation step when the
+                              run trains with ``keep_weights`` (safetensors; for matched-loss comparisons)
+``quant.step_NNNNNN.json``    ``ofe quantize --step NNNNNN``'s result for those weights (optional)
 ``DIVERGED``                  why training stopped on a non-finite loss (a sweep's result, optional)
 ``sweep_run.json``            the unresolved settings a sweep gave the run (sweeps only)
 ``.lock``                     held (``flock``) by the process that trains in DIR; holds its pid
@@ -54,6 +57,8 @@ CHECKPOINT = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"  # kept until the newest checkpoint's weights give a finite loss
 WEIGHTS = "model.safetensors"
 QUANT = "quant.json"
+KEPT_WEIGHTS = "weights"  # folder of step_NNNNNN.st
+STEP_QUANT = "quant.step_{step:06d}.json"
 DIVERGED = "DIVERGED"
 SWEEP_SETTINGS = "sweep_run.json"
 IDENTITY = "run.json"
@@ -129,9 +134,12 @@ class RunDir:
     def weights_path(self) -> Path:
         return self.path / WEIGHTS
 
-    @property
-    def quant_path(self) -> Path:
-        return self.path / QUANT
+    def quant_path(self, step: int | None = None) -> Path:
+        """``ofe quantize``'s result: of the final weights (``step`` None) or of those kept at ``step``."""
+        return self.path / (QUANT if step is None else STEP_QUANT.format(step=step))
+
+    def kept_weights_path(self, step: int) -> Path:
+        return self.path / KEPT_WEIGHTS / f"step_{step:06d}.st"
 
     # ---- state ------------------------------------------------------------------------------------
     def holds_run(self) -> bool:
@@ -140,8 +148,20 @@ class RunDir:
     def is_finished(self) -> bool:
         return self.holds_run() and self.weights_path.is_file()
 
-    def has_quant(self) -> bool:
-        return self.quant_path.is_file()
+    def has_quant(self, step: int | None = None) -> bool:
+        return self.quant_path(step).is_file()
+
+    def kept_steps(self) -> list[int]:
+        """Steps whose weights the run kept (``keep_weights``), ascending."""
+        folder = self.path / KEPT_WEIGHTS
+        if not folder.is_dir():
+            return []
+        steps = []
+        for f in folder.iterdir():
+            stem = f.name.removeprefix("step_").removesuffix(".st")
+            if f.name.startswith("step_") and f.suffix == ".st" and stem.isdigit():
+                steps.append(int(stem))
+        return sorted(steps)
 
     def state(self) -> RunState:
         """What the directory holds; reads only ``config.json`` (to tell a broken run)."""
@@ -304,32 +324,51 @@ class RunDir:
 
         atomic_write(self.weights_path, lambda tmp: save_model(model, str(tmp)))
 
-    def load_weights(self, model: nn.Module) -> nn.Module:
-        """Load the final weights into ``model`` (built from the run's config)."""
+    def keep_weights(self, step: int, model: nn.Module) -> None:
+        """Keep the weights after ``step`` updates (``keep_weights`` runs, at every evaluation)."""
+        from safetensors.torch import save_model
+
+        path = self.kept_weights_path(step)
+        path.parent.mkdir(exist_ok=True)
+        atomic_write(path, lambda tmp: save_model(model, str(tmp)))
+
+    def load_weights(self, model: nn.Module, step: int | None = None) -> nn.Module:
+        """Load the final weights (``step`` None) or those kept at ``step`` into ``model`` (built
+        from the run's config)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_model
 
-        if not self.weights_path.is_file():
-            raise RunDirError(f"{self.path} has no {WEIGHTS}: the run has not finished")
+        path = self.weights_path if step is None else self.kept_weights_path(step)
+        if not path.is_file():
+            if step is None:
+                raise RunDirError(f"{self.path} has no {WEIGHTS}: the run has not finished")
+            kept = self.kept_steps()
+            raise RunDirError(f"{self.path} kept no weights at step {step} (kept: "
+                              f"{', '.join(map(str, kept)) if kept else 'none; train with --keep_weights true'})")
         try:
-            load_model(model, str(self.weights_path))
+            load_model(model, str(path))
         except (SafetensorError, RuntimeError, OSError) as e:
-            raise RunDirError(f"{self.weights_path} does not load into the run's model: "
-                              f"{str(e).splitlines()[0]}") from None
+            raise RunDirError(f"{path} does not load into the run's model: {str(e).splitlines()[0]}") from None
         return model
 
     # ---- results beside the run -----------------------------------------------------------------
-    def read_quant(self) -> dict[str, Any] | None:
-        """``ofe quantize``'s result, or None if the run was not quantised."""
-        if not self.quant_path.is_file():
+    def read_quant(self, step: int | None = None) -> dict[str, Any] | None:
+        """``ofe quantize``'s result for the final weights (``step`` None) or those kept at
+        ``step``; None if they were not quantised."""
+        path = self.quant_path(step)
+        if not path.is_file():
             return None
-        quant = _read_json(self.quant_path)
+        quant = _read_json(path)
         if not isinstance(quant, dict):
-            raise RunDirError(f"{self.quant_path} does not hold a quantisation result")
+            raise RunDirError(f"{path} does not hold a quantisation result")
         return quant
 
-    def write_quant(self, result: dict[str, Any]) -> None:
-        _write_json(self.quant_path, result)
+    def write_quant(self, result: dict[str, Any], step: int | None = None) -> None:
+        _write_json(self.quant_path(step), result)
+
+    def quantised_steps(self) -> list[int]:
+        """Kept-weight steps that ``ofe quantize --step`` has evaluated, ascending."""
+        return [s for s in self.kept_steps() if self.quant_path(s).is_file()]
 
     def read_diverged(self) -> str | None:
         path = self.path / DIVERGED

@@ -9,12 +9,14 @@ worse run's final smoothed loss).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from ofe.analysis.fair import LR, at_tuned_lr, matched_point
 from ofe.analysis.runs import BLOCK_DEFAULTS, Run, at_block_defaults
 
 CLAIMS = {
@@ -32,12 +34,43 @@ NORMALISED = ("pre-ln", "post-ln", "pre-rms", "pre-srms")
 FLOOR = 1.0  # kurtosis of perfectly even neurons; effect sizes are ratios of the excess over it
 
 
+C8_RATIO = 2.0  # "much more": Pre-LN + AdamW's W8A8 cost at least this many times OP + SOAP's
+RULES = {
+    "C1": "on the reference Pre-LN + AdamW configuration, mean-over-layers kurtosis peaks at >= 3 and ends at "
+          ">= 2x its step-0 value: held in every seed, partly held in some, not held in none",
+    "C2": "each normalised block against OP (same optimiser and settings, each block at its tuned lr, same seed): "
+          "the normalised block's final mean kurtosis is larger, and also at matched training loss where both reach "
+          "it: held in every pair, partly held in some, not held in none",
+    "C3": "every OP run without QK-norm or soft-cap diverges, and soft-capped runs train to a worse val loss than "
+          "QK-normed ones: held; partly held when only the divergence part holds",
+    "C4": "in every pair that differs only in the lr, the larger lr ends with the larger final mean kurtosis: held "
+          "in every pair, partly held in some, not held in none",
+    "C5": "in every pair that differs only in Adam eps, the smaller eps ends with the larger final mean kurtosis: "
+          "held in every pair, partly held in some, not held in none",
+    "C6": "AdamW against SOAP and AdaFactor against rotated AdaFactor (same block and settings, each at its tuned lr, "
+          "same seed): the diagonal optimiser's final mean kurtosis is larger, and also at matched training loss: "
+          "held in every pair, partly held in some, not held in none",
+    "C7": "Spearman rho between final input correlation and kurtosis over (run, layer) points >= 0.5, and the final "
+          "norm raises kurtosis in every pair differing only in it: held; partly held when one part holds",
+    "C8": f"per seed, Pre-LN + AdamW and OP + SOAP each at its tuned lr: Pre-LN + AdamW's W8A8 perplexity increase "
+          f"is >= {C8_RATIO:g}x OP + SOAP's both at equal steps (final weights) and at matched validation loss (the "
+          f"better run's kept weights at the worse run's final val loss; equal steps only when none were kept): held "
+          f"in every seed, partly held in some, not held in none",
+    "C9": "u4,2 dominates a Pre-LN + AdamW run when it is positive and at least as large in magnitude as every other "
+          "u4 term (cumulative contribution to the kurtosis change, mean over layers); held when it dominates in "
+          "every such run and SOAP, a smaller lr and a larger eps each shrink it in every pair isolating them; "
+          "partly held when some of these hold; not held when none does",
+}
+
+
 @dataclass
 class ClaimResult:
     id: str
     claim: str
     status: str  # "held", "not held", "partly held", "untested"
     evidence: str
+    rule: str = ""
+    data: list[dict[str, Any]] = field(default_factory=list)  # the numbers behind the verdict, per seed / pair
 
 
 def mean_kurtosis(run: Run) -> float:
@@ -58,6 +91,8 @@ def _of(runs: list[Run], block: str, optimizer: str) -> list[Run]:
 
 
 Keys = str | tuple[str, ...]
+# A check's answer: status, evidence, and optionally the numbers behind it (claims.json's "data").
+Verdict = tuple[str, str] | tuple[str, str, list[dict[str, Any]]]
 
 
 def _value(run: Run, keys: Keys) -> Any:
@@ -89,27 +124,33 @@ def _matched(ra: Run, rb: Run) -> tuple[float | None, float | None]:
     return ra.kurtosis_at_loss(target), rb.kurtosis_at_loss(target)
 
 
-def _compare(pairs: list[tuple[Run, Run]], what: str, matched: bool = True) -> tuple[str, str]:
-    """Status and evidence for "a has larger kurtosis than b", seed by seed."""
+def _compare(pairs: list[tuple[Run, Run]], what: str, matched: bool = True) -> tuple[str, str, list[dict[str, Any]]]:
+    """Status, evidence and per-pair numbers for "a has larger kurtosis than b", seed by seed."""
     if not pairs:
-        return "untested", "no pair of runs differing only in this setting"
-    lines, wins = [], []
+        return "untested", "no pair of runs differing only in this setting", []
+    lines, wins, data = [], [], []
     for ra, rb in pairs:
         ka, kb = mean_kurtosis(ra), mean_kurtosis(rb)
         ok = ka > kb
+        row: dict[str, Any] = {"a": ra.label, "b": rb.label, "seed": ra.seed, "lr_a": ra.settings.get(LR),
+                               "lr_b": rb.settings.get(LR), "final_kurtosis_a": ka, "final_kurtosis_b": kb}
         text = f"{ra.label} vs {rb.label}, seed {ra.seed}: final {ka:.2f} vs {kb:.2f}"
         if matched:
             ma, mb = _matched(ra, rb)
             if ma is not None and mb is not None:
                 text += f", at matched loss {ma:.2f} vs {mb:.2f}"
+                row.update(matched_kurtosis_a=ma, matched_kurtosis_b=mb)
                 ok = ok and ma > mb
+        row["agrees"] = ok
         wins.append(ok)
         lines.append(text)
+        data.append(row)
     ratio = np.mean([(mean_kurtosis(a) - FLOOR) / max(mean_kurtosis(b) - FLOOR, 1e-3) for a, b in pairs])
-    return _status(wins), f"{what}: {sum(wins)}/{len(wins)} pairs; mean excess-kurtosis ratio {ratio:.1f}x. " + "; ".join(lines)
+    return (_status(wins), f"{what}: {sum(wins)}/{len(wins)} pairs; mean excess-kurtosis ratio {ratio:.1f}x. "
+            + "; ".join(lines), data)
 
 
-def claim_c1(runs: list[Run]) -> tuple[str, str]:
+def claim_c1(runs: list[Run]) -> Verdict:
     """Judged on the reference Pre-LN + AdamW configuration (the one labelled without departures,
     else the one with most runs); other Pre-LN + AdamW configurations are listed as context."""
     chosen = _of(runs, "pre-ln", "adamw")
@@ -117,22 +158,27 @@ def claim_c1(runs: list[Run]) -> tuple[str, str]:
         return "untested", "no Pre-LN + AdamW run"
     labels = [r.label for r in chosen]
     reference = "pre-ln + adamw" if "pre-ln + adamw" in labels else max(dict.fromkeys(labels), key=labels.count)
-    lines, held = [], []
+    lines, held, data = [], [], []
     for r in chosen:
         _, k = r.kurtosis_curve()
-        start, peak, end = k[0].mean(), k.mean(1).max(), k[-1].mean()
+        start, peak, end = float(k[0].mean()), float(k.mean(1).max()), float(k[-1].mean())
+        row = {"configuration": r.label, "seed": r.seed, "judged": r.label == reference, "start": start, "peak": peak,
+               "final": end, "final_max_layer": float(k[-1].max())}
         if r.label == reference:
-            held.append(peak >= 3.0 and end >= 2.0 * start)
+            row["agrees"] = peak >= 3.0 and end >= 2.0 * start
+            held.append(row["agrees"])
         lines.append(f"{r.label} seed {r.seed}: {start:.2f} -> peak {peak:.2f} -> final {end:.2f}")
+        data.append(row)
     return _status(held), (f"mean-over-layers kurtosis at step 0, its peak, and at the end; judged on '{reference}' "
-                    f"(held: peak >= 3 and final >= 2x start in every seed): " + "; ".join(lines))
+                    f"(held: peak >= 3 and final >= 2x start in every seed): " + "; ".join(lines)), data
 
 
-def claim_c2(runs: list[Run]) -> tuple[str, str]:
-    return _compare(_pairs(runs, "model.block", lambda v: v in NORMALISED, lambda v: v == "op"), "normalised block vs OP")
+def claim_c2(runs: list[Run]) -> Verdict:
+    pairs = _pairs(at_tuned_lr(runs), ("model.block", LR), lambda v: v[0] in NORMALISED, lambda v: v[0] == "op")
+    return _compare(pairs, "normalised block vs OP, each at its tuned lr")
 
 
-def claim_c3(runs: list[Run]) -> tuple[str, str]:
+def claim_c3(runs: list[Run]) -> Verdict:
     op = [r for r in runs if r.settings.get("model.block") == "op"]
     bare = [r for r in op if r.settings.get("model.qk_norm") == "none" and not r.settings.get("model.attn_softcap")]
     capped = [r for r in op if r.settings.get("model.qk_norm") == "none" and r.settings.get("model.attn_softcap")]
@@ -168,21 +214,22 @@ def claim_c3(runs: list[Run]) -> tuple[str, str]:
     return status, "; ".join(parts)
 
 
-def claim_c4(runs: list[Run]) -> tuple[str, str]:
+def claim_c4(runs: list[Run]) -> Verdict:
     pairs = _pairs(runs, "optim.lr", lambda v: True, lambda v: True)
     pairs = [(a, b) for a, b in pairs if a.settings["optim.lr"] > b.settings["optim.lr"]]
     return _compare(pairs, "larger lr vs smaller lr", matched=False)
 
 
-def claim_c5(runs: list[Run]) -> tuple[str, str]:
+def claim_c5(runs: list[Run]) -> Verdict:
     return _compare([(a, b) for a, b in _pairs(runs, "optim.eps", lambda v: True, lambda v: True)
                      if a.settings["optim.eps"] < b.settings["optim.eps"]], "smaller eps vs larger eps", matched=False)
 
 
-def claim_c6(runs: list[Run]) -> tuple[str, str]:
-    pairs = _pairs(runs, "optim.name", lambda v: v == "adamw", lambda v: v == "soap")
-    pairs += _pairs(runs, "optim.name", lambda v: v == "adafactor", lambda v: v == "rotated-adafactor")
-    return _compare(pairs, "diagonal vs rotated optimiser")
+def claim_c6(runs: list[Run]) -> Verdict:
+    tuned, keys = at_tuned_lr(runs), ("optim.name", LR)
+    pairs = _pairs(tuned, keys, lambda v: v[0] == "adamw", lambda v: v[0] == "soap")
+    pairs += _pairs(tuned, keys, lambda v: v[0] == "adafactor", lambda v: v[0] == "rotated-adafactor")
+    return _compare(pairs, "diagonal vs rotated optimiser, each at its tuned lr")
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -190,7 +237,7 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rank(x), rank(y))[0, 1])
 
 
-def claim_c7(runs: list[Run]) -> tuple[str, str]:
+def claim_c7(runs: list[Run]) -> Verdict:
     points = [(c, k) for r in runs if _ok(r) and "input_correlation" in r.final
               for c, k in zip(r.final["input_correlation"], r.final["kurtosis"])]
     if len(points) < 4:
@@ -200,7 +247,7 @@ def claim_c7(runs: list[Run]) -> tuple[str, str]:
     status, text = ("held" if rho >= 0.5 else "not held"), f"Spearman rho(input correlation, kurtosis) over {len(points)} final (run, layer) points = {rho:.2f} (held: >= 0.5)"
     norm_pairs = _pairs(runs, "model.final_norm", lambda v: v is True, lambda v: v is False)
     if norm_pairs:
-        s2, t2 = _compare(norm_pairs, "with vs without final norm", matched=False)
+        s2, t2, _ = _compare(norm_pairs, "with vs without final norm", matched=False)
         text += f". Final norm: {t2}"
         status = status if s2 == "held" else "partly held"
     else:
@@ -215,24 +262,57 @@ def _residual_sqnr(run: Run) -> float | None:
     return float(np.mean([row["sqnr_db"] for row in layers])) if layers else None
 
 
-def claim_c8(runs: list[Run]) -> tuple[str, str]:
-    quantised = [r for r in runs if r.quant is not None]
-    pairs = _pairs(quantised, ("model.block", "optim.name"), lambda v: v == ("pre-ln", "adamw"), lambda v: v == ("op", "soap"))
+def _w8a8_pair(a: Run, b: Run, step_a: int | None, step_b: int | None) -> tuple[float | None, float | None]:
+    return a.quant_increase("W8A8", step_a), b.quant_increase("W8A8", step_b)
+
+
+def _ratio(x: float | None, y: float | None) -> float | None:
+    if x is None or y is None:
+        return None
+    return x / y if y > 0 else (math.inf if x > 0 else None)
+
+
+def claim_c8(runs: list[Run]) -> Verdict:
+    """See RULES["C8"]. Pairs are Pre-LN + AdamW and OP + SOAP of one seed, each at its tuned lr."""
+    quantised = [r for r in at_tuned_lr(runs) if r.quant is not None]
+    pairs = _pairs(quantised, ("model.block", "optim.name", LR), lambda v: v[:2] == ("pre-ln", "adamw"),
+                   lambda v: v[:2] == ("op", "soap"))
     if not pairs:
-        return "untested", "no quantised Pre-LN + AdamW and OP + SOAP runs with the same seed and other settings"
-    lines, wins = [], []
+        return "untested", "no quantised Pre-LN + AdamW and OP + SOAP runs with the same seed and other settings", []
+    lines, wins, data = [], [], []
     for a, b in pairs:
-        w8a, w8b = a.quant_increase("W8A8"), b.quant_increase("W8A8")
-        w4a, w4b = a.quant_increase("W8A4"), b.quant_increase("W8A4")
-        wins.append(w8a is not None and w8b is not None and w8a > w8b)
-        line = f"seed {a.seed}: W8A8 +{w8a:.2f}% vs +{w8b:.2f}%"
-        if w4a is not None and w4b is not None:
-            line += f", W8A4 +{w4a:.1f}% vs +{w4b:.1f}%"
-        sa, sb = _residual_sqnr(a), _residual_sqnr(b)
-        if sa is not None and sb is not None:
-            line += f", residual-stream W8A8 SQNR {sa:.1f} vs {sb:.1f} dB"
+        w8a, w8b = _w8a8_pair(a, b, None, None)
+        equal = _ratio(w8a, w8b)
+        row: dict[str, Any] = {"seed": a.seed, "lr_preln_adamw": a.settings.get(LR), "lr_op_soap": b.settings.get(LR),
+                               "steps": a.steps, "val_loss_preln_adamw": a.val_loss(), "val_loss_op_soap": b.val_loss(),
+                               "w8a8_pct_preln_adamw": w8a, "w8a8_pct_op_soap": w8b, "ratio_equal_steps": equal,
+                               "w8a4_pct_preln_adamw": a.quant_increase("W8A4"), "w8a4_pct_op_soap": b.quant_increase("W8A4"),
+                               "max_kurtosis_preln_adamw": float(np.max(a.final["kurtosis"])),
+                               "max_kurtosis_op_soap": float(np.max(b.final["kurtosis"])),
+                               "residual_sqnr_db_preln_adamw": _residual_sqnr(a), "residual_sqnr_db_op_soap": _residual_sqnr(b)}
+        line = (f"seed {a.seed}: equal steps ({a.steps}) W8A8 +{w8a:.2f}% vs +{w8b:.2f}% "
+                f"(val loss {a.val_loss():.3f} vs {b.val_loss():.3f})" if w8a is not None and w8b is not None
+                else f"seed {a.seed}: W8A8 not measured")
+        point = matched_point(a, b)
+        steps = {id(point.worse): None, id(point.better): point.better_step}
+        matched = None
+        if point.better_step is not None and point.better.quant_result(point.better_step) is not None:
+            ma, mb = _w8a8_pair(a, b, steps[id(a)], steps[id(b)])
+            matched = _ratio(ma, mb)
+            row.update(matched_target_val_loss=point.target, matched_better=point.better.label,
+                       matched_better_step=point.better_step, matched_better_val_loss=point.better_loss,
+                       w8a8_pct_preln_adamw_matched=ma, w8a8_pct_op_soap_matched=mb, ratio_matched=matched)
+            line += (f"; matched val loss {point.target:.3f} ({point.better.label} at step {point.better_step}, "
+                     f"{point.better_loss:.3f}): W8A8 +{ma:.2f}% vs +{mb:.2f}%")
+        else:
+            line += "; no matched-loss point (no kept weights reach the worse run's final loss)"
+        ok = all(r is not None and r >= C8_RATIO for r in ([equal, matched] if matched is not None else [equal]))
+        row["agrees"] = ok
+        wins.append(ok)
+        data.append(row)
         lines.append(line)
-    return _status(wins), "perplexity increase, Pre-LN + AdamW vs OP + SOAP: " + "; ".join(lines)
+    return _status(wins), (f"W8A8 perplexity increase, Pre-LN + AdamW vs OP + SOAP (each at its tuned lr), held when "
+                           f">= {C8_RATIO:g}x: {sum(wins)}/{len(wins)} seeds; " + "; ".join(lines)), data
 
 
 U4 = ("u4_1", "u4_2", "u4_3", "u4_4")
@@ -256,7 +336,7 @@ def _describe(terms: dict[str, float]) -> str:
     return f"u4,2 {terms['u4_2']:+.1f}, largest other {rival.replace('_', ',')} {terms[rival]:+.1f}"
 
 
-def claim_c9(runs: list[Run]) -> tuple[str, str]:
+def claim_c9(runs: list[Run]) -> Verdict:
     """Rule: u4,2 dominates a run when it is positive and at least as large in magnitude as every
     other u4 term (cumulative contribution to the kurtosis change, mean over layers). Held when it
     dominates in every Pre-LN + AdamW run and SOAP, a smaller lr and a larger eps each shrink it in
@@ -265,9 +345,12 @@ def claim_c9(runs: list[Run]) -> tuple[str, str]:
     if not pre:
         return "untested", "no Pre-LN + AdamW run with kurtosis_update records"
     dominant = [_u4_2_dominates(t) for _, t in pre]
+    data: list[dict[str, Any]] = [{"configuration": r.label, "seed": r.seed, "terms": t, "u4_2_dominates": d}
+                                  for (r, t), d in zip(pre, dominant)]
     parts = [f"u4,2 dominates (positive, largest in magnitude) in {sum(dominant)}/{len(dominant)} Pre-LN + AdamW "
              f"runs ({'; '.join(f'seed {r.seed}: {_describe(t)}' for r, t in pre)})"]
     op = [(r, t) for r in _of(runs, "op", "adamw") if (t := _u4_terms(r)) is not None]
+    data += [{"configuration": r.label, "seed": r.seed, "terms": t, "context": True} for r, t in op]
     if op:
         parts.append(f"OP + AdamW for comparison: {'; '.join(f'seed {r.seed}: {_describe(t)}' for r, t in op)}")
     checks: list[bool] = []
@@ -282,6 +365,8 @@ def claim_c9(runs: list[Run]) -> tuple[str, str]:
             ta, tb = _u4_terms(ra), _u4_terms(rb)
             if ta and tb:
                 results.append((tb["u4_2"] < ta["u4_2"], f"{tb['u4_2']:+.1f} vs {ta['u4_2']:+.1f}"))
+                data.append({"comparison": name, "seed": ra.seed, "u4_2_without": ta["u4_2"], "u4_2_with": tb["u4_2"],
+                             "shrinks": tb["u4_2"] < ta["u4_2"]})
         if results:
             checks += [ok for ok, _ in results]
             parts.append(f"{name} shrinks u4,2 in {sum(ok for ok, _ in results)}/{len(results)} pairs "
@@ -289,7 +374,7 @@ def claim_c9(runs: list[Run]) -> tuple[str, str]:
     parts.append("values: cumulative kurtosis change from each term, mean over layers")
     ok = all(dominant) and checks and all(checks)
     status = "held" if ok else ("partly held" if any(dominant) or any(checks) else "not held")
-    return status, "; ".join(parts)
+    return status, "; ".join(parts), data
 
 
 CHECKS = {"C1": claim_c1, "C2": claim_c2, "C3": claim_c3, "C4": claim_c4, "C5": claim_c5,
@@ -297,7 +382,11 @@ CHECKS = {"C1": claim_c1, "C2": claim_c2, "C3": claim_c3, "C4": claim_c4, "C5": 
 
 
 def evaluate_claims(runs: list[Run]) -> list[ClaimResult]:
-    return [ClaimResult(cid, CLAIMS[cid], *CHECKS[cid](runs)) for cid in CHECKS]
+    results = []
+    for cid, check in CHECKS.items():
+        status, evidence, *data = check(runs)
+        results.append(ClaimResult(cid, CLAIMS[cid], status, evidence, RULES[cid], data[0] if data else []))
+    return results
 
 
 def format_claims(results: list[ClaimResult]) -> str:

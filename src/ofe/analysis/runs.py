@@ -27,7 +27,7 @@ from ofe.train.config import RESUME_MUTABLE, saved_config
 # Settings that never define a configuration: how a run executed (RESUME_MUTABLE), where it wrote,
 # what it logged, and the seed (runs that differ only in it are one configuration).
 IGNORED_KEYS = RESUME_MUTABLE | {"out_dir", "seed", "data.cache_dir", "monitor_interval", "eval_interval",
-                                 "eval_batches", "ckpt_interval", "decomposition_sequences"}
+                                 "eval_batches", "ckpt_interval", "decomposition_sequences", "keep_weights"}
 
 # Model settings a block resolves to by default (GPTConfig.resolved): comparing blocks compares these too.
 BLOCK_DEFAULTS = {"model.qk_norm", "model.beta", "model.beta_trainable", "model.final_norm", "model.first_norm"}
@@ -47,6 +47,8 @@ class Run:
     label: str = ""  # the configuration, set by :func:`label_runs`
     run_id: str | None = None  # from the run's identity; a copied run has its original's
     settings: dict[str, Any] = field(default_factory=dict)  # flattened config without IGNORED_KEYS
+    quant_at: dict[int, dict[str, Any]] = field(default_factory=dict)  # step -> result, for kept weights
+    kept_steps: tuple[int, ...] = ()  # steps whose weights the run kept (keep_weights)
 
     @property
     def seed(self) -> int:
@@ -72,6 +74,28 @@ class Run:
     def val_loss(self) -> float:
         vals = [r["val_loss"] for r in self.records if "val_loss" in r]
         return vals[-1] if vals else float("nan")
+
+    @property
+    def steps(self) -> int:
+        """Updates the run was configured for (its final weights are after this many)."""
+        return int(self.config.get("steps", 0))
+
+    def val_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """Evaluation steps ``(E,)`` and validation losses ``(E,)`` (nats/token), the final one last."""
+        rows = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
+        if not rows:
+            return np.zeros(0, dtype=int), np.zeros(0)
+        steps, loss = map(np.array, zip(*rows))
+        return steps, loss.astype(float)
+
+    def step_reaching(self, target: float) -> int | None:
+        """The first step whose weights exist (kept, or the final ones) and whose validation loss is
+        at most ``target``; None if there is none."""
+        available = set(self.kept_steps) | {self.steps}
+        for step, loss in zip(*self.val_curve()):
+            if int(step) in available and loss <= target:
+                return int(step)
+        return None
 
     def train_loss_curve(self, window: int = 20) -> tuple[np.ndarray, np.ndarray]:
         """Steps and the training loss smoothed by a trailing mean over ``window`` steps."""
@@ -110,9 +134,15 @@ class Run:
         cumulative = {k: np.cumsum(np.array([p[k] for p in parts], dtype=float), axis=0) for k in parts[0]}
         return np.array([r["step"] for r in rows]), cumulative
 
-    def quant_increase(self, fmt: str) -> float | None:
-        """Perplexity increase in percent of a quantisation format (``W8A8``, ``W8A4``...), if measured."""
-        for f in (self.quant or {}).get("formats", []):
+    def quant_result(self, step: int | None = None) -> dict[str, Any] | None:
+        """The quantisation result of the final weights (``step`` None or the final step) or of
+        those kept at ``step``; None if not measured."""
+        return self.quant if step is None or step == self.steps else self.quant_at.get(step)
+
+    def quant_increase(self, fmt: str, step: int | None = None) -> float | None:
+        """Perplexity increase in percent of a quantisation format (``W8A8``, ``W8A4``...) at the end
+        or at a kept step, if measured."""
+        for f in (self.quant_result(step) or {}).get("formats", []):
             if f["format"] == fmt:
                 return float(f["increase_pct"])
         return None
@@ -149,6 +179,8 @@ def load_run(path: str | Path) -> Run:
         config = saved_config(run.read_config())
         records = run.read_metrics()
         quant = run.read_quant()
+        kept = tuple(run.kept_steps())
+        quant_at = {step: run.read_quant(step) for step in run.quantised_steps()}
         identity = run.read_identity()
     except C.ConfigError as e:
         raise RunError(f"{run.config_path} is not a valid run config: {e}") from None
@@ -159,7 +191,7 @@ def load_run(path: str | Path) -> Run:
         raise RunError(f"{path}: no monitored step in its metrics log (did training start?)")
     settings = {k: v for k, v in _flatten(config).items() if k not in IGNORED_KEYS}
     return Run(Path(path), config, records, quant, diverged, settings=settings,
-               run_id=identity["run_id"] if identity else None)
+               run_id=identity["run_id"] if identity else None, quant_at=quant_at, kept_steps=kept)
 
 
 def _canonical_order(run: Run) -> tuple[int, int]:
@@ -190,21 +222,26 @@ def label_runs(runs: list[Run]) -> dict[str, list[Run]]:
 
     The label is ``block + optimiser`` followed by each other setting in which the run departs from
     the most common value among the runs (among runs of the same block for the settings a block
-    resolves by default): ``pre-ln + adamw lr=0.001``. Runs that differ only in their seed share a
+    resolves by default, and of the same block and optimiser for the lr, which each is tuned at):
+    ``pre-ln + adamw lr=0.001``. Runs that differ only in their seed share a
     label; runs of different configurations never do.
     """
     keys = sorted(k for k in set().union(*(r.settings for r in runs)) if k not in ("model.block", "optim.name"))
 
-    @functools.cache
-    def common(key: str, block: Any) -> str:  # most common value among the peers; ties: first seen
-        values = [repr(r.settings.get(key)) for r in runs if key not in BLOCK_DEFAULTS or r.settings.get("model.block") == block]
+    def peer(key: str, a: Run, b: Run) -> bool:
+        if key == "optim.lr":
+            return all(a.settings.get(k) == b.settings.get(k) for k in ("model.block", "optim.name"))
+        return key not in BLOCK_DEFAULTS or a.settings.get("model.block") == b.settings.get("model.block")
+
+    def common(key: str, run: Run) -> str:  # most common value among the run's peers; ties: first seen
+        values = [repr(r.settings.get(key)) for r in runs if peer(key, r, run)]
         return max(dict.fromkeys(values), key=values.count)
 
     groups: dict[str, list[Run]] = {}
     for run in runs:
         extra = []
         for key in keys:
-            if repr(run.settings.get(key)) != common(key, run.settings.get("model.block")):
+            if repr(run.settings.get(key)) != common(key, run):
                 extra.append(f"{key.rsplit('.', 1)[-1]}={_short(run.settings.get(key))}")
         run.label = " ".join([f"{run.settings.get('model.block')} + {run.settings.get('optim.name')}", *extra])
         groups.setdefault(run.label, []).append(run)

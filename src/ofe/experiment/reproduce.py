@@ -1,17 +1,23 @@
 """`ofe reproduce`: the paper's central study on the embedded corpus, end to end.
 
-Trains {Pre-LN, OP} x {AdamW, SOAP} (and any other blocks / optimisers asked for) with identical
-settings except the block and the optimiser, over one or more seeds, quantises every model,
-writes the report (figures, tables, the claims it could test) and prints the claims table.
-It is an ordinary :mod:`ofe.experiment.sweep`, so an interrupted study resumes where it stopped.
+Trains the *arms* {Pre-LN, OP} x {AdamW, SOAP} (and any other blocks / optimisers asked for), each
+at its own tuned lr, with identical settings otherwise; quantises every model, and for the C8 pair
+(Pre-LN + AdamW against OP + SOAP, one seed at a time) also the better run's weights at the worse
+run's final validation loss (matched loss); writes the report and ``claims.json`` and prints the
+claims table. The C8 pair runs on ``seeds``, the other arms (which isolate the block, C2, and the
+optimiser, C6) on ``other_seeds``. It is an ordinary :mod:`ofe.experiment.sweep`, so an interrupted
+study resumes where it stopped.
 
-The CPU default (``study-cpu``: 4 x 128, bytes, 300 steps of 32 x 128 tokens, lr 1e-2, betas
-(0.9, 0.95)) fits in 15 minutes on 2 cores; ``--preset codeparrot-130m`` runs the same study at the
-authors' CodeParrot shape for a GPU (BPE, bf16, compile).
+Learning rates: each study carries the per-arm lrs that its committed tuning sweep chose
+(``configs/sweeps/``; results in ``docs/results/``); ``--tune`` re-runs that grid on the first seed
+(the tuning runs at the chosen lr are the study's runs of that seed) and uses what it finds.
 """
 
 from __future__ import annotations
 
+import copy
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,37 +25,59 @@ from typing import Any
 from ofe import config as C
 from ofe.analysis import load_runs
 from ofe.analysis.claims import ClaimResult, format_claims
+from ofe.analysis.fair import arm_key, at_tuned_lr, matched_point, tuned_lrs
+from ofe.analysis.runs import Run
 from ofe.experiment.sweep import parse_spec, run_sweep
 from ofe.models import BLOCK_TYPES, preset_fields
 from ofe.optim import OPTIMIZERS
+from ofe.quant import QuantizeConfig, quantize_run
 from ofe.report import run_row, write_report
 from ofe.report.build import runs_table
 
-# Settings per study scale; every one can be overridden by the options of ReproduceConfig.
+C8_PAIR = (("pre-ln", "adamw"), ("op", "soap"))
+
+# Settings per study scale (by preset); every one can be overridden by ReproduceConfig's options.
+# "lrs": the tuned lr of each arm ("block+optimiser"); "lr": the lr of any other arm; "tune": the grid.
 STUDIES: dict[str, dict[str, Any]] = {
-    "study-cpu": {"steps": 300, "batch_size": 32, "eval_interval": 100, "monitor_interval": 20,
-                  "ckpt_interval": 100, "optim": {"lr": 1e-2}},
-    "codeparrot-130m": {"steps": 10000, "batch_size": 128, "eval_interval": 500, "monitor_interval": 100,
-                        "ckpt_interval": 1000, "dtype": "bfloat16", "compile": True,
-                        "data": {"tokenizer": "bpe", "bpe_vocab_size": 32768}, "optim": {"lr": 1e-3}},
+    # The headline regime (docs/results/headline-search.md): 4.8M parameters, bytes, windows of 128,
+    # batch 8, a constant lr after warmup, no weight decay, bf16 autocast; weights kept at every
+    # evaluation for the matched-loss comparison.
+    "small-cpu": {"train": {"steps": 1500, "batch_size": 8, "eval_interval": 100, "monitor_interval": 50,
+                            "ckpt_interval": 250, "dtype": "bfloat16", "keep_weights": True,
+                            "model": {"activation": "gelu"},
+                            "optim": {"weight_decay": 0.0, "decay": "constant"}},
+                  "lr": 3e-3, "lrs": {}, "tune": [1e-3, 3e-3, 1e-2]},
+    # The quick study of ofe <= 0.2 (0.84M parameters; grows little kurtosis: see docs/results/claims.md).
+    "study-cpu": {"train": {"steps": 300, "batch_size": 32, "eval_interval": 100, "monitor_interval": 20,
+                            "ckpt_interval": 100}, "lr": 1e-2, "lrs": {}, "tune": [3e-3, 1e-2, 3e-2]},
+    "codeparrot-130m": {"train": {"steps": 10000, "batch_size": 128, "eval_interval": 500, "monitor_interval": 100,
+                                  "ckpt_interval": 1000, "dtype": "bfloat16", "compile": True, "keep_weights": True,
+                                  "data": {"tokenizer": "bpe", "bpe_vocab_size": 32768}},
+                        "lr": 1e-3, "lrs": {}, "tune": [3e-4, 1e-3, 3e-3]},
 }
+DEFAULT_STUDY = "small-cpu"
 
 
 @dataclass(frozen=True)
 class ReproduceConfig:
     """Options of ``ofe reproduce``."""
 
-    preset: str = C.field("study-cpu", f"model preset; schedules are tuned for {', '.join(STUDIES)} (others use study-cpu's)")
+    preset: str = C.field(DEFAULT_STUDY, f"model preset; studies are tuned for {', '.join(STUDIES)} "
+                                         f"(others use {DEFAULT_STUDY}'s)")
     out_dir: str = C.field("runs/reproduce", "directory of the runs; the report goes to OUT_DIR/report")
     blocks: tuple[str, ...] = C.field(("pre-ln", "op"), "comma-separated blocks to compare")
     optimizers: tuple[str, ...] = C.field(("adamw", "soap"), "comma-separated optimisers to compare")
-    seeds: tuple[int, ...] = C.field((0, 1), "comma-separated seeds")
-    steps: int = C.field(0, "updates per run; 0: the study's default (study-cpu 300, codeparrot-130m 10000)")
-    batch_size: int = C.field(0, "sequences per update; 0: the study's default (study-cpu 32, codeparrot-130m 128)")
-    lr: float = C.field(0.0, "peak lr of every run; 0: the study's default (study-cpu 1e-2, codeparrot-130m 1e-3)")
+    seeds: tuple[int, ...] = C.field((0, 1, 2), "comma-separated seeds of the C8 pair (Pre-LN + AdamW, OP + SOAP)")
+    other_seeds: tuple[int, ...] = C.field((0,), "comma-separated seeds of the other arms (e.g. Pre-LN + SOAP); "
+                                                 "empty: run only the C8 pair")
+    steps: int = C.field(0, "updates per run; 0: the study's default (small-cpu 1500)")
+    batch_size: int = C.field(0, "sequences per update; 0: the study's default (small-cpu 8)")
+    lr: float = C.field(0.0, "peak lr of every arm; 0: each arm's tuned lr (the study's table, or --tune)")
+    tune: bool = C.field(False, "first run the study's lr grid for every arm on the first seed and use the "
+                                "best (lowest final val loss) lr of each")
     betas: tuple[float, ...] = C.field((0.9, 0.95), "(beta1, beta2) of every optimiser")
     corpus: str = C.field("", "corpus (see ofe train --data.corpus); empty: the Python standard library")
-    quantize: bool = C.field(True, "quantise every run (W8A8 and the bit-width sweep)")
+    quantize: bool = C.field(True, "quantise every run (W8A8 and the bit-width sweep), and the matched-loss weights")
     device: str = C.field("auto", "auto, cpu, cuda, cuda:N")
     progress: bool = C.field(True, "show a progress bar over the study")
 
@@ -63,34 +91,127 @@ class ReproduceConfig:
             raise C.ConfigError("config key 'seeds' needs at least one seed")
         if self.steps < 0 or self.lr < 0 or self.batch_size < 0:
             raise C.ConfigError("config keys 'steps', 'batch_size' and 'lr' must be >= 0 (0: the study's default)")
+        if self.tune and self.lr:
+            raise C.ConfigError("config keys 'tune' and 'lr' exclude each other (tune chooses each arm's lr)")
 
 
-def study_spec(cfg: ReproduceConfig) -> dict[str, Any]:
-    """The sweep spec of the study."""
-    base: dict[str, Any] = {"preset": cfg.preset, "device": cfg.device, **STUDIES.get(cfg.preset, STUDIES["study-cpu"])}
+def study_of(cfg: ReproduceConfig) -> dict[str, Any]:
+    return STUDIES.get(cfg.preset, STUDIES[DEFAULT_STUDY])
+
+
+def _base(cfg: ReproduceConfig) -> dict[str, Any]:
+    """The `ofe train` settings every run shares."""
+    study = study_of(cfg)
+    base: dict[str, Any] = {"preset": cfg.preset, "device": cfg.device, **copy.deepcopy(study["train"])}
+    if cfg.preset not in STUDIES:  # another preset's model is its own; only the schedule is borrowed
+        base.pop("model", None)
     base["optim"] = {**base.get("optim", {}), "betas": list(cfg.betas)}
     if cfg.steps:
         base["steps"] = cfg.steps
-        for key in ("eval_interval", "ckpt_interval"):
-            base[key] = min(base[key], cfg.steps)
-        base["monitor_interval"] = max(1, min(base["monitor_interval"], cfg.steps // 10 or 1))
+        base["ckpt_interval"] = min(base["ckpt_interval"], cfg.steps)
+        for key in ("eval_interval", "monitor_interval"):  # at least ten of each in a run
+            base[key] = max(1, min(base[key], cfg.steps // 10 or 1))
     if cfg.batch_size:
         base["batch_size"] = cfg.batch_size
-    if cfg.lr:
-        base["optim"]["lr"] = cfg.lr
     if cfg.corpus:
         base["data"] = {**base.get("data", {}), "corpus": cfg.corpus}
-    grid = {"model.block": list(cfg.blocks), "optim.name": list(cfg.optimizers), "seed": list(cfg.seeds)}
-    return {"out_dir": cfg.out_dir, "quantize": cfg.quantize, "base": base, "grid": grid}
+    return base
+
+
+def arms(cfg: ReproduceConfig) -> list[tuple[str, str]]:
+    return [(b, o) for b in cfg.blocks for o in cfg.optimizers]
+
+
+def arm_lr(cfg: ReproduceConfig, arm: tuple[str, str], tuned: dict[tuple[str, str], float] | None = None) -> float:
+    """The lr an arm trains at: --lr, else what --tune found, else the study's table, else its default."""
+    study = study_of(cfg)
+    if cfg.lr:
+        return cfg.lr
+    if tuned and arm in tuned:
+        return tuned[arm]
+    return float(study["lrs"].get("+".join(arm), study["lr"]))
+
+
+def _variant(arm: tuple[str, str], lr: float, seed: int) -> dict[str, Any]:
+    block, optimizer = arm
+    return {"name": f"{block}_{optimizer}_lr{lr:g}_seed{seed}", "model.block": block, "optim.name": optimizer,
+            "optim.lr": lr, "seed": seed}
+
+
+def study_spec(cfg: ReproduceConfig, tuned: dict[tuple[str, str], float] | None = None) -> dict[str, Any]:
+    """The sweep spec of the study: one variant per (arm, seed), seed by seed (so that a study cut
+    short has whole pairs)."""
+    variants = []
+    for seed in dict.fromkeys([*cfg.seeds, *cfg.other_seeds]):
+        variants += [_variant(arm, arm_lr(cfg, arm, tuned), seed) for arm in arms(cfg)
+                     if seed in (cfg.seeds if arm in C8_PAIR else cfg.other_seeds)]
+    return {"out_dir": cfg.out_dir, "quantize": cfg.quantize, "base": _base(cfg), "variants": variants}
+
+
+def tuning_spec(cfg: ReproduceConfig) -> dict[str, Any]:
+    """The lr grid of every arm on the first seed (no quantisation: only the losses decide)."""
+    grid = study_of(cfg)["tune"]
+    variants = [_variant(arm, lr, cfg.seeds[0]) for arm in arms(cfg) for lr in grid]
+    return {"out_dir": cfg.out_dir, "quantize": False, "base": _base(cfg), "variants": variants}
+
+
+def tune(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> tuple[dict[tuple[str, str], float], list[Path]]:
+    """Run the lr grid; returns each arm's lr with the lowest final validation loss, and the grid's runs."""
+    paths = run_sweep(parse_spec(tuning_spec(cfg)), progress=cfg.progress, log=log)
+    runs = load_runs(paths)
+    best = tuned_lrs(runs)
+    chosen = {}
+    for run in runs:
+        arm = (run.settings["model.block"], run.settings["optim.name"])
+        chosen[arm] = best[arm_key(run)]["lr"]
+    log("tuned lr per arm: " + ", ".join(f"{b} + {o} {lr:g}" for (b, o), lr in chosen.items()))
+    return chosen, paths
+
+
+def quantise_matched(runs: list[Run], log: Callable[[str], None] = print) -> int:
+    """Quantise, for every C8 pair of one seed, the better run's kept weights at the worse run's final
+    validation loss (skipped when already done or when no kept step reaches it). Returns how many."""
+    tuned = at_tuned_lr(runs)
+    of = {arm: [r for r in tuned if (r.settings.get("model.block"), r.settings.get("optim.name")) == arm]
+          for arm in C8_PAIR}
+    done = 0
+    for a in of[C8_PAIR[0]]:
+        for b in (r for r in of[C8_PAIR[1]] if r.seed == a.seed and not (a.diverged or r.diverged)):
+            point = matched_point(a, b)
+            step = point.better_step
+            if step is None or step == point.better.steps or point.better.quant_result(step) is not None:
+                continue
+            log(f"{point.better.path.name}: quantising the weights of step {step} (val loss {point.better_loss:.4f}, "
+                f"matched to {point.worse.path.name}'s {point.target:.4f})")
+            quantize_run(point.better.path, QuantizeConfig(step=step), log=log)
+            done += 1
+    return done
 
 
 def reproduce(cfg: ReproduceConfig, log=print) -> list[ClaimResult]:
-    sweep = parse_spec(study_spec(cfg))
-    paths = run_sweep(sweep, progress=cfg.progress, log=log)
+    phases: dict[str, float] = {}
+    t0 = time.perf_counter()
+    tuned, grid = tune(cfg, log=log) if cfg.tune else (None, [])
+    if cfg.tune:
+        phases["lr tuning"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    study = run_sweep(parse_spec(study_spec(cfg, tuned)), progress=cfg.progress, log=log)
+    phases["training and quantisation"] = time.perf_counter() - t1
+    paths = list(dict.fromkeys([*study, *grid]))  # the report shows the lr grid too; claims use the tuned runs
     runs = load_runs(paths)
+    if cfg.quantize:
+        t2 = time.perf_counter()
+        if quantise_matched(runs, log=log):
+            runs = load_runs(paths)
+        phases["matched-loss quantisation"] = time.perf_counter() - t2
+    t3 = time.perf_counter()
     report_dir = Path(cfg.out_dir) / "report"
     claims = write_report(runs, report_dir, title=f"ofe reproduce: {cfg.preset}")
+    phases["report"] = time.perf_counter() - t3
     log("\n" + runs_table([run_row(r) for r in runs]))
     log("\n" + format_claims(claims))
-    log(f"\nreport: {report_dir / 'report.md'} (figures in {report_dir / 'figures'})")
+    log(f"\nreport: {report_dir / 'report.md'} (figures in {report_dir / 'figures'}; verdicts, rules and numbers "
+        f"in {report_dir / 'claims.json'})")
+    log("time: " + ", ".join(f"{name} {sec / 60:.1f} min" for name, sec in phases.items())
+        + f"; total {(time.perf_counter() - t0) / 60:.1f} min")
     return claims

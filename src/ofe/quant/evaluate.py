@@ -21,14 +21,15 @@ class QuantError(OfeError):
     """A user-facing problem with the run directory to quantise."""
 
 
-def load_trained(run_dir: str | Path) -> tuple[TrainConfig, GPT]:
-    """``(TrainConfig, GPT with the final weights)`` of a finished ``ofe train`` run."""
+def load_trained(run_dir: str | Path, step: int | None = None) -> tuple[TrainConfig, GPT]:
+    """``(TrainConfig, GPT)`` of an ``ofe train`` run, with its final weights (``step`` None, the run
+    must have finished) or those it kept at ``step``."""
     run = RunDir(run_dir)
     try:
         cfg = load_saved(run.read_config())
     except C.ConfigError as e:
         raise QuantError(f"{run.config_path} is not a valid run config: {e}") from None
-    model = run.load_weights(GPT(cfg.model))
+    model = run.load_weights(GPT(cfg.model), step)
     return cfg, model.eval()
 
 
@@ -49,9 +50,10 @@ def format_variants(qcfg: QuantConfig) -> list[QuantConfig]:
 
 
 def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0, sweep: bool = True,
-                 log=print) -> dict[str, Any]:
-    """Calibrate and evaluate; returns the result that :func:`quantize_run` saves beside the run."""
-    cfg, model = load_trained(run_dir)
+                 log=print, step: int | None = None) -> dict[str, Any]:
+    """Calibrate and evaluate the final weights (``step`` None) or those kept at ``step``; returns
+    the result that :func:`quantize_run` saves beside the run."""
+    cfg, model = load_trained(run_dir, step)
     data = prepare(cfg.data, log=log)
     T = cfg.model.seq_len
     n_eval = eval_sequences or cfg.eval_batches * cfg.batch_size
@@ -79,6 +81,7 @@ def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0
               for i, (f, q) in enumerate(zip(float_hidden, quant_hidden))]
     return {
         "run": str(run_dir), "block": cfg.model.block, "optimizer": cfg.optim.name,
+        "step": cfg.steps if step is None else step,
         "fp_ppl": fp_ppl, "w8a8_ppl": ppl_of.get(protocol_w8a8(qcfg)),  # None if not evaluated (no sweep)
         "quant_format": qcfg.label, "quant_ppl": ppl_of[qcfg],
         "settings": C.to_dict(qcfg), "eval_sequences": n_eval, "seq_len": T,
@@ -88,7 +91,8 @@ def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = [f"{result['run']}: {result['block']} + {result['optimizer']}, float perplexity {result['fp_ppl']:.4f}",
+    at = f" at step {result['step']}" if "step" in result else ""
+    lines = [f"{result['run']}{at}: {result['block']} + {result['optimizer']}, float perplexity {result['fp_ppl']:.4f}",
              f"{'format':<8} {'perplexity':>11} {'increase':>9}"]
     lines += [f"{f['format']:<8} {f['ppl']:>11.4f} {f['increase_pct']:>+8.2f}%" for f in result["formats"]]
     pad = len(result["quant_format"]) + 13
@@ -106,14 +110,20 @@ class QuantizeConfig:
     quant: QuantConfig = QuantConfig()
     eval_sequences: int = C.field(0, "validation windows to evaluate; 0: the run's eval_batches x batch_size")
     sweep: bool = C.field(True, "also evaluate W8A6/A5/A4, FP8 and W4 weight-only")
+    step: int = C.field(-1, "quantise the weights the run kept at this step (trained with --keep_weights true); "
+                            "-1: the final weights")
 
     def __post_init__(self) -> None:
         if self.eval_sequences < 0:
             raise C.ConfigError(f"config key 'eval_sequences' must be >= 0, got {self.eval_sequences}")
+        if self.step < -1:
+            raise C.ConfigError(f"config key 'step' must be >= 0, or -1 for the final weights, got {self.step}")
 
 
 def quantize_run(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig(), log=print) -> dict[str, Any]:
-    """Evaluate the run's formats and save the result in the run directory (``ofe quantize``)."""
-    result = evaluate_run(run_dir, cfg.quant, cfg.eval_sequences, cfg.sweep, log=log)
-    RunDir(run_dir).write_quant(result)
+    """Evaluate the run's formats and save the result in the run directory (``ofe quantize``):
+    one result for the final weights and one per kept step (:meth:`RunDir.quant_path`)."""
+    step = None if cfg.step < 0 else cfg.step
+    result = evaluate_run(run_dir, cfg.quant, cfg.eval_sequences, cfg.sweep, log=log, step=step)
+    RunDir(run_dir).write_quant(result, step)
     return result

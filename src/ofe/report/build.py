@@ -16,6 +16,7 @@ import numpy as np
 
 from ofe import config as C
 from ofe.analysis.claims import ClaimResult, evaluate_claims, format_claims
+from ofe.analysis.fair import arm_key, tuned_lrs
 from ofe.analysis.runs import Run, label_runs, load_runs
 from ofe.errors import OfeError
 from ofe.report import figures as F
@@ -24,6 +25,7 @@ from ofe.report import figures as F
 def run_row(run: Run) -> dict[str, Any]:
     """The report table's numbers for one run."""
     row: dict[str, Any] = {"run": run.path.name, "configuration": run.label, "seed": run.seed,
+                           "lr": run.settings.get("optim.lr"),
                            "steps": run.final["step"] if run.monitored else None, "diverged": run.diverged}
     if run.monitored:
         final = run.final["kurtosis"]
@@ -41,17 +43,46 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def runs_table(rows: list[dict[str, Any]]) -> str:
-    head = "| configuration | seed | steps | val ppl | W8A8 ppl | W8A8 cost | W8A4 cost | avg kurtosis | max kurtosis |"
-    lines = [head, "|" + " --- |" * 9]
+    head = "| configuration | seed | lr | steps | val ppl | W8A8 ppl | W8A8 cost | W8A4 cost | avg kurtosis | max kurtosis |"
+    lines = [head, "|" + " --- |" * 10]
     for r in rows:
+        lr = _fmt(r.get("lr"), "g")
         if r["diverged"]:
-            lines.append(f"| {r['configuration']} | {r['seed']} | diverged | - | - | - | - | - | - |")
+            lines.append(f"| {r['configuration']} | {r['seed']} | {lr} | diverged | - | - | - | - | - | - |")
             continue
         cost8 = _fmt(r.get("w8a8_increase_pct"), "+.2f") + ("%" if r.get("w8a8_increase_pct") is not None else "")
         cost4 = _fmt(r.get("w8a4_increase_pct"), "+.1f") + ("%" if r.get("w8a4_increase_pct") is not None else "")
-        lines.append(f"| {r['configuration']} | {r['seed']} | {r['steps']} | {_fmt(r['val_ppl'], '.3f')} | "
+        lines.append(f"| {r['configuration']} | {r['seed']} | {lr} | {r['steps']} | {_fmt(r['val_ppl'], '.3f')} | "
                      f"{_fmt(r.get('w8a8_ppl'), '.3f')} | {cost8} | {cost4} | {_fmt(r.get('avg_kurtosis'), '.2f')} | "
                      f"{_fmt(r.get('max_kurtosis'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def claims_json(claims: list[ClaimResult], runs: list[Run]) -> dict[str, Any]:
+    """``claims.json``: per claim its verdict, the rule that decided it, the evidence and the numbers
+    behind it (per seed or pair), so every verdict can be re-derived without the runs."""
+    return {
+        "schema": CLAIMS_SCHEMA,
+        "claims": [{"id": c.id, "statement": c.claim, "verdict": c.status, "rule": c.rule, "evidence": c.evidence,
+                    "data": c.data} for c in claims],
+        "runs": [{"run": str(r.path), "configuration": r.label, "seed": r.seed, "lr": r.settings.get("optim.lr"),
+                  "steps": r.steps, "val_loss": r.val_loss(), "diverged": r.diverged} for r in runs],
+    }
+
+
+def lr_table(runs: list[Run]) -> str | None:
+    """Final validation loss per arm and lr (mean over seeds), the tuned lr in bold; None when no arm
+    was run at more than one lr."""
+    tuned = tuned_lrs(runs)
+    if all(len(t["grid"]) < 2 for t in tuned.values()):
+        return None
+    names = {arm_key(r): f"{r.settings.get('model.block')} + {r.settings.get('optim.name')}" for r in runs}
+    lrs = sorted({lr for t in tuned.values() for lr in t["grid"]})
+    lines = ["| arm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|" + " --- |" * (len(lrs) + 1)]
+    for arm, t in tuned.items():
+        cells = [("**" if lr == t["lr"] else "") + _fmt(t["grid"].get(lr), ".3f") + ("**" if lr == t["lr"] else "")
+                 if lr in t["grid"] else "" for lr in lrs]
+        lines.append(f"| {names[arm]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -101,7 +132,8 @@ class ReportError(OfeError, ValueError):
     """An output directory the report may not replace."""
 
 
-REPORT_FILES = ("report.md", "summary.json")  # with figures/<FIGURES files>: all a report writes
+REPORT_FILES = ("report.md", "summary.json", "claims.json")
+CLAIMS_SCHEMA = 1  # with figures/<FIGURES files>: all a report writes
 
 
 def _check_report_dir(out: Path) -> None:
@@ -157,13 +189,19 @@ def write_report(runs: list[Run], out_dir: str | Path, title: str = "Outlier fea
               "the simulated quantised model over the float one (`ofe quantize`); kurtosis: residual stream after each "
               "block at the last step, averaged / maximised over layers.", "", runs_table(rows), "",
               "## Claims", "", "Tested on these runs only; `untested` means no pair of runs isolates the setting.", "",
-              claims_table(claims), "", "## Figures", ""]
+              claims_table(claims), "", "How each verdict is decided (the numbers behind it are in `claims.json`):", ""]
+        md += [f"- **{c.id}**: {c.rule}." for c in claims] + [""]
+        if (lrs := lr_table(runs)) is not None:
+            md += ["## Learning rates", "", "Final validation loss (nats/token, mean over seeds) per arm and lr; each "
+                   "arm is compared at its tuned lr (bold: the lowest loss).", "", lrs, ""]
+        md += ["## Figures", ""]
         for fig in made:
             md += [f"![{fig.caption}](figures/{fig.file})", "", f"*{fig.caption}*", ""]
         md += ["## Runs included", ""] + [f"- `{r.path}`" for r in runs]
         (tmp / "report.md").write_text("\n".join(md) + "\n")
         summary = {"runs": rows, "claims": [c.__dict__ for c in claims], "figures": [fig.file for fig in made]}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+        (tmp / "claims.json").write_text(json.dumps(claims_json(claims, runs), indent=1))
         _install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

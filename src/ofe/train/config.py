@@ -35,6 +35,8 @@ class TrainConfig:
     decomposition_sequences: int = field(8, "validation sequences on which the kurtosis-update terms are "
                                             "computed at monitor steps (fixed inputs); 0 disables")
     ckpt_interval: int = field(100, "write the resumable checkpoint every this many updates (and at the end)")
+    keep_weights: bool = field(False, "also keep the weights at every evaluation step (weights/step_NNNNNN.st), "
+                                      "so that ofe quantize --step can compare runs at matched loss")
     seed: int = field(0, "seed for initialisation and data order")
     device: str = field("auto", "auto (cuda if available), cpu, cuda, cuda:N")
     dtype: Literal["float32", "bfloat16"] = field("float32", "compute dtype (bfloat16: autocast on GPU)")

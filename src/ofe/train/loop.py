@@ -200,6 +200,8 @@ class Trainer:
                 record: dict[str, Any] = {"step": step, "lr": lr, "tokens": step * tokens_per_step}
                 if step % cfg.eval_interval == 0:
                     record["val_loss"] = self.evaluate()
+                    if cfg.keep_weights and self.env.is_main and step > 0:
+                        run_dir.keep_weights(step, self.model)
                 if self.monitor.due(step):
                     record.update(self._decomposition_record())
                 loss, stats = self._train_step(step)

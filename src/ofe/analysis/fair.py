@@ -1,0 +1,83 @@
+"""Fair comparisons between configurations: each at its own tuned lr, and at matched validation loss.
+
+*Tuned lr.* Runs that differ only in ``optim.lr`` (and the seed) are one *arm* tried at several
+learning rates. An arm's tuned lr is the one with the lowest mean final validation loss over its
+seeds (a diverged seed counts as an infinite loss). Comparisons of blocks and optimisers (C2, C6,
+C8) use each arm's runs at its tuned lr only, so neither side is judged at an lr that suits the
+other.
+
+*Matched loss.* Two runs of one seed end at different validation losses. The *target* is the worse
+run's final validation loss; the better run is taken at the first evaluation step whose weights it
+kept (``keep_weights``) and whose validation loss is at most the target. Quantising those weights
+compares the two at (nearly) the same quality. Without kept weights there is no matched point.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ofe.analysis.runs import Run
+
+LR = "optim.lr"
+
+
+def arm_key(run: Run) -> tuple[tuple[str, Any], ...]:
+    """What defines a run's arm: every setting but the lr (the seed is never a setting)."""
+    return tuple(sorted((k, repr(v)) for k, v in run.settings.items() if k != LR))
+
+
+def _final_val(run: Run) -> float:
+    loss = run.val_loss()
+    return math.inf if run.diverged or not math.isfinite(loss) else loss
+
+
+def tuned_lrs(runs: Iterable[Run]) -> dict[tuple, dict[str, Any]]:
+    """Per arm: ``{"lr": tuned lr, "grid": {lr: mean final val loss over seeds}}``; the tuned lr
+    has the lowest mean (ties: the smaller lr)."""
+    by_arm: dict[tuple, dict[float, list[float]]] = {}
+    for run in runs:
+        lr = run.settings.get(LR)
+        if lr is None:
+            continue
+        by_arm.setdefault(arm_key(run), {}).setdefault(float(lr), []).append(_final_val(run))
+    out = {}
+    for arm, grid in by_arm.items():
+        means = {lr: float(np.mean(v)) for lr, v in sorted(grid.items())}
+        best = min(means, key=lambda lr: (means[lr], lr))
+        out[arm] = {"lr": best, "grid": means}
+    return out
+
+
+def at_tuned_lr(runs: list[Run]) -> list[Run]:
+    """The runs of each arm at its tuned lr (all runs when every arm was run at one lr)."""
+    tuned = tuned_lrs(runs)
+    return [r for r in runs if r.settings.get(LR) is None or float(r.settings[LR]) == tuned[arm_key(r)]["lr"]]
+
+
+@dataclass(frozen=True)
+class MatchedPoint:
+    """Two runs of one seed compared at the worse one's final validation loss."""
+
+    worse: Run
+    better: Run
+    target: float  # the worse run's final validation loss (nats/token)
+    better_step: int | None  # the better run's first kept step at or below the target; None: none kept
+
+    @property
+    def better_loss(self) -> float | None:
+        if self.better_step is None:
+            return None
+        steps, loss = self.better.val_curve()
+        return float(loss[list(steps).index(self.better_step)])
+
+
+def matched_point(a: Run, b: Run) -> MatchedPoint:
+    """The matched-loss point of two runs (:mod:`module docs <ofe.analysis.fair>`)."""
+    worse, better = (a, b) if _final_val(a) >= _final_val(b) else (b, a)
+    target = _final_val(worse)
+    return MatchedPoint(worse, better, target, better.step_reaching(target) if math.isfinite(target) else None)

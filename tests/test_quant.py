@@ -202,3 +202,37 @@ def test_ofe_quantize_bad_input(tmp_path, capsys, args, needle):
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
     assert not (tmp_path / "quant.json").exists()
+
+
+def test_site_families_cover_every_protocol_site_once():
+    from ofe.quant.simulate import SITE_FAMILIES
+    for block in ("pre-ln", "op"):
+        sites = set(_model(block).taps())
+        listed = [s for family in SITE_FAMILIES.values() for s in family]
+        assert len(listed) == len(set(listed)) and sites <= set(listed), sites - set(listed)
+
+
+def test_the_residual_spike_costs_int8_through_the_residual_family():
+    """A planted outlier channel in the residual stream: quantising the residual sites alone costs
+    far more than quantising the MLP sites alone, and every family's sites are the only ones hooked."""
+    from ofe.quant.evaluate import site_family_costs
+    spiky = _model("pre-ln")
+    with torch.no_grad():
+        spiky.tok_emb.weight[:, 7] *= 300.0
+        spiky.lm_head = torch.nn.Linear(32, 256, bias=False)  # untie: the head stays as trained
+        spiky.lm_head.weight.copy_(30 * _model("pre-ln").tok_emb.weight)  # sharp logits: ppl feels the error
+    windows, calib = _windows(), [_windows(4, seed=i + 1)[:, :-1] for i in range(3)]
+    sim = SimulatedQuantModel(spiky, QuantConfig(), only_sites=("emb", "resid_mid", "resid"))
+    assert {site for site, _ in sim.quantizers} == {"emb", "resid_mid", "resid"}
+    fp = perplexity(spiky, windows)
+    rows = {r["family"]: r for r in site_family_costs(spiky, QuantConfig(), calib, windows, fp, log=lambda *a: None)}
+    assert list(rows) == ["weights", "residual", "norm outputs", "attention", "mlp"]
+    assert abs(rows["residual"]["increase_pct"]) > 10 * max(abs(rows["mlp"]["increase_pct"]), 0.01), rows
+    assert rows["residual"]["ppl"] == pytest.approx(fp * (1 + rows["residual"]["increase_pct"] / 100))
+    clean = _model("pre-ln")  # the same model without the spike: its residual sites cost far less
+    with torch.no_grad():
+        clean.lm_head = torch.nn.Linear(32, 256, bias=False)
+        clean.lm_head.weight.copy_(spiky.lm_head.weight)
+    fp_clean = perplexity(clean, windows)
+    residual_clean = site_family_costs(clean, QuantConfig(), calib, windows, fp_clean, log=lambda *a: None)[1]
+    assert abs(rows["residual"]["increase_pct"]) > 3 * abs(residual_clean["increase_pct"])

@@ -13,7 +13,7 @@ from ofe.data import prepare, train_batch, val_windows
 from ofe.errors import OfeError
 from ofe.metrics import abs_max_median, kurtosis, position0_share
 from ofe.models import GPT
-from ofe.quant.simulate import QuantConfig, SimulatedQuantModel, block_outputs, perplexity, sqnr_db
+from ofe.quant.simulate import SITE_FAMILIES, QuantConfig, SimulatedQuantModel, block_outputs, perplexity, sqnr_db
 from ofe.run_dir import RunDir
 from ofe.train.config import TrainConfig, load_saved
 
@@ -75,6 +75,7 @@ def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0
         if variant == qcfg:
             main = sim
     quant_hidden = block_outputs(main.model, main.model.blocks, probe)
+    families = site_family_costs(model, qcfg, calib, windows, fp_ppl, log) if sweep else []
     layers = [{"layer": i, "kurtosis": kurtosis(f).item(), "max_abs": f.abs().max().item(),
                "abs_max_median": abs_max_median(f).item(), "position0_share": position0_share(f).item(),
                "sqnr_db": sqnr_db(f, q)}
@@ -86,8 +87,27 @@ def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0
         "quant_format": qcfg.label, "quant_ppl": ppl_of[qcfg],
         "settings": C.to_dict(qcfg), "eval_sequences": n_eval, "seq_len": T,
         "calibration_tokens": qcfg.calib_batches * qcfg.calib_batch_size * T,
-        "layers": layers, "formats": formats,
+        "layers": layers, "formats": formats, "site_families": families,
     }
+
+
+def site_family_costs(model: GPT, qcfg: QuantConfig, calib: list, windows, fp_ppl: float, log=print) -> list[dict[str, Any]]:
+    """Where the W8A8 error comes from: the perplexity increase of quantising one thing alone, with
+    everything else in float: the weights alone (W8A16), then each :data:`SITE_FAMILIES` family's
+    activations alone (8 bits, float weights)."""
+    w8a8 = protocol_w8a8(qcfg)
+    parts = [("weights", dataclasses.replace(w8a8, act_bits=0), None)]
+    parts += [(name, dataclasses.replace(w8a8, weight_bits=0), sites) for name, sites in SITE_FAMILIES.items()]
+    rows = []
+    for name, variant, sites in parts:
+        sim = SimulatedQuantModel(model, variant, only_sites=sites)
+        if not sim.quantizers and sites is not None:
+            continue  # the model has no such site (e.g. OP has no norm outputs)
+        sim.calibrate(calib)
+        ppl = perplexity(sim, windows)
+        rows.append({"family": name, "sites": list(sites or ()), "ppl": ppl, "increase_pct": 100.0 * (ppl / fp_ppl - 1.0)})
+        log(f"  W8A8 {name + ' only':<20} perplexity {ppl:10.4f}  ({rows[-1]['increase_pct']:+.2f}%)")
+    return rows
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -95,6 +115,9 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"{result['run']}{at}: {result['block']} + {result['optimizer']}, float perplexity {result['fp_ppl']:.4f}",
              f"{'format':<8} {'perplexity':>11} {'increase':>9}"]
     lines += [f"{f['format']:<8} {f['ppl']:>11.4f} {f['increase_pct']:>+8.2f}%" for f in result["formats"]]
+    if result.get("site_families"):
+        lines.append("W8A8 one part at a time (the rest in float):")
+        lines += [f"  {f['family']:<14} {f['ppl']:>11.4f} {f['increase_pct']:>+8.2f}%" for f in result["site_families"]]
     pad = len(result["quant_format"]) + 13
     lines.append(f"per layer ({result['quant_format']}): {'layer':>5} {'kurtosis':>9} {'max|x|':>8} {'max/med':>8} "
                  f"{'top@pos0':>8} {'SQNR dB':>8}")

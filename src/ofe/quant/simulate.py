@@ -85,6 +85,15 @@ class ActQuantizer:
         return fast_fake_quant(x, scale, zero_point, qmin, qmax).to(x.dtype)
 
 
+# The protocol's activation sites (GPT.taps) in families, to tell where a format's error comes from.
+SITE_FAMILIES: dict[str, tuple[str, ...]] = {
+    "residual": ("emb", "resid_mid", "resid"),
+    "norm outputs": ("norm1_out", "norm2_out", "final_norm_out"),
+    "attention": ("q", "k", "v", "attn_scores", "attn_probs", "attn_context", "attn_out"),
+    "mlp": ("mlp_hidden", "mlp_out"),
+}
+
+
 def _is_linear(module: nn.Module) -> bool:
     """``nn.Linear`` or transformers' ``Conv1D`` (GPT-2's linear layer, weight ``(in, out)``)."""
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
@@ -120,8 +129,11 @@ class SimulatedQuantModel:
     """
 
     def __init__(self, model: nn.Module, cfg: QuantConfig, float_modules: tuple[str, ...] = ("lm_head",),
-                 output_modules: tuple[str, ...] = ()) -> None:
+                 output_modules: tuple[str, ...] = (), only_sites: tuple[str, ...] | None = None) -> None:
+        """``only_sites``: with ``sites = "all"``, quantise only the activations at these
+        :meth:`GPT.taps` sites (e.g. one of :data:`SITE_FAMILIES`); None: every site."""
         self.cfg = cfg
+        self.only_sites = only_sites
         self.model = copy.deepcopy(model).eval()
         named = dict(self.model.named_modules())
         unknown = [n for n in (*float_modules, *output_modules) if n and n not in named]
@@ -152,6 +164,8 @@ class SimulatedQuantModel:
             if not hasattr(self.model, "taps"):
                 raise ValueError("quant sites 'all' needs an ofe GPT (its taps); use sites 'linear-inputs'")
             for site, layers in self.model.taps().items():
+                if self.only_sites is not None and site not in self.only_sites:
+                    continue
                 for layer, tap in layers.items():
                     q = self.quantizers[(site, layer)] = ActQuantizer(self.cfg)
                     tap.register_forward_hook(output_hook(q))

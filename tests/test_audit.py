@@ -101,3 +101,34 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, capsys):
     with pytest.warns(UserWarning):
         assert main(["audit", str(tmp_path / "small-vocab"), "--out_dir", str(tmp_path / "o")]) == 2
     assert "outside the model's vocabulary of 100" in capsys.readouterr().err
+
+
+def test_audit_finds_a_planted_position0_spike_and_names_its_token(tmp_path):
+    """A massive activation planted on the first position (GPT-2's position embedding 0, channel 5):
+    in every layer the largest |x| of each of the 4 sequences sits at position 0 in that channel;
+    max/median and the position-0 share of the top 50 agree with a float64 computation."""
+    from ofe.audit import AuditConfig, audit
+    from ofe.quant import QuantConfig
+
+    model = _build("gpt2")
+    with torch.no_grad():
+        model.transformer.wpe.weight[0, 5] = 300.0
+    model_dir = tmp_path / "spiky"
+    model.save_pretrained(model_dir)
+    _save_tokenizer(model_dir)
+    cfg = AuditConfig(sequences=4, seq_len=32, quant=QuantConfig(sites="linear-inputs", calib_batches=1, calib_batch_size=2))
+    result = audit(model_dir, cfg, log=lambda *a: None)
+    reloaded = tf.GPT2LMHeadModel.from_pretrained(model_dir).double().eval()
+    from ofe.audit import corpus_windows, load_model
+    _, _, tokenizer = load_model(model_dir)
+    windows = corpus_windows(tokenizer, 300, 4 + 2, 32)[:4]
+    with torch.no_grad():
+        hidden = reloaded(input_ids=windows, output_hidden_states=True).hidden_states[1:]
+    for layer, row in enumerate(result["layers"][:-1]):  # GPT-2's last hidden state has ln_f applied
+        a = hidden[layer].abs()
+        assert row["abs_max_median"] == pytest.approx((a.max() / a.median()).item(), rel=1e-3)
+        top50 = a.reshape(-1).topk(50).indices
+        assert row["position0_share"] == pytest.approx(((top50 // 32) % 32 == 0).double().mean().item())
+    for row in result["layers"]:
+        assert [(t["position"], t["channel"]) for t in row["top"][:4]] == [(0, 5)] * 4
+        assert {t["token"] for t in row["top"][:4]} <= {tokenizer.decode([int(w)]) for w in windows[:, 0]}

@@ -1,7 +1,9 @@
 """``ofe audit MODEL_DIR``: outlier features and their int8 cost for a Hugging Face checkpoint on disk.
 
-Per layer (the hidden state leaving each block, before any final norm): kurtosis, MMR, max |x| and
-input correlation on a sample of the standard-library corpus tokenised by the model's own tokenizer;
+Per layer (the hidden state leaving each block, before any final norm): kurtosis, MMR, max |x|, input
+correlation, the largest |x| over the median |x|, the share of the 50 largest |x| at position 0, and
+the positions and tokens that carry the largest |x| (massive activations sit on the first token or
+a delimiter), on a sample of the standard-library corpus tokenised by the model's own tokenizer;
 plus the W8A8 cost: perplexity for causal LMs, cosine similarity of the float and quantised final
 hidden states for encoders. Written as ``audit.json``, ``audit.md`` and ``audit.png`` in an output
 directory, and printed. Nothing is downloaded: the model must be a local directory.
@@ -31,7 +33,8 @@ SUPPORTED: dict[str, str] = {
     "gpt2": "causal", "opt": "causal", "gpt_neox": "causal", "llama": "causal", "mistral": "causal",
     "qwen2": "causal", "bert": "encoder", "roberta": "encoder",
 }
-METRICS = ("kurtosis", "mmr", "max_abs", "input_correlation")
+METRICS = ("kurtosis", "mmr", "max_abs", "input_correlation", "abs_max_median", "position0_share")
+TOP_TOKENS = 5  # per layer: where the largest |activations| sit
 
 
 class AuditError(OfeError):
@@ -123,6 +126,35 @@ def _causal_ppl(model, windows: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def top_tokens(model, stack, windows: torch.Tensor, tokenizer, k: int = TOP_TOKENS) -> list[list[dict[str, Any]]]:
+    """Per block of ``stack``: the ``k`` largest ``|x|`` of its output on ``windows`` ``(B, T)``, each as
+    ``{"position", "token", "channel", "value"}`` (largest first; a position may repeat across channels)."""
+    outputs: list[torch.Tensor] = []
+
+    def keep(_m, _i, out):
+        outputs.append((out[0] if isinstance(out, tuple) else out).detach().float())
+
+    handles = [block.register_forward_hook(keep) for block in stack]
+    try:
+        model(input_ids=windows)
+    finally:
+        for h in handles:
+            h.remove()
+    result = []
+    for hidden in outputs:
+        B, T, d = hidden.shape
+        values, flat = hidden.abs().reshape(-1).topk(min(k, hidden.numel()))
+        rows = []
+        for v, i in zip(values.tolist(), flat.tolist()):
+            b, t, c = i // (T * d), (i // d) % T, i % d
+            token_id = int(windows[b, t])
+            text = tokenizer.decode([token_id]) if tokenizer is not None else ByteTokenizer().decode([token_id])
+            rows.append({"position": t, "token": text, "channel": c, "value": float(hidden[b, t, c])})
+        result.append(rows)
+    return result
+
+
+@torch.no_grad()
 def _final_hidden(model, windows: torch.Tensor) -> torch.Tensor:
     return model(input_ids=windows).last_hidden_state.float()
 
@@ -143,9 +175,10 @@ def audit(model_dir: str | Path, cfg: AuditConfig, log=print) -> dict[str, Any]:
     with OutlierMonitor(model, metrics=METRICS, mmr_max_rows=None) as monitor:
         stats = monitor.measure(windows)["resid"]
     n_layers = len(stats["kurtosis"])
-    layers = [{"layer": i, **{m: stats[m][i] for m in METRICS}} for i in range(n_layers)]
-
     stack_name, stack = find_block_stack(model)
+    tops = top_tokens(model, stack, windows, tokenizer)
+    layers = [{"layer": i, **{m: stats[m][i] for m in METRICS}, "top": tops[i]} for i in range(n_layers)]
+
     head = model.get_output_embeddings() if kind == "causal" else None
     head_name = next((n for n, m in model.named_modules() if m is head), "") if head is not None else ""
     sim = SimulatedQuantModel(model, q, float_modules=(head_name,) if head_name else (),
@@ -177,14 +210,19 @@ def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = result["layers"]
     x = [r["layer"] for r in layers]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    for ax, key, label in zip(axes, ("kurtosis", "max_abs", "input_correlation"),
-                              ("kurtosis of neuron RMS", "max |activation|", "input correlation")):
-        ax.plot(x, [r[key] for r in layers], marker="o", color="tab:red" if key == "kurtosis" else "tab:blue")
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.4))
+    panels = (("kurtosis", "kurtosis of neuron RMS"), ("max_abs", "max |activation|"),
+              ("abs_max_median", "max |activation| / median |activation|"), ("input_correlation", "input correlation"))
+    for ax, (key, label) in zip(axes.flat, panels):
+        values = [r[key] for r in layers]
+        ax.plot(x, values, marker="o", color="tab:red" if key == "kurtosis" else "tab:blue")
+        if key == "kurtosis":
+            ax.axhline(1.0, color="grey", linestyle=":", linewidth=1, label="1: no outlier neurons")
+            ax.legend(fontsize=8, frameon=False)
         ax.set_xlabel("layer (block output)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
-        if key != "input_correlation" and max(r[key] for r in layers) / max(min(r[key] for r in layers), 1e-12) > 30:
+        if key != "input_correlation" and max(values) / max(min(values), 1e-12) > 30:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     w = result["w8a8"]
@@ -209,10 +247,16 @@ def format_summary(result: dict[str, Any]) -> str:
              f"standard-library corpus, tokenizer: {result['tokenizer']}.", "",
              f"{result['quant_format']} ({result['quant']['sites']}): {w['metric']} {w['float']:.4f} -> "
              f"{w['quantized']:.4f}{change}", "",
-             "| layer | kurtosis | MMR | max abs | input corr. |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['layer']} | {r['kurtosis']:.3f} | {r['mmr']:.2f} | {r['max_abs']:.3g} | {r['input_correlation']:.3f} |"
+             "| layer | kurtosis | MMR | max abs | max/median | top-50 at pos. 0 | input corr. | largest (position: token) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['layer']} | {r['kurtosis']:.3f} | {r['mmr']:.2f} | {r['max_abs']:.3g} | {r['abs_max_median']:.3g} | "
+              f"{r['position0_share']:.2f} | {r['input_correlation']:.3f} | {_tops(r.get('top', []))} |"
               for r in result["layers"]]
     return "\n".join(lines)
+
+
+def _tops(rows: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{r['position']}: {json.dumps(r['token'])[1:-1]!s}".replace("|", "\\|") for r in rows)
 
 
 def run_audit(model_dir: str | Path, cfg: AuditConfig, log=print) -> list[Path]:

@@ -104,6 +104,10 @@ FIGURES: dict[str, Figure] = {
                                "(mean over seeds).", lambda g, c, p: F.kurtosis_vs_step(g, p)),
     "final_kurtosis_by_layer": Figure("final_kurtosis_by_layer.png", "Final kurtosis per layer by configuration "
                                       "(bars: min-max over seeds).", F.final_kurtosis_by_layer),
+    "massive_activations": Figure("massive_activations.png", "Massive activations: the largest |activation| over "
+                                  "the median |activation| of the residual stream (left, log scale) and the share of "
+                                  "the 50 largest that sit at position 0 (right), highest layer, every run.",
+                                  F.massive_activations),
     "loss_curves": Figure("loss_curves.png", "Training and validation loss.", F.loss_curves),
     "kurtosis_vs_loss": Figure("kurtosis_vs_loss.png", "Kurtosis against training loss: configurations at matched "
                                "loss (training moves left to right, to lower loss).", F.kurtosis_vs_loss),

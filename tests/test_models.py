@@ -21,6 +21,9 @@ OPTION_SETS = [
     {"final_norm": True, "first_norm": True},
     {"final_norm": False, "first_norm": False},
     {"gated_attention": True, "bias": True},
+    {"gated_attention": True, "gate": "element", "bias": True},
+    {"activation": "swiglu", "bias": True},
+    {"embed_proj": True},
     {"layerscale": 0.1},
     {"tie_embeddings": False, "init_std": 0.05},
 ]
@@ -245,3 +248,47 @@ def test_block_table_drives_choices_defaults_and_errors():
 
     with pytest.raises(ConfigError, match="'pre-foo' is not one of 'pre-ln' \\| 'post-ln'"):
         C.from_dict(GPTConfig, {"block": "pre-foo"})
+
+
+def test_element_gate_is_a_per_channel_sigmoid_of_the_attention_input():
+    """Qwen's G1 gate: y * sigmoid(x W_g), one gate per head channel, against a direct computation."""
+    torch.manual_seed(0)
+    gated = GPT(tiny(block="pre-ln", gated_attention=True, gate="element")).eval()
+    plain = GPT(tiny(block="pre-ln")).eval()
+    plain.load_state_dict(gated.state_dict(), strict=False)
+    a_g, a_p = gated.blocks[0].attn, plain.blocks[0].attn
+    assert a_g.gate.weight.shape == (32, 32)
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    a_g.double(), a_p.double()
+    captured = {}
+    a_p.proj.register_forward_pre_hook(lambda _m, args: captured.__setitem__("ctx", args[0]))
+    with torch.no_grad():
+        a_p(x)
+        want = a_p.proj(captured["ctx"] * torch.sigmoid(x @ a_g.gate.weight.T))
+        assert torch.allclose(a_g(x), want, atol=1e-12)
+
+
+def test_swiglu_mlp_matches_a_direct_computation_at_about_equal_parameters():
+    torch.manual_seed(0)
+    cfg = tiny(activation="swiglu")
+    assert cfg.mlp_width == 88  # 8/3 * 32 = 85.3, rounded up to a multiple of 8
+    mlp = GPT(cfg).blocks[0].mlp.double()
+    x = torch.randn(3, 5, 32, dtype=torch.float64)
+    w_gate, w_up = mlp.fc.weight[:88], mlp.fc.weight[88:]
+    want = (torch.nn.functional.silu(x @ w_gate.T) * (x @ w_up.T)) @ mlp.proj.weight.T
+    with torch.no_grad():
+        assert torch.allclose(mlp(x), want, atol=1e-12)
+    big = preset("small-cpu")
+    glu, gelu = expected_param_count(preset("small-cpu", activation="swiglu")), expected_param_count(big)
+    assert abs(glu / gelu - 1) < 0.01
+
+
+def test_embedding_projection_starts_as_the_identity():
+    torch.manual_seed(0)
+    with_proj = GPT(tiny(embed_proj=True)).eval()
+    without = GPT(tiny()).eval()
+    without.load_state_dict({k: v for k, v in with_proj.state_dict().items() if not k.startswith("embed_proj")})
+    idx = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        assert torch.equal(with_proj(idx), without(idx))
+    assert torch.equal(with_proj.embed_proj.weight, torch.eye(32))

@@ -352,3 +352,70 @@ def test_flat_optimiser_keys_of_ofe_0_1_still_load():
                              {"optim.max_precond_dim": "64"})
     assert (cfg.optim.rotation.precondition_frequency, cfg.optim.rotation.shampoo_beta) == (3, 0.9)
     assert cfg.optim.rotation.max_precond_dim == 64
+
+
+def _newton_schulz_float64(g: torch.Tensor, steps: int = 5, a=3.4445, b=-4.775, c=2.0315) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration written out in float64 (an independent oracle)."""
+    x = g.double()
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def test_muon_step_matches_a_direct_computation_and_adamw_takes_the_rest():
+    torch.manual_seed(0)
+    model = GPT(preset("tiny"))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    lr, wd, mu = 1e-2, 0.1, 0.95
+    opt = build_optimizer(OptimConfig(name="muon", lr=lr, weight_decay=wd, betas=(0.9, 0.95)), model)
+    opt.step()
+    after = dict(model.named_parameters())
+    # a hidden matrix: one step from a zero buffer, Nesterov: update = (1 - mu) g + mu (1 - mu) g
+    name = "blocks.0.mlp.fc.weight"
+    g = grads[name].double()
+    o = _newton_schulz_float64((1 - mu) * g + mu * (1 - mu) * g)
+    rows, cols = g.shape
+    expected = before[name].double() * (1 - lr * wd) - lr * 0.2 * max(rows, cols) ** 0.5 * o
+    step, want = (after[name].double() - before[name].double()), expected - before[name].double()
+    assert (step - want).norm() / want.norm() < 0.02  # Muon runs the iteration in bfloat16
+    # its singular values are near 1: an orthogonalised update, not the raw gradient's spectrum
+    s = torch.linalg.svdvals(o)
+    assert 0.5 < s.min() and s.max() < 1.5
+    # the token embedding (tied head) and a norm gain go to AdamW: compare with torch's AdamW
+    for name in ("tok_emb.weight", "blocks.0.norm1.weight"):
+        p = torch.nn.Parameter(before[name].clone())
+        p.grad = grads[name].clone()
+        ref = torch.optim.AdamW([p], lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd if p.dim() == 2 else 0.0)
+        ref.step()
+        assert torch.allclose(after[name], p, atol=1e-7), name
+    kinds = {g["kind"] for g in opt.muon.param_groups}
+    assert kinds == {"matrix"} and "matrix" not in {g["kind"] for g in opt.adamw.param_groups}
+    state = opt.state_dict()
+    again = build_optimizer(OptimConfig(name="muon", lr=lr, weight_decay=wd, betas=(0.9, 0.95)), model)
+    again.load_state_dict(state)
+    assert torch.equal(again.muon.state[after["blocks.0.mlp.fc.weight"]]["momentum_buffer"],
+                       opt.muon.state[after["blocks.0.mlp.fc.weight"]]["momentum_buffer"])
+
+
+def test_osp_config_combines_muon_single_scale_rmsnorm_and_the_embedding_projection():
+    from pathlib import Path
+
+    from ofe.config import load_file
+    from ofe.train import build_train_config
+
+    cfg = build_train_config(load_file(Path(__file__).parents[1] / "configs" / "osp-small-cpu.toml"))
+    assert (cfg.model.block, cfg.model.embed_proj, cfg.optim.name) == ("pre-srms", True, "muon")
+    model = GPT(cfg.model)
+    opt = build_optimizer(cfg.optim, model)
+    muon_params = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    assert id(model.embed_proj.weight) in muon_params  # a d x d map: orthogonalised like the hidden matrices
+    assert id(model.tok_emb.weight) not in muon_params and not any(p.dim() < 2 for g in opt.muon.param_groups for p in g["params"])
+    assert not [n for n, p in model.named_parameters() if "norm" in n]  # single-scale: no per-channel gains

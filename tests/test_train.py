@@ -60,7 +60,7 @@ def test_loss_falls_and_outputs_follow_the_contract(tmp_path, small_corpus):
     assert state["step"] == 40
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "soap", "rotated-adafactor"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "soap", "rotated-adafactor", "muon"])
 def test_kill_and_resume_gives_identical_weights_and_metrics(tmp_path, small_corpus, monkeypatch, optimizer):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     opts = {"model.block": "op", "optim.name": optimizer}

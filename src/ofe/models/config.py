@@ -30,7 +30,8 @@ class GPTConfig:
     n_layer: int = field(6, "number of blocks")
     n_head: int = field(4, "attention heads")
     d_model: int = field(256, "residual stream width")
-    d_mlp: int | None = field(None, "MLP hidden width; none means 4 * d_model")
+    d_mlp: int | None = field(None, "MLP hidden width; none: 4 * d_model (gelu/relu), or 8/3 * d_model rounded up "
+                                    "to a multiple of 8 (swiglu: three matrices, about the same parameters)")
     block: BlockType = field("pre-ln", "block type: " + "; ".join(f"{k}: {v.help}" for k, v in BLOCKS.items()))
     qk_norm: QKNormType = field("auto", "per-head norm of queries and keys; auto: rms for op, none otherwise")
     attn_softcap: float | None = field(None, "tanh soft-cap c of attention logits, c * tanh(z / c); none: off")
@@ -39,9 +40,16 @@ class GPTConfig:
     mlp_alpha: bool = field(False, "trainable scalar scaling the MLP input")
     final_norm: bool | None = field(None, "norm before the unembedding; none: on for pre-norm blocks, off for post-ln and op")
     first_norm: bool | None = field(None, "norm on the first block's attention input; none: on for op only")
-    gated_attention: bool = field(False, "sigmoid gate per head on the attention output (Bondarenko et al.)")
+    gated_attention: bool = field(False, "sigmoid gate on the attention output, computed from the attention input "
+                                         "(query-dependent); its granularity is model.gate")
+    gate: Literal["head", "element"] = field("head", "granularity of the attention gate: head (one scalar per head, "
+                                                     "Bondarenko et al.'s gated attention) or element (one per head "
+                                                     "channel: Qwen's G1 gate, arXiv 2505.06708)")
     layerscale: float | None = field(None, "LayerScale init value (per-channel gain on each branch); none: off")
-    activation: Literal["relu", "gelu"] = field("relu", "MLP nonlinearity")
+    activation: Literal["relu", "gelu", "swiglu"] = field("relu", "MLP nonlinearity; swiglu: silu(x W_gate) * "
+                                                                  "(x W_up), the Llama-family MLP")
+    embed_proj: bool = field(False, "a learnable d x d projection of the embedding sum, initialised to the identity "
+                                    "(OSP's embedding projection, arXiv 2506.19697)")
     bias: bool = field(False, "biases in linear layers and LayerNorms")
     tie_embeddings: bool = field(True, "share the token embedding with the unembedding")
     init_std: float = field(0.02, "std of the normal init of every weight matrix and embedding")
@@ -69,7 +77,11 @@ class GPTConfig:
 
     @property
     def mlp_width(self) -> int:
-        return self.d_mlp if self.d_mlp is not None else 4 * self.d_model
+        if self.d_mlp is not None:
+            return self.d_mlp
+        if self.activation == "swiglu":  # 3 matrices of d x h ~ 2 of d x 4d: h = 8d/3, a multiple of 8
+            return -(-8 * self.d_model // 3 // 8) * 8
+        return 4 * self.d_model
 
     @property
     def spec(self) -> BlockSpec:
@@ -130,14 +142,16 @@ def expected_param_count(cfg: GPTConfig) -> int:
     c = cfg.resolved()
     d, m, h, hd, b = c.d_model, c.mlp_width, c.n_head, c.head_dim, int(c.bias)
     norm = {"layernorm": d * (1 + b), "rms": d, "srms": 0}[c.norm_kind]
-    per_block = 4 * d * d + 2 * d * m + b * (4 * d + m + d)
+    glu = c.activation == "swiglu"
+    per_block = 4 * d * d + (3 if glu else 2) * d * m + b * (4 * d + (2 * m if glu else m) + d)
     per_block += 0 if c.spec.placement == "none" else 2 * norm
     per_block += {"none": 0, "rms": 2 * hd, "layernorm": 2 * hd * 2}[c.qk_norm]  # type: ignore[index]
-    per_block += (d * h + b * h) if c.gated_attention else 0
+    gates = h if c.gate == "head" else d
+    per_block += (d * gates + b * gates) if c.gated_attention else 0
     per_block += 2 if c.beta_trainable else 0
     per_block += 1 if c.mlp_alpha else 0
     per_block += 2 * d if c.layerscale is not None else 0
-    total = c.n_layer * per_block + c.vocab_size * d + c.seq_len * d
+    total = c.n_layer * per_block + c.vocab_size * d + c.seq_len * d + (d * d if c.embed_proj else 0)
     total += 0 if c.tie_embeddings else c.vocab_size * d
     total += norm if c.first_norm else 0
     total += norm if c.final_norm else 0

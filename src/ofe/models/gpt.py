@@ -79,7 +79,9 @@ class Attention(nn.Module):
             kind = "rms" if cfg.qk_norm == "rms" else "layernorm"
             self.q_norm = make_norm(kind, cfg.head_dim, cfg.norm_eps, bias=True)
             self.k_norm = make_norm(kind, cfg.head_dim, cfg.norm_eps, bias=True)
-        self.gate = nn.Linear(cfg.d_model, cfg.n_head, bias=cfg.bias) if cfg.gated_attention else None
+        self.gate_shape = (cfg.n_head, 1) if cfg.gate == "head" else (cfg.n_head, cfg.head_dim)
+        gates = cfg.n_head if cfg.gate == "head" else cfg.d_model
+        self.gate = nn.Linear(cfg.d_model, gates, bias=cfg.bias) if cfg.gated_attention else None
         self.q_tap, self.k_tap, self.v_tap = Tap(), Tap(), Tap()
         self.scores_tap, self.probs_tap, self.context_tap = Tap(), Tap(), Tap()
 
@@ -119,27 +121,33 @@ class Attention(nn.Module):
             probs = (self.probs_tap(probs) if self.probs_tap.enabled else probs).to(v.dtype)
             y = probs @ v
         y = through(self.context_tap, y)
-        if self.gate is not None:
-            y = y * torch.sigmoid(self.gate(x)).transpose(1, 2).unsqueeze(-1)
+        if self.gate is not None:  # (B, T, H, 1 or d_head) -> (B, H, T, 1 or d_head), like y
+            y = y * torch.sigmoid(self.gate(x)).view(B, T, *self.gate_shape).transpose(1, 2)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
-    """``proj(act(fc(alpha * x)))`` with an optional trainable input scale ``alpha``."""
+    """``proj(act(fc(alpha * x)))`` with an optional trainable input scale ``alpha``; for SwiGLU ``fc``
+    has two halves and ``act(gate, up) = silu(gate) * up``. The hidden tap sees ``act``'s output."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.mlp_width, bias=cfg.bias)
+        self.glu = cfg.activation == "swiglu"
+        self.fc = nn.Linear(cfg.d_model, (2 if self.glu else 1) * cfg.mlp_width, bias=cfg.bias)
         self.proj = nn.Linear(cfg.mlp_width, cfg.d_model, bias=cfg.bias)
-        self.act = nn.ReLU() if cfg.activation == "relu" else nn.GELU()
+        self.act = nn.ReLU() if cfg.activation == "relu" else nn.GELU() if cfg.activation == "gelu" else nn.SiLU()
         self.alpha = nn.Parameter(torch.ones(())) if cfg.mlp_alpha else None
         self.hidden_tap, self.out_tap = Tap(), Tap()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.alpha is not None:
             x = self.alpha * x
-        h = through(self.hidden_tap, self.act(self.fc(x)))
-        return through(self.out_tap, self.proj(h))
+        if self.glu:
+            gate, up = self.fc(x).chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(self.fc(x))
+        return through(self.out_tap, self.proj(through(self.hidden_tap, h)))
 
 
 class BranchGain(nn.Module):
@@ -202,9 +210,12 @@ class GPT(nn.Module):
         norm_kind = cfg.norm_kind
         self.final_norm = make_norm(norm_kind, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.final_norm else nn.Identity()
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.embed_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.embed_proj else None
         self.emb_tap = Tap()
         self.final_norm_tap = Tap() if cfg.final_norm else None
         self.apply(self._init_weights)
+        if self.embed_proj is not None:  # starts as the identity: the model at init is the one without it
+            nn.init.eye_(self.embed_proj.weight)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
@@ -218,7 +229,8 @@ class GPT(nn.Module):
         T = idx.shape[-1]
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.cfg.seq_len}")
-        x = through(self.emb_tap, self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device)))
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device))
+        x = through(self.emb_tap, x if self.embed_proj is None else self.embed_proj(x))
         for block in self.blocks:
             x = block(x)
         return self.lm_head(through(self.final_norm_tap, self.final_norm(x)))

@@ -56,11 +56,29 @@ class RotationOptions:
 
 
 @dataclass(frozen=True)
+class MuonOptions:
+    """Read by ``muon`` (the hidden matrices; the rest trains with AdamW and ``betas``/``eps``)."""
+
+    momentum: float = field(0.95, "momentum of Muon's update buffer")
+    nesterov: bool = field(True, "Nesterov momentum")
+    ns_steps: int = field(5, "Newton-Schulz iterations")
+    adjust_lr: Literal["match_rms_adamw", "original"] = field(
+        "match_rms_adamw", "Muon's per-matrix lr scale: match_rms_adamw (0.2 sqrt(max(A, B)): AdamW's lr fits) or "
+                           "original (sqrt(max(1, A/B)))")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"optim.muon.momentum must be in [0, 1), got {self.momentum}")
+        if not 1 <= self.ns_steps < 100:
+            raise ConfigError(f"optim.muon.ns_steps must be in 1..99, got {self.ns_steps}")
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     name: OptimizerName = field("adamw", "optimiser: " + "; ".join(f"{k}: {v.help}" for k, v in OPTIMIZERS.items()))
     lr: float = field(1e-3, "peak learning rate (adafactor with relative_step: its cap)")
     betas: tuple[float, ...] = field((0.9, 0.999), "(beta1, beta2); beta2 is adafactor's only when beta2_decay is none")
-    eps: float = field(1e-8, "epsilon of Adam's denominator (adamw, soap, rotated-adafactor)")
+    eps: float = field(1e-8, "epsilon of Adam's denominator (adamw, soap, rotated-adafactor; muon's AdamW part)")
     weight_decay: float = field(0.1, "decoupled weight decay, applied to matrices and embeddings only")
     grad_clip: float = field(1.0, "clip the global gradient norm to this value; 0 disables")
     warmup_frac: float = field(0.05, "fraction of the steps spent in linear warmup")
@@ -69,6 +87,7 @@ class OptimConfig:
     bias_correction: bool = field(True, "Adam-style bias correction of the moments (adafactor, soap, rotated-adafactor)")
     adafactor: AdafactorOptions = AdafactorOptions()
     rotation: RotationOptions = RotationOptions()
+    muon: MuonOptions = MuonOptions()
 
     def __post_init__(self) -> None:
         for name in ("lr", "eps", "weight_decay", "grad_clip", "warmup_frac", "min_lr_frac"):

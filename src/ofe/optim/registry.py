@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ofe.optim.adafactor import Adafactor
+from ofe.optim.muon import MuonAdamW
 from ofe.optim.rotated import SOAP, RotatedAdafactor
 
 if TYPE_CHECKING:
@@ -70,6 +71,12 @@ def _rotated_adafactor(cfg: OptimConfig, groups: Groups) -> torch.optim.Optimize
                             **_rotation_kwargs(cfg, groups))
 
 
+def _muon(cfg: OptimConfig, groups: Groups) -> torch.optim.Optimizer:
+    m = cfg.muon
+    return MuonAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, momentum=m.momentum,  # type: ignore[return-value]
+                     nesterov=m.nesterov, ns_steps=m.ns_steps, adjust_lr_fn=m.adjust_lr)
+
+
 OPTIMIZERS: dict[str, OptimizerEntry] = {
     "adamw": OptimizerEntry(_adamw, frozenset({"eps"}), "AdamW (torch.optim; fused on CUDA)"),
     "adafactor": OptimizerEntry(
@@ -83,4 +90,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
         _rotated_adafactor,
         frozenset({"eps", "bias_correction", "adafactor.beta2_decay", "adafactor.eps1", "adafactor.clip_threshold"}) | ROTATION,
         "AdaFactor's rule in Shampoo's eigenbasis (the paper's rotated AdaFactor)"),
+    "muon": OptimizerEntry(_muon, frozenset({"eps", "muon.momentum", "muon.nesterov", "muon.ns_steps", "muon.adjust_lr"}),
+                           "Muon (torch.optim.Muon: orthogonalised momentum) for the hidden matrices, AdamW for "
+                           "embeddings, gains and biases"),
 }

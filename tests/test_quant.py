@@ -180,7 +180,8 @@ def test_ofe_quantize_writes_quant_json(tmp_path, small_corpus, capsys):
     result = json.loads((run / "quant.json").read_text())
     assert {"fp_ppl", "w8a8_ppl", "settings", "layers", "formats"} <= set(result)
     assert result["settings"]["act_bits"] == 8 and result["settings"]["calib_batches"] == 2
-    assert [f["format"] for f in result["formats"]] == ["W8A8", "W8A6", "W8A5", "W8A4", "WFP8AFP8", "W4A16"]
+    assert [f["format"] for f in result["formats"]] == ["W8A8", "W8A6", "W8A5", "W8A4", "WFP8AFP8", "W4A16", "W4A4",
+                                                        "W8A8-token", "W4A4-token"]
     assert len(result["layers"]) == 2 and all(r["kurtosis"] >= 1 and r["sqnr_db"] > 0 for r in result["layers"])
     assert result["w8a8_ppl"] == pytest.approx(result["formats"][0]["ppl"])
     assert "W8A8" in out and "SQNR" in out
@@ -189,6 +190,7 @@ def test_ofe_quantize_writes_quant_json(tmp_path, small_corpus, capsys):
                  "--quant.weight_granularity", "channel"]) == 0
     result = json.loads((run / "quant.json").read_text())
     assert all(f["settings"]["weight_granularity"] == "channel" for f in result["formats"])
+    assert [f["settings"]["act_granularity"] for f in result["formats"]][-3:] == ["tensor", "token", "token"]
     assert result["quant_ppl"] == result["w8a8_ppl"] == result["formats"][0]["ppl"]
 
 
@@ -236,3 +238,36 @@ def test_the_residual_spike_costs_int8_through_the_residual_family():
     fp_clean = perplexity(clean, windows)
     residual_clean = site_family_costs(clean, QuantConfig(), calib, windows, fp_clean, log=lambda *a: None)[1]
     assert abs(rows["residual"]["increase_pct"]) > 3 * abs(residual_clean["increase_pct"])
+
+
+def test_per_token_quantisation_matches_a_row_by_row_reference_and_survives_one_spiky_token():
+    from ofe.quant.simulate import _per_token_quant
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    x[0, 0, 3] = 400.0  # one massive activation on one token
+    cfg = QuantConfig(act_granularity="token")
+    q = _per_token_quant(x, cfg)
+    for b in range(2):
+        for t in range(5):  # reference: each row on its own 8-bit grid over [min(row, 0), max(row, 0)]
+            row = x[b, t].double()
+            lo, hi = min(row.min().item(), 0.0), max(row.max().item(), 0.0)
+            scale = (hi - lo) / 255
+            zp = round(-lo / scale)
+            want = (torch.clamp(torch.round(row / scale) + zp, 0, 255) - zp) * scale
+            assert torch.allclose(q[b, t].double(), want, atol=1e-5 * max(1.0, hi - lo))
+    # the spike ruins only its own token; a per-tensor range would ruin every token
+    err_token = (q - x)[:, 1:].abs().max()
+    tensor_cfg = QuantConfig()
+    lo, hi = x.min(), x.max()
+    from ofe.quant.quantizers import asymmetric_qparams, fake_quant
+    scale, zp = asymmetric_qparams(lo, hi, 8)
+    err_tensor = (fake_quant(x, scale, zp, 0, 255) - x)[:, 1:].abs().max()
+    assert err_token < err_tensor / 20 and tensor_cfg.label == "W8A8" and cfg.label == "W8A8-token"
+
+
+def test_per_token_model_needs_no_calibration_and_is_exact_at_16_bits():
+    model = _model("pre-ln")
+    windows = _windows()
+    sim = SimulatedQuantModel(model, QuantConfig(weight_bits=0, act_bits=16, act_granularity="token"))
+    sim.calibrate([])
+    assert torch.allclose(sim(windows[:, :-1]), model(windows[:, :-1]), atol=1e-3)

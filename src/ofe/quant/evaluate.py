@@ -40,12 +40,17 @@ def protocol_w8a8(qcfg: QuantConfig) -> QuantConfig:
 
 
 def format_variants(qcfg: QuantConfig) -> list[QuantConfig]:
-    """W8A8 (:func:`protocol_w8a8`), its activation bit-width sweep (6, 5, 4), FP8 and W4 weight-only,
-    all keeping ``qcfg``'s other choices, plus ``qcfg`` itself when it is none of these."""
+    """W8A8 (:func:`protocol_w8a8`), its activation bit-width sweep (6, 5, 4), FP8, W4 weight-only and
+    W4A4, all keeping ``qcfg``'s other choices; then the deployment style, per-token dynamic
+    activations with per-channel weights, at W8A8 and W4A4 (``-token``); plus ``qcfg`` itself when it
+    is none of these."""
     w8a8 = protocol_w8a8(qcfg)
     variants = [w8a8] + [dataclasses.replace(w8a8, act_bits=b) for b in (6, 5, 4)]
     variants += [dataclasses.replace(w8a8, weight_format="fp8", act_format="fp8"),
-                 dataclasses.replace(w8a8, weight_bits=4, act_bits=0)]
+                 dataclasses.replace(w8a8, weight_bits=4, act_bits=0),
+                 dataclasses.replace(w8a8, weight_bits=4, act_bits=4)]
+    deployed = dataclasses.replace(w8a8, act_granularity="token", weight_granularity="channel")
+    variants += [deployed, dataclasses.replace(deployed, weight_bits=4, act_bits=4)]
     return variants if qcfg in variants else [qcfg, *variants]
 
 

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from ofe.config import ConfigError, field
 from ofe.models import lm_loss
-from ofe.quant.quantizers import RangeObserver, asymmetric_qparams, fake_fp8, fast_fake_quant, int_grid, quantize_weight
+from ofe.quant.quantizers import (RangeObserver, asymmetric_qparams, fake_fp8, fake_quant, fast_fake_quant, int_grid,
+                                  quantize_weight)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class QuantConfig:
     act_bits: int = field(8, "activation bits (0: float activations)")
     act_format: Literal["int", "fp8"] = field("int", "activation number format")
     act_range: Literal["minmax", "percentile"] = field("minmax", "per-batch activation range statistic")
+    act_granularity: Literal["tensor", "token"] = field(
+        "tensor", "tensor: one static range per site from calibration (the paper's protocol); token: a dynamic "
+                  "min-max range per token (row of the last dimension) at run time, as deployments do")
     act_percentile: float = field(99.99, "percentile for act_range = percentile")
     momentum: float = field(0.9, "running range: new = momentum * old + (1 - momentum) * batch")
     sites: Literal["all", "linear-inputs"] = field("all", "quantised activations: the protocol's full list, or only linear-layer inputs")
@@ -58,13 +62,15 @@ class QuantConfig:
 
     @property
     def label(self) -> str:
+        """``W8A8``, ``WFP8AFP8``, ``W4A16``...; ``-token`` marks per-token dynamic activations."""
         w = "W" + ("16" if self.weight_bits == 0 else f"{self.weight_bits}" if self.weight_format == "int" else "FP8")
         a = "A" + ("16" if self.act_bits == 0 else f"{self.act_bits}" if self.act_format == "int" else "FP8")
-        return w + a
+        return w + a + ("-token" if self.act_bits and self.act_granularity == "token" else "")
 
 
 class ActQuantizer:
-    """One activation site: observes its range while calibrating, fake-quantises once frozen."""
+    """One activation site: observes its range while calibrating, fake-quantises once frozen (per
+    token, dynamically, when ``act_granularity`` is ``token``: calibration is then not needed)."""
 
     def __init__(self, cfg: QuantConfig) -> None:
         self.cfg = cfg
@@ -72,6 +78,8 @@ class ActQuantizer:
         self.frozen = False
 
     def __call__(self, x: Tensor) -> Tensor | None:
+        if self.cfg.act_granularity == "token":
+            return _per_token_quant(x, self.cfg) if self.frozen else None
         if not self.frozen:
             self.observer.update(x)
             return None
@@ -92,6 +100,19 @@ SITE_FAMILIES: dict[str, tuple[str, ...]] = {
     "attention": ("q", "k", "v", "attn_scores", "attn_probs", "attn_context", "attn_out"),
     "mlp": ("mlp_hidden", "mlp_out"),
 }
+
+
+def _per_token_quant(x: Tensor, cfg: QuantConfig) -> Tensor:
+    """Fake-quantise each row of the last dimension with its own min-max range (asymmetric int, or
+    FP8 scaled to the row's max |x|)."""
+    xf = x.float()
+    if cfg.act_format == "fp8":
+        return fake_fp8(xf, xf.abs().amax(-1, keepdim=True)).to(x.dtype)
+    lo = xf.amin(-1, keepdim=True).clamp(max=0.0)
+    hi = xf.amax(-1, keepdim=True).clamp(min=0.0)
+    scale, zero_point = asymmetric_qparams(lo, hi, cfg.act_bits)
+    qmin, qmax = int_grid(cfg.act_bits, signed=False)
+    return fake_quant(xf, scale, zero_point, qmin, qmax).to(x.dtype)
 
 
 def _is_linear(module: nn.Module) -> bool:

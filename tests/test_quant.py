@@ -271,3 +271,52 @@ def test_per_token_model_needs_no_calibration_and_is_exact_at_16_bits():
     sim = SimulatedQuantModel(model, QuantConfig(weight_bits=0, act_bits=16, act_granularity="token"))
     sim.calibrate([])
     assert torch.allclose(sim(windows[:, :-1]), model(windows[:, :-1]), atol=1e-3)
+
+
+def _outlier_model():
+    """Pre-LN with one MLP-input channel 60x larger (the norm's gain): a classic activation outlier."""
+    model = _model("pre-ln")
+    with torch.no_grad():
+        for block in model.blocks:
+            block.norm2.weight[3] = 60.0
+    return model
+
+
+def test_smoothquant_leaves_the_float_model_unchanged_and_moves_outliers_into_the_weights():
+    model = _outlier_model()
+    windows = _windows()
+    calib = [_windows(4, seed=i + 1)[:, :-1] for i in range(3)]
+    float_cfg = QuantConfig(sites="linear-inputs", weight_bits=0, act_bits=0, smooth_alpha=0.5)
+    sim = SimulatedQuantModel(model, float_cfg)
+    sim.calibrate(calib)
+    with torch.no_grad():
+        assert torch.allclose(sim(windows[:, :-1]), model(windows[:, :-1]), rtol=1e-4, atol=1e-5)
+    fc = sim.smoothed["blocks.0.mlp.fc"]
+    # s = sqrt(max|x| / max|w|) per input channel (alpha 0.5), from an independent pass over the same batches
+    seen = []
+    h = model.blocks[0].mlp.fc.register_forward_pre_hook(lambda _m, a: seen.append(a[0].abs().reshape(-1, 32).amax(0)))
+    with torch.no_grad():
+        for c in calib:
+            model(c)
+    h.remove()
+    act_max = torch.stack(seen).amax(0)
+    w_max = model.blocks[0].mlp.fc.weight.abs().amax(0)
+    assert torch.allclose(fc.scale, (act_max / w_max).sqrt(), rtol=1e-4)
+    assert fc.scale[3] > 5 * fc.scale[torch.arange(32) != 3].median()  # the outlier channel is divided down
+
+    def logit_error(cfg):
+        q = SimulatedQuantModel(model, cfg)
+        q.calibrate(calib)
+        with torch.no_grad():
+            return (q(windows[:, :-1]) - model(windows[:, :-1])).norm().item()
+
+    plain = logit_error(QuantConfig(sites="linear-inputs"))
+    smooth = logit_error(QuantConfig(sites="linear-inputs", smooth_alpha=0.5))
+    assert smooth < 0.7 * plain, (smooth, plain)
+    assert QuantConfig(sites="linear-inputs", smooth_alpha=0.5).label == "W8A8-smooth0.5"
+
+
+def test_smoothquant_needs_linear_input_sites():
+    from ofe.config import ConfigError
+    with pytest.raises(ConfigError, match="smooth_alpha .* needs quant.sites = linear-inputs"):
+        QuantConfig(smooth_alpha=0.5)

@@ -44,6 +44,9 @@ class QuantConfig:
     act_percentile: float = field(99.99, "percentile for act_range = percentile")
     momentum: float = field(0.9, "running range: new = momentum * old + (1 - momentum) * batch")
     sites: Literal["all", "linear-inputs"] = field("all", "quantised activations: the protocol's full list, or only linear-layer inputs")
+    smooth_alpha: float = field(0.0, "SmoothQuant migration strength alpha in (0, 1]: each linear's input is divided "
+                                     "and its weight multiplied per input channel by max|x|^a / max|w|^(1-a) "
+                                     "(calibrated); 0: off. Needs sites = linear-inputs")
     calib_batches: int = field(4, "calibration batches from the training split")
     calib_batch_size: int = field(8, "sequences per calibration batch")
     seed: int = field(1234, "seed of the calibration batches")
@@ -59,13 +62,19 @@ class QuantConfig:
             raise ConfigError(f"quant.momentum must be in [0, 1), got {self.momentum}")
         if not 50.0 < self.act_percentile <= 100.0:
             raise ConfigError(f"quant.act_percentile must be in (50, 100], got {self.act_percentile}")
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ConfigError(f"quant.smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        if self.smooth_alpha and self.sites != "linear-inputs":
+            raise ConfigError("quant.smooth_alpha (SmoothQuant) needs quant.sites = linear-inputs: it rescales the "
+                              "inputs of linear layers")
 
     @property
     def label(self) -> str:
         """``W8A8``, ``WFP8AFP8``, ``W4A16``...; ``-token`` marks per-token dynamic activations."""
         w = "W" + ("16" if self.weight_bits == 0 else f"{self.weight_bits}" if self.weight_format == "int" else "FP8")
         a = "A" + ("16" if self.act_bits == 0 else f"{self.act_bits}" if self.act_format == "int" else "FP8")
-        return w + a + ("-token" if self.act_bits and self.act_granularity == "token" else "")
+        smooth = f"-smooth{self.smooth_alpha:g}" if self.smooth_alpha else ""
+        return w + a + ("-token" if self.act_bits and self.act_granularity == "token" else "") + smooth
 
 
 class ActQuantizer:
@@ -77,7 +86,11 @@ class ActQuantizer:
         self.observer = RangeObserver(cfg.momentum, cfg.act_percentile if cfg.act_range == "percentile" else None)
         self.frozen = False
 
+    bypass = False  # leave activations untouched (SmoothQuant's first calibration pass)
+
     def __call__(self, x: Tensor) -> Tensor | None:
+        if self.bypass:
+            return None
         if self.cfg.act_granularity == "token":
             return _per_token_quant(x, self.cfg) if self.frozen else None
         if not self.frozen:
@@ -113,6 +126,45 @@ def _per_token_quant(x: Tensor, cfg: QuantConfig) -> Tensor:
     scale, zero_point = asymmetric_qparams(lo, hi, cfg.act_bits)
     qmin, qmax = int_grid(cfg.act_bits, signed=False)
     return fake_quant(xf, scale, zero_point, qmin, qmax).to(x.dtype)
+
+
+class Smoother:
+    """SmoothQuant for one linear layer (Xiao et al. 2023): per input channel j,
+    ``s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)``; the layer then computes ``(x / s) (W diag(s))^T``,
+    the same function in float, with the activation outliers moved into the weights.
+
+    Until :meth:`fold` it only records ``max|x_j|`` over the calibration inputs; after, its pre-hook
+    divides the input by ``s`` (before the activation quantiser sees it)."""
+
+    def __init__(self, module: nn.Module, alpha: float) -> None:
+        self.module, self.alpha = module, alpha
+        self.in_axis = 0 if type(module).__name__ == "Conv1D" else 1  # Conv1D stores (in, out)
+        self.act_max: Tensor | None = None
+        self.scale: Tensor | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.scale is not None
+
+    def hook(self, _m: nn.Module, args: tuple) -> tuple | None:
+        x = args[0]
+        if self.scale is None:
+            amax = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
+            self.act_max = amax if self.act_max is None else torch.maximum(self.act_max, amax)
+            return None
+        return (x / self.scale.to(x.dtype), *args[1:])
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Compute ``s`` from the recorded maxima and scale the weight's input channels by it."""
+        w = self.module.weight
+        w_max = w.detach().abs().float().amax(dim=1 - self.in_axis)
+        act_max = self.act_max if self.act_max is not None else torch.ones_like(w_max)
+        scale = act_max.clamp(min=1e-5).pow(self.alpha) / w_max.clamp(min=1e-5).pow(1 - self.alpha)
+        scale = torch.where(act_max > 0, scale, torch.ones_like(scale)).clamp(min=1e-5)
+        shape = (1, -1) if self.in_axis == 1 else (-1, 1)
+        w.mul_(scale.view(shape).to(w.dtype))
+        self.scale = scale
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -161,10 +213,22 @@ class SimulatedQuantModel:
         if unknown:
             raise ValueError(f"no module named {unknown[0]!r} in {type(model).__name__}")
         skip = {id(getattr(named[n], "weight", None)) for n in float_modules if n}
-        self.n_weights = _quantize_weights(self.model, cfg, skip) if cfg.weight_bits else 0
+        self.skip = skip
+        # SmoothQuant: weights are quantised once the smoothing scales are calibrated
+        self.smoothed: dict[str, Smoother] = self._attach_smoothing(skip) if cfg.smooth_alpha else {}
+        self.n_weights = _quantize_weights(self.model, cfg, skip) if cfg.weight_bits and not self.smoothed else 0
         self.quantizers: dict[tuple[str, int], ActQuantizer] = {}
         if cfg.act_bits:
             self._attach(skip, [named[n] for n in output_modules])
+
+    def _attach_smoothing(self, skip: set[int]) -> dict[str, Smoother]:
+        """A :class:`Smoother` before every linear but the float ones (its pre-hook runs first)."""
+        smoothed = {}
+        for name, module in self.model.named_modules():
+            if _is_linear(module) and id(module.weight) not in skip:
+                smoother = smoothed[name] = Smoother(module, self.cfg.smooth_alpha)
+                module.register_forward_pre_hook(smoother.hook)
+        return smoothed
 
     def _attach(self, skip: set[int], outputs: list[nn.Module]) -> None:
         def output_hook(q: ActQuantizer):
@@ -203,7 +267,21 @@ class SimulatedQuantModel:
 
     @torch.no_grad()
     def calibrate(self, batches: list[Tensor]) -> None:
-        """Running-range estimation over ``batches`` (token ids ``(B, T)``) in float, then freeze."""
+        """Running-range estimation over ``batches`` (token ids ``(B, T)``) in float, then freeze.
+        With SmoothQuant, a first pass over the batches measures each linear input's per-channel
+        max |x|, the weights are scaled and quantised, and the ranges are then taken of ``x / s``."""
+        if self.smoothed and not all(s.ready for s in self.smoothed.values()):
+            for q in self.quantizers.values():
+                q.frozen = True  # not observed during the smoothing pass
+                q.bypass = True
+            for idx in batches:
+                self.model(idx)
+            for smoother in self.smoothed.values():
+                smoother.fold()
+            if self.cfg.weight_bits:
+                self.n_weights = _quantize_weights(self.model, self.cfg, self.skip)
+            for q in self.quantizers.values():
+                q.bypass = False
         for q in self.quantizers.values():
             q.frozen = False
         for idx in batches:

@@ -58,6 +58,10 @@ def test_loss_falls_and_outputs_follow_the_contract(tmp_path, small_corpus):
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
     state = RunDir(out).load_checkpoint()
     assert state["step"] == 40
+    identity = RunDir(out).read_identity()  # what the run trained on, so two users can compare
+    described = identity["corpus_description"]
+    assert f"fingerprint {identity['corpus']}" in described and "byte tokens" in described
+    assert "120 files" not in described and str(small_corpus) in described
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "soap", "rotated-adafactor", "muon"])

@@ -222,9 +222,11 @@ class RunDir:
             raise RunDirError(f"{path} does not hold a run identity")
         return identity
 
-    def write_identity(self, corpus: str, run_id: str | None = None) -> dict[str, Any]:
-        """Record a (new, unless given) run id and the corpus fingerprint."""
+    def write_identity(self, corpus: str, run_id: str | None = None, description: str = "") -> dict[str, Any]:
+        """Record a (new, unless given) run id, the corpus fingerprint and its description."""
         identity = {"run_id": run_id or uuid.uuid4().hex, "corpus": corpus}
+        if description:
+            identity["corpus_description"] = description
         _write_json(self.path / IDENTITY, identity)
         return identity
 

@@ -46,6 +46,7 @@ class Run:
     diverged: str | None = None  # the reason, when training stopped on a non-finite loss
     label: str = ""  # the configuration, set by :func:`label_runs`
     run_id: str | None = None  # from the run's identity; a copied run has its original's
+    corpus_description: str = ""  # what the run trained on (ofe >= 0.3 records it)
     settings: dict[str, Any] = field(default_factory=dict)  # flattened config without IGNORED_KEYS
     quant_at: dict[int, dict[str, Any]] = field(default_factory=dict)  # step -> result, for kept weights
     kept_steps: tuple[int, ...] = ()  # steps whose weights the run kept (keep_weights)
@@ -191,7 +192,8 @@ def load_run(path: str | Path) -> Run:
         raise RunError(f"{path}: no monitored step in its metrics log (did training start?)")
     settings = {k: v for k, v in _flatten(config).items() if k not in IGNORED_KEYS}
     return Run(Path(path), config, records, quant, diverged, settings=settings,
-               run_id=identity["run_id"] if identity else None, quant_at=quant_at, kept_steps=kept)
+               run_id=identity["run_id"] if identity else None, quant_at=quant_at, kept_steps=kept,
+               corpus_description=str((identity or {}).get("corpus_description", "")))
 
 
 def _canonical_order(run: Run) -> tuple[int, int]:

@@ -188,7 +188,9 @@ def write_report(runs: list[Run], out_dir: str | Path, title: str = "Outlier fea
     try:
         (tmp / "figures").mkdir()
         made = _draw(groups, tmp / "figures")
+        corpora = sorted({r.corpus_description for r in runs if r.corpus_description})
         md = [f"# {title}", "", f"{len(runs)} runs, {len(groups)} configurations: {', '.join(groups)}.", "",
+              *(f"{c[0].upper()}{c[1:]}." for c in corpora), *([""] if corpora else []),
               "## Runs", "", "Validation perplexity at the end of training; W8A8 / W8A4 cost: perplexity increase of "
               "the simulated quantised model over the float one (`ofe quantize`); kurtosis: residual stream after each "
               "block at the last step, averaged / maximised over layers.", "", runs_table(rows), "",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import platform
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,9 +104,21 @@ def corpus_fingerprint(data: TokenData) -> str:
     return data.directory.name
 
 
+def describe_corpus(data: TokenData) -> str:
+    """One line that tells two users whether their runs saw the same text: what the corpus is (the
+    default is this Python's standard library, so results depend on the Python version), its size
+    and its fingerprint."""
+    m = data.meta
+    name = m.get("corpus")
+    what = f"the Python {platform.python_version()} standard library" if name == "stdlib" else repr(name)
+    return (f"corpus: {what}, {m.get('train_docs', 0):,} train / {m.get('val_docs', 0):,} validation documents, "
+            f"{m.get('train_tokens', 0):,} / {m.get('val_tokens', 0):,} {m.get('tokenizer')} tokens, "
+            f"fingerprint {corpus_fingerprint(data)}")
+
+
 def start_run(cfg: TrainConfig, run: RunDir, data: TokenData) -> None:
     """A new run: its identity, the tokenizer, then the config (whose presence makes the directory a run)."""
-    run.write_identity(corpus_fingerprint(data))
+    run.write_identity(corpus_fingerprint(data), description=describe_corpus(data))
     run.write_tokenizer(data.tokenizer_file)
     run.write_config(C.to_dict(cfg))
 
@@ -225,6 +238,7 @@ def build(cfg: TrainConfig, env: D.DistEnv, run: RunDir, log: Callable[..., None
         run.create()
     D.barrier()
     data = build_data(cfg, env, log)
+    log(describe_corpus(data))
     cfg = resolve(cfg, data)
     state = None
     if cfg.resume:

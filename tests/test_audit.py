@@ -52,14 +52,15 @@ def test_audit_every_family(family, tmp_path, capsys):
             assert main(args) == 0
     result = json.loads((out / "audit.json").read_text())
     assert result["tokenizer"] == ("model's own" if with_tokenizer else "bytes (fallback)")
-    assert len(result["layers"]) == 3 and all(r["kurtosis"] >= 1 for r in result["layers"])
+    assert len(result["layers"]) == 4 and all(r["kurtosis"] >= 1 for r in result["layers"])  # embeddings + 3 blocks
+    assert result["layers"][0]["module"] == "embeddings" and result["layers"][1]["module"].endswith(".0")
     w = result["w8a8"]
     if family == "bert":
         assert w["metric"].startswith("cosine") and 0.9 < w["quantized"] <= 1.0 + 1e-6
     else:
         assert w["metric"] == "perplexity" and abs(w["increase_pct"]) < 5
     assert (out / "audit.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| layer | kurtosis |" in (out / "audit.md").read_text()
+    assert "| layer | module | kurtosis |" in (out / "audit.md").read_text()
     assert "W8A8" in capsys.readouterr().out
 
 
@@ -123,7 +124,8 @@ def test_audit_finds_a_planted_position0_spike_and_names_its_token(tmp_path):
     _, _, tokenizer = load_model(model_dir)
     windows = corpus_windows(tokenizer, 300, 4 + 2, 32)[:4]
     with torch.no_grad():
-        hidden = reloaded(input_ids=windows, output_hidden_states=True).hidden_states[1:]
+        hidden = reloaded(input_ids=windows, output_hidden_states=True).hidden_states
+    assert len(result["layers"]) == len(hidden) == 4  # labelled as hidden_states: 0 = the embedding output
     for layer, row in enumerate(result["layers"][:-1]):  # GPT-2's last hidden state has ln_f applied
         a = hidden[layer].abs()
         assert row["abs_max_median"] == pytest.approx((a.max() / a.median()).item(), rel=1e-3)

@@ -26,7 +26,8 @@ from ofe.data import ByteTokenizer, stdlib_files
 from ofe.data.corpus import read_bytes_sample
 from ofe.errors import OfeError
 from ofe.io import atomic_write
-from ofe.monitor import OutlierMonitor, find_block_stack
+from ofe.monitor import find_block_stack
+from ofe.monitor.reduce import Costs, site_metrics
 from ofe.quant import QuantConfig, SimulatedQuantModel
 
 SUPPORTED: dict[str, str] = {
@@ -126,32 +127,40 @@ def _causal_ppl(model, windows: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def top_tokens(model, stack, windows: torch.Tensor, tokenizer, k: int = TOP_TOKENS) -> list[list[dict[str, Any]]]:
-    """Per block of ``stack``: the ``k`` largest ``|x|`` of its output on ``windows`` ``(B, T)``, each as
-    ``{"position", "token", "channel", "value"}`` (largest first; a position may repeat across channels)."""
+def hidden_states(model, stack, windows: torch.Tensor, tokenizer,
+                  k: int = TOP_TOKENS) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
+    """The hidden states of ``hidden_states`` indexing (0: the embedding output, the first block's
+    input; i: block i-1's output) on ``windows`` ``(B, T)``, and for each the ``k`` largest ``|x|``
+    as ``{"position", "token", "channel", "value"}`` (largest first; a position may repeat)."""
     outputs: list[torch.Tensor] = []
+
+    def keep_input(_m, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        outputs.append(x.detach().float())
 
     def keep(_m, _i, out):
         outputs.append((out[0] if isinstance(out, tuple) else out).detach().float())
 
-    handles = [block.register_forward_hook(keep) for block in stack]
+    handles = [stack[0].register_forward_pre_hook(keep_input, with_kwargs=True)]
+    handles += [block.register_forward_hook(keep) for block in stack]
     try:
         model(input_ids=windows)
     finally:
         for h in handles:
             h.remove()
-    result = []
-    for hidden in outputs:
-        B, T, d = hidden.shape
-        values, flat = hidden.abs().reshape(-1).topk(min(k, hidden.numel()))
-        rows = []
-        for v, i in zip(values.tolist(), flat.tolist()):
-            b, t, c = i // (T * d), (i // d) % T, i % d
-            token_id = int(windows[b, t])
-            text = tokenizer.decode([token_id]) if tokenizer is not None else ByteTokenizer().decode([token_id])
-            rows.append({"position": t, "token": text, "channel": c, "value": float(hidden[b, t, c])})
-        result.append(rows)
-    return result
+    return outputs, [_largest(hidden, windows, tokenizer, k) for hidden in outputs]
+
+
+def _largest(hidden: torch.Tensor, windows: torch.Tensor, tokenizer, k: int) -> list[dict[str, Any]]:
+    """The ``k`` largest ``|x|`` of ``hidden`` ``(B, T, d)`` with their position, token and channel."""
+    B, T, d = hidden.shape
+    rows = []
+    for i in hidden.abs().reshape(-1).topk(min(k, hidden.numel())).indices.tolist():
+        b, t, c = i // (T * d), (i // d) % T, i % d
+        token_id = int(windows[b, t])
+        text = tokenizer.decode([token_id]) if tokenizer is not None else ByteTokenizer().decode([token_id])
+        rows.append({"position": t, "token": text, "channel": c, "value": float(hidden[b, t, c])})
+    return rows
 
 
 @torch.no_grad()
@@ -172,12 +181,14 @@ def audit(model_dir: str | Path, cfg: AuditConfig, log=print) -> dict[str, Any]:
     windows = sample[: cfg.sequences]  # evaluation first, then disjoint calibration batches
     calib = list(sample[cfg.sequences :].split(q.calib_batch_size))
 
-    with OutlierMonitor(model, metrics=METRICS, mmr_max_rows=None) as monitor:
-        stats = monitor.measure(windows)["resid"]
-    n_layers = len(stats["kurtosis"])
     stack_name, stack = find_block_stack(model)
-    tops = top_tokens(model, stack, windows, tokenizer)
-    layers = [{"layer": i, **{m: stats[m][i] for m in METRICS}, "top": tops[i]} for i in range(n_layers)]
+    states, tops = hidden_states(model, stack, windows, tokenizer)
+    costs = Costs(max_tokens=None, mmr_max_rows=None)
+    layers = []
+    for i, (x, top) in enumerate(zip(states, tops)):  # i: Hugging Face's hidden_states index
+        values = {name: float(v) for name, v in site_metrics("resid", x, METRICS, costs)}
+        module = "embeddings" if i == 0 else f"{stack_name}.{i - 1}"
+        layers.append({"layer": i, "module": module, **values, "top": top})
 
     head = model.get_output_embeddings() if kind == "causal" else None
     head_name = next((n for n, m in model.named_modules() if m is head), "") if head is not None else ""
@@ -193,6 +204,8 @@ def audit(model_dir: str | Path, cfg: AuditConfig, log=print) -> dict[str, Any]:
         cost = {"metric": "cosine similarity of final hidden states", "float": 1.0, "quantized": cos}
     return {
         "model_dir": str(model_dir), "model_type": config.model_type, "kind": kind,
+        "name": getattr(config, "_name_or_path", "") or model_dir.name,
+        "parameters": sum(p.numel() for p in model.parameters()),
         "tokenizer": "model's own" if tokenizer is not None else "bytes (fallback)",
         "sequences": cfg.sequences, "seq_len": T, "quant": C.to_dict(q), "quant_format": q.label,
         "w8a8": cost, "layers": layers,
@@ -219,15 +232,17 @@ def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
         if key == "kurtosis":
             ax.axhline(1.0, color="grey", linestyle=":", linewidth=1, label="1: no outlier neurons")
             ax.legend(fontsize=8, frameon=False)
-        ax.set_xlabel("layer (block output)")
+        ax.set_xlabel("layer (hidden_states index; 0 = embeddings)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         if key != "input_correlation" and max(values) / max(min(values), 1e-12) > 30:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     w = result["w8a8"]
-    fig.suptitle(f"{Path(result['model_dir']).name} ({result['model_type']}): {result['quant_format']} "
-                 f"{w['metric']} {w['float']:.4g} -> {w['quantized']:.4g}")
+    name = result.get("name") or Path(result["model_dir"]).name
+    params = f", {result['parameters'] / 1e6:.1f}M parameters" if result.get("parameters") else ""
+    fig.suptitle(f"{name} ({result['model_type']}{params}): {result['quant_format']} "
+                 f"{w['metric']} {w['float']:.6g} -> {w['quantized']:.6g}")
     fig.tight_layout()
     png = out_dir / "audit.png"
     atomic_write(png, lambda p: fig.savefig(p, format="png", dpi=120))
@@ -247,9 +262,11 @@ def format_summary(result: dict[str, Any]) -> str:
              f"standard-library corpus, tokenizer: {result['tokenizer']}.", "",
              f"{result['quant_format']} ({result['quant']['sites']}): {w['metric']} {w['float']:.4f} -> "
              f"{w['quantized']:.4f}{change}", "",
-             "| layer | kurtosis | MMR | max abs | max/median | top-50 at pos. 0 | input corr. | largest (position: token) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['layer']} | {r['kurtosis']:.3f} | {r['mmr']:.2f} | {r['max_abs']:.3g} | {r['abs_max_median']:.3g} | "
+             "Layers are Hugging Face's `hidden_states` indices: 0 is the embedding output, i the output of "
+             "block i - 1 (before any final norm).", "",
+             "| layer | module | kurtosis | MMR | max abs | max/median | top-50 at pos. 0 | input corr. | largest (position: token) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['layer']} | `{r.get('module', '')}` | {r['kurtosis']:.3f} | {r['mmr']:.2f} | {r['max_abs']:.3g} | {r['abs_max_median']:.3g} | "
               f"{r['position0_share']:.2f} | {r['input_correlation']:.3f} | {_tops(r.get('top', []))} |"
               for r in result["layers"]]
     return "\n".join(lines)

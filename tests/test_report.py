@@ -179,17 +179,24 @@ def test_report_rejects_what_is_not_a_run(tmp_path, capsys):
 
 def test_reproduce_smoke_trains_quantises_and_reports(tmp_path, small_corpus, capsys):
     out = tmp_path / "study"
-    args = ["reproduce", "--preset", "tiny", "--steps", "6", "--batch_size", "4", "--seeds", "0,1",
+    args = ["reproduce", "--preset", "tiny", "--steps", "6", "--batch_size", "4", "--seeds", "0,1", "--other_seeds", "0",
             "--corpus", str(small_corpus), "--out_dir", str(out), "--progress", "false"]
     assert main(args) == 0
     runs = sorted(p.name for p in out.iterdir() if (p / "model.safetensors").is_file())
-    assert runs == ["op_adamw_lr0.003_seed0", "op_soap_lr0.003_seed0", "op_soap_lr0.003_seed1",
-                    "pre-ln_adamw_lr0.003_seed0", "pre-ln_adamw_lr0.003_seed1", "pre-ln_soap_lr0.003_seed0"]
+    assert runs == ["op_adamw_lr0.01_seed0", "op_soap_lr0.01_seed0", "op_soap_lr0.01_seed1",
+                    "pre-ln_adamw_lr0.01_seed0", "pre-ln_adamw_lr0.01_seed1", "pre-ln_soap_lr0.01_seed0"]
     assert all((out / r / "quant.json").is_file() for r in runs)
     assert all((out / r / "weights").is_dir() for r in runs)  # kept weights for the matched-loss comparison
     printed = capsys.readouterr().out
     assert "C1 " in printed and "C8 " in printed and (out / "report" / "report.md").is_file()
     assert (out / "report" / "claims.json").is_file() and "time: training and quantisation" in printed
+    # the matched-loss point of each seed's C8 pair: quantised when it is a kept step, named in claims.json
+    c8 = next(c for c in json.loads((out / "report" / "claims.json").read_text())["claims"] if c["id"] == "C8")
+    for row in c8["data"]:
+        step = row.get("matched_better_step")
+        if step is not None and step < 6:
+            better = "op_soap" if row["matched_better"].startswith("op") else "pre-ln_adamw"
+            assert (out / f"{better}_lr0.01_seed{row['seed']}" / f"quant.step_{step:06d}.json").is_file()
     assert main(args) == 0  # finished: skipped, the report is rewritten
     assert main(["reproduce", "--blocks", "pre-ln,nope"]) == 2
 
@@ -224,16 +231,19 @@ def test_reproduce_runs_the_c8_pair_on_every_seed_and_each_arm_at_its_lr(tmp_pat
     from ofe.experiment import reproduce as R
     study = {**R.STUDIES["small-cpu"], "lrs": {"pre-ln+adamw": 1e-3, "op+soap": 1e-2}}
     monkeypatch.setitem(R.STUDIES, "small-cpu", study)
-    sweep = parse_spec(R.study_spec(R.ReproduceConfig(out_dir=str(tmp_path))))
+    sweep = parse_spec(R.study_spec(R.ReproduceConfig(preset="small-cpu", out_dir=str(tmp_path))))
     lrs = {(r.config.model.block, r.config.optim.name, r.config.seed): r.config.optim.lr for r in sweep.runs}
     assert lrs == {("pre-ln", "adamw", 0): 1e-3, ("pre-ln", "adamw", 1): 1e-3, ("pre-ln", "adamw", 2): 1e-3,
                    ("pre-ln", "soap", 0): 3e-3, ("op", "adamw", 0): 3e-3,  # untuned arms: the study's lr
                    ("op", "soap", 0): 1e-2, ("op", "soap", 1): 1e-2, ("op", "soap", 2): 1e-2}
     c = sweep.runs[0].config
-    assert (c.model.seq_len, c.batch_size, c.optim.decay, c.optim.weight_decay, c.keep_weights) == (128, 8, "constant", 0.0, True)
+    assert (c.model.seq_len, c.batch_size, c.optim.decay, c.optim.weight_decay, c.keep_weights) == (128, 32, "constant", 0.0, True)
     tuning = parse_spec(R.tuning_spec(R.ReproduceConfig(out_dir=str(tmp_path), blocks=("pre-ln",), optimizers=("adamw",))))
     assert [r.name for r in tuning.runs] == ["pre-ln_adamw_lr0.001_seed0", "pre-ln_adamw_lr0.003_seed0",
                                              "pre-ln_adamw_lr0.01_seed0"] and not tuning.quantize
+    only_pair = R.ReproduceConfig(preset="small-cpu", out_dir=str(tmp_path), other_seeds=(), seeds=(0,))
+    assert R.arms(only_pair) == [("pre-ln", "adamw"), ("op", "soap")]
+    assert [r.name for r in parse_spec(R.tuning_spec(only_pair)).runs][-1] == "op_soap_lr0.006_seed0"
 
 
 def test_blocks_are_compared_at_their_own_defaults(tmp_path):

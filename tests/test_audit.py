@@ -120,9 +120,12 @@ def test_audit_finds_a_planted_position0_spike_and_names_its_token(tmp_path):
     cfg = AuditConfig(sequences=4, seq_len=32, quant=QuantConfig(sites="linear-inputs", calib_batches=1, calib_batch_size=2))
     result = audit(model_dir, cfg, log=lambda *a: None)
     reloaded = tf.GPT2LMHeadModel.from_pretrained(model_dir).double().eval()
-    from ofe.audit import corpus_windows, load_model
+    from ofe.audit import corpus_windows, load_model, split_files
     _, _, tokenizer = load_model(model_dir)
-    windows = corpus_windows(tokenizer, 300, 4 + 2, 32)[:4]
+    eval_files, calib_files = split_files(4 * 32 * 8, 1234)
+    assert not set(eval_files) & set(calib_files)  # calibration never sees the evaluation text
+    assert calib_files != split_files(4 * 32 * 8, 7)[1]  # quant.seed picks the calibration text
+    windows = corpus_windows(tokenizer, 300, 4, 32, eval_files)
     with torch.no_grad():
         hidden = reloaded(input_ids=windows, output_hidden_states=True).hidden_states
     assert len(result["layers"]) == len(hidden) == 4  # labelled as hidden_states: 0 = the embedding output

@@ -107,9 +107,10 @@ def max_positions(config) -> int | None:
     return limit
 
 
-def corpus_windows(tokenizer, vocab_size: int, n: int, seq_len: int) -> torch.Tensor:
-    """``n`` consecutive windows of ``seq_len`` tokens from the standard-library corpus, int64 ``(n, T)``."""
-    text = read_bytes_sample(stdlib_files(), n * seq_len * 8).decode("utf-8", errors="replace")
+def corpus_windows(tokenizer, vocab_size: int, n: int, seq_len: int, files: list[Path] | None = None) -> torch.Tensor:
+    """``n`` consecutive windows of ``seq_len`` tokens from ``files`` (default: the standard-library
+    corpus in order), int64 ``(n, T)``."""
+    text = read_bytes_sample(stdlib_files() if files is None else files, n * seq_len * 8).decode("utf-8", errors="replace")
     ids = ByteTokenizer().encode(text) if tokenizer is None else tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = np.asarray(ids, dtype=np.int64)
     if ids.size and ids.max() >= vocab_size:
@@ -118,6 +119,24 @@ def corpus_windows(tokenizer, vocab_size: int, n: int, seq_len: int) -> torch.Te
     if len(ids) < n * seq_len:
         ids = np.resize(ids, n * seq_len)  # a very coarse tokenizer: repeat the sample
     return torch.from_numpy(ids[: n * seq_len].reshape(n, seq_len))
+
+
+def split_files(n_bytes: int, seed: int) -> tuple[list[Path], list[Path]]:
+    """Evaluation files (the corpus's first files, until ``n_bytes``) and calibration files (all the
+    others, in an order drawn from ``seed``): the two never share text."""
+    files = stdlib_files()
+    total, used = 0, 0
+    for path in files:
+        used += 1
+        try:
+            total += path.stat().st_size
+        except OSError:
+            continue
+        if total >= n_bytes:
+            break
+    rest = files[used:]
+    order = np.random.default_rng(seed).permutation(len(rest))
+    return files[:used], [rest[i] for i in order]
 
 
 @torch.no_grad()
@@ -177,9 +196,10 @@ def audit(model_dir: str | Path, cfg: AuditConfig, log=print) -> dict[str, Any]:
     if T < cfg.seq_len:
         log(f"seq_len {cfg.seq_len} is more than {config.model_type} takes: using {T}")
     q = cfg.quant
-    sample = corpus_windows(tokenizer, config.vocab_size, cfg.sequences + q.calib_batches * q.calib_batch_size, T)
-    windows = sample[: cfg.sequences]  # evaluation first, then disjoint calibration batches
-    calib = list(sample[cfg.sequences :].split(q.calib_batch_size))
+    eval_files, calib_files = split_files(cfg.sequences * T * 8, q.seed)
+    windows = corpus_windows(tokenizer, config.vocab_size, cfg.sequences, T, eval_files)
+    calib = list(corpus_windows(tokenizer, config.vocab_size, q.calib_batches * q.calib_batch_size, T,
+                                calib_files).split(q.calib_batch_size))
 
     stack_name, stack = find_block_stack(model)
     states, tops = hidden_states(model, stack, windows, tokenizer)
@@ -208,6 +228,9 @@ def audit(model_dir: str | Path, cfg: AuditConfig, log=print) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in model.parameters()),
         "tokenizer": "model's own" if tokenizer is not None else "bytes (fallback)",
         "sequences": cfg.sequences, "seq_len": T, "quant": C.to_dict(q), "quant_format": q.label,
+        "evaluation_text": f"the first {len(eval_files)} files of the corpus",
+        "calibration_text": f"{q.calib_batches} x {q.calib_batch_size} windows from the other files, in an order drawn "
+                            f"from quant.seed {q.seed} (no text shared with the evaluation)",
         "w8a8": cost, "layers": layers,
     }
 
@@ -260,8 +283,9 @@ def format_summary(result: dict[str, Any]) -> str:
     lines = [f"# Outlier audit: {result['model_dir']}", "",
              f"{result['model_type']} ({result['kind']}), {result['sequences']} x {result['seq_len']} tokens of the "
              f"standard-library corpus, tokenizer: {result['tokenizer']}.", "",
-             f"{result['quant_format']} ({result['quant']['sites']}): {w['metric']} {w['float']:.4f} -> "
-             f"{w['quantized']:.4f}{change}", "",
+             f"{result['quant_format']} ({result['quant']['sites']}): {w['metric']} {w['float']:.6g} -> "
+             f"{w['quantized']:.6g}{change}; evaluated on {result.get('evaluation_text', '?')}, calibrated on "
+             f"{result.get('calibration_text', '?')}.", "",
              "Layers are Hugging Face's `hidden_states` indices: 0 is the embedding output, i the output of "
              "block i - 1 (before any final norm).", "",
              "| layer | module | kurtosis | MMR | max abs | max/median | top-50 at pos. 0 | input corr. | largest (position: token) |",

@@ -261,3 +261,15 @@ def test_compile_and_bfloat16_paths_train_and_monitor(tmp_path, small_corpus):
         records = RunDir(tmp_path / run).read_metrics()
         assert [r["step"] for r in records if "kurtosis" in r] == [0, 3, 6]
         assert records[-1]["kurtosis"] == pytest.approx(eager["kurtosis"], rel=0.05)
+
+
+def test_bf16_on_a_cpu_without_bf16_units_trains_in_float32_with_a_warning(tmp_path, small_corpus, monkeypatch):
+    from ofe.train import build as build_module
+    monkeypatch.setattr(build_module, "cpu_has_bf16", lambda: False)
+    lines = []
+    train(tiny_cfg(tmp_path / "run", small_corpus, steps=2, dtype="bfloat16"), log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert any("no bfloat16 matrix units" in line for line in lines)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["dtype"] == "float32"
+    monkeypatch.setattr(build_module, "cpu_has_bf16", lambda: True)
+    train(tiny_cfg(tmp_path / "bf16", small_corpus, steps=2, dtype="bfloat16"), log=quiet)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"

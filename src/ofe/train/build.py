@@ -99,6 +99,24 @@ def resolve(cfg: TrainConfig, data: TokenData) -> TrainConfig:
     return dataclasses.replace(cfg, model=model)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), per oneDNN."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def check_precision(cfg: TrainConfig, env: D.DistEnv, log: Callable[..., None]) -> TrainConfig:
+    """bfloat16 autocast on a CPU without bf16 units is emulated and slower than float32: warn and
+    train in float32 (the run's saved config says so)."""
+    if cfg.dtype == "bfloat16" and env.device.type == "cpu" and not cpu_has_bf16():
+        log("warning: this CPU has no bfloat16 matrix units (AVX512-BF16 / AMX): bf16 autocast would be slower "
+            "than float32 here, so this run trains in float32")
+        return dataclasses.replace(cfg, dtype="float32")
+    return cfg
+
+
 def corpus_fingerprint(data: TokenData) -> str:
     """Names the tokenised corpus: its files (paths, sizes, times) and the tokenisation settings."""
     return data.directory.name
@@ -240,6 +258,8 @@ def build(cfg: TrainConfig, env: D.DistEnv, run: RunDir, log: Callable[..., None
     data = build_data(cfg, env, log)
     log(describe_corpus(data))
     cfg = resolve(cfg, data)
+    if not cfg.resume:
+        cfg = check_precision(cfg, env, log)
     state = None
     if cfg.resume:
         state = load_resume_state(cfg, run, data) if env.is_main else _checkpoint_or_none(run)

@@ -105,8 +105,9 @@ class Attention(nn.Module):
         """``x``: ``(B, T, d)`` -> ``(B, T, d)``."""
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in self.qkv(x).split(C, dim=-1))
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_norm is not None:  # in float32: under CPU bf16 autocast a bf16 input with the float32
+            # gain falls off torch's fused kernel (slow); in float32 training this changes nothing
+            q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
         q, k, v = through(self.q_tap, q), through(self.k_tap, k), through(self.v_tap, v)
         explicit = self.softcap is not None or self.scores_tap.transform or self.probs_tap.transform
         if not explicit:

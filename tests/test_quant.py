@@ -351,3 +351,87 @@ def test_vectorised_mse_search_equals_the_candidate_loop(per_channel, bits, monk
     assert torch.equal(quantize_weight(w, bits, per_channel, "mse"), want)
     monkeypatch.setattr(Q, "MSE_CHUNK_ELEMENTS", 3 * w.numel())  # chunks of 3 candidates: the same answer
     assert torch.equal(quantize_weight(w, bits, per_channel, "mse"), want)
+
+
+@pytest.mark.parametrize("block", ["pre-ln", "pre-rms", "pre-srms"])
+@pytest.mark.parametrize("options", [{}, {"gated_attention": True, "gate": "element"},
+                                     {"layerscale": 0.3, "embed_proj": True, "activation": "swiglu", "tie_embeddings": False}])
+def test_hadamard_rotation_computes_the_same_function(block, options):
+    from ofe.quant.rotate import rotate_model
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", block=block, **options)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # trained-looking weights: gains and LayerScale away from their init
+            p.add_(torch.randn_like(p) * 0.05)
+    x = _windows(2)[:, :-1]
+    rotated = rotate_model(model)
+    with torch.no_grad():
+        assert torch.allclose(rotated(x), model(x), atol=1e-5)
+        # the stream really is rotated: the embedding output differs, with the same norm per token
+        e0 = model.tok_emb(x) + model.pos_emb(torch.arange(32))
+        if model.embed_proj is not None:
+            e0 = model.embed_proj(e0)
+        e1 = rotated.tok_emb(x) + rotated.pos_emb(torch.arange(32))
+        if block == "pre-ln":
+            e0 = e0 - e0.mean(-1, keepdim=True)
+        assert not torch.allclose(e0, e1, atol=1e-3)
+        assert torch.allclose(e0.norm(dim=-1), e1.norm(dim=-1), rtol=1e-4)
+
+
+def test_hadamard_matrices_are_orthogonal_and_flat():
+    from ofe.quant.rotate import hadamard, rotation
+    h = hadamard(64, seed=3)
+    assert torch.allclose(h @ h.T, torch.eye(64, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(h.abs(), torch.full((64, 64), 1 / 8, dtype=torch.float64))
+    q = rotation(88, seed=1)  # not a power of two: a random orthogonal matrix
+    assert torch.allclose(q @ q.T, torch.eye(88, dtype=torch.float64), atol=1e-10)
+
+
+@pytest.mark.parametrize("options,needle", [({"block": "op"}, "not 'op'"), ({"block": "post-ln"}, "not 'post-ln'"),
+                                            ({"bias": True}, "without biases"), ({"first_norm": True}, "first_norm"),
+                                            ({"final_norm": False}, "needs its final norm")])
+def test_hadamard_rotation_refuses_what_it_cannot_fold(options, needle):
+    from ofe.errors import OfeError
+    from ofe.quant.rotate import rotate_model
+    with pytest.raises(OfeError, match=needle):
+        rotate_model(GPT(preset("tiny", **options)))
+
+
+def test_hadamard_rotation_spreads_a_residual_outlier_and_cuts_the_int8_error():
+    """An outlier channel in the residual stream: the inputs of q/k/v and the MLP become flat after the
+    rotation, and their per-tensor int8 SQNR rises by far (the same function in float)."""
+    from ofe import metrics as M
+    from ofe.quant.quantizers import asymmetric_qparams, fake_quant
+    from ofe.quant.rotate import rotate_model, rotation
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", block="pre-rms")).eval()
+    with torch.no_grad():
+        model.tok_emb.weight[:, 7] *= 80.0
+        model.lm_head = torch.nn.Linear(32, 256, bias=False)
+    rotated = rotate_model(model)
+    x = _windows()[:, :-1]
+
+    def qkv_input(m):
+        seen = []
+        h = m.blocks[0].attn.qkv.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+        with torch.no_grad():
+            m(x)
+        h.remove()
+        return seen[0]
+
+    def int8(a):
+        scale, zp = asymmetric_qparams(a.min(), a.max(), 8)
+        return fake_quant(a, scale, zp, 0, 255)
+
+    plain, turned = qkv_input(model), qkv_input(rotated)
+    q = rotation(32, 0).float()  # the rotation rotate_model used (seed 0); norm gains are 1 at init
+    assert torch.allclose(turned, plain @ q, atol=1e-5)
+    assert M.abs_max_median(plain) > 20 * M.abs_max_median(turned)
+    others = torch.arange(32) != 7  # the ordinary channels pay for the outlier's range, unless rotated
+    plain_error = sqnr_db(plain[..., others], int8(plain)[..., others])
+    rotated_error = sqnr_db(plain[..., others], (int8(turned) @ q.T)[..., others])
+    assert rotated_error > plain_error + 5, (rotated_error, plain_error)  # dB: over 3x less error power
+    sim = SimulatedQuantModel(model, QuantConfig(sites="linear-inputs", rotate=True, weight_bits=0, act_bits=0))
+    with torch.no_grad():
+        assert torch.allclose(sim(x), model(x), atol=1e-4)
+    assert QuantConfig(sites="linear-inputs", rotate=True).label == "W8A8-rot"

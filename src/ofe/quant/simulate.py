@@ -47,6 +47,9 @@ class QuantConfig:
     smooth_alpha: float = field(0.0, "SmoothQuant migration strength alpha in (0, 1]: each linear's input is divided "
                                      "and its weight multiplied per input channel by max|x|^a / max|w|^(1-a) "
                                      "(calibrated); 0: off. Needs sites = linear-inputs")
+    rotate: bool = field(False, "first rotate the residual stream and the MLP hidden activation by randomised "
+                                "Hadamard matrices (QuaRot-style; same function in float; pre-norm blocks without "
+                                "biases). Needs sites = linear-inputs")
     calib_batches: int = field(4, "calibration batches from the training split")
     calib_batch_size: int = field(8, "sequences per calibration batch")
     seed: int = field(1234, "seed of the calibration batches")
@@ -64,6 +67,9 @@ class QuantConfig:
             raise ConfigError(f"quant.act_percentile must be in (50, 100], got {self.act_percentile}")
         if not 0.0 <= self.smooth_alpha <= 1.0:
             raise ConfigError(f"quant.smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        if self.rotate and self.sites != "linear-inputs":
+            raise ConfigError("quant.rotate (Hadamard rotation) needs quant.sites = linear-inputs: the rotated "
+                              "activations are the inputs of linear layers")
         if self.smooth_alpha and self.sites != "linear-inputs":
             raise ConfigError("quant.smooth_alpha (SmoothQuant) needs quant.sites = linear-inputs: it rescales the "
                               "inputs of linear layers")
@@ -74,7 +80,8 @@ class QuantConfig:
         w = "W" + ("16" if self.weight_bits == 0 else f"{self.weight_bits}" if self.weight_format == "int" else "FP8")
         a = "A" + ("16" if self.act_bits == 0 else f"{self.act_bits}" if self.act_format == "int" else "FP8")
         smooth = f"-smooth{self.smooth_alpha:g}" if self.smooth_alpha else ""
-        return w + a + ("-token" if self.act_bits and self.act_granularity == "token" else "") + smooth
+        rot = "-rot" if self.rotate else ""
+        return w + a + ("-token" if self.act_bits and self.act_granularity == "token" else "") + smooth + rot
 
 
 class ActQuantizer:
@@ -207,7 +214,11 @@ class SimulatedQuantModel:
         :meth:`GPT.taps` sites (e.g. one of :data:`SITE_FAMILIES`); None: every site."""
         self.cfg = cfg
         self.only_sites = only_sites
-        self.model = copy.deepcopy(model).eval()
+        if cfg.rotate:
+            from ofe.quant.rotate import rotate_model
+            self.model = rotate_model(model, cfg.seed)
+        else:
+            self.model = copy.deepcopy(model).eval()
         named = dict(self.model.named_modules())
         unknown = [n for n in (*float_modules, *output_modules) if n and n not in named]
         if unknown:

@@ -243,7 +243,16 @@ def test_reproduce_runs_the_c8_pair_on_every_seed_and_each_arm_at_its_lr(tmp_pat
                                              "pre-ln_adamw_lr0.01_seed0"] and not tuning.quantize
     only_pair = R.ReproduceConfig(preset="small-cpu", out_dir=str(tmp_path), other_seeds=(), seeds=(0,))
     assert R.arms(only_pair) == [("pre-ln", "adamw"), ("op", "soap")]
-    assert [r.name for r in parse_spec(R.tuning_spec(only_pair)).runs][-1] == "op_soap_lr0.006_seed0"
+    assert [r.name for r in parse_spec(R.tuning_spec(only_pair)).runs][-1] == "op_soap_lr0.003_seed0"
+
+
+
+def test_the_small_cpu_study_runs_adamw_at_its_measured_lr(tmp_path):
+    from ofe.experiment import parse_spec
+    from ofe.experiment import reproduce as R
+    committed = parse_spec(R.study_spec(R.ReproduceConfig(preset="small-cpu", out_dir=str(tmp_path))))
+    assert {(r.config.model.block, r.config.optim.name): r.config.optim.lr for r in committed.runs} == {
+        ("pre-ln", "adamw"): 1e-3, ("pre-ln", "soap"): 3e-3, ("op", "adamw"): 3e-3, ("op", "soap"): 3e-3}
 
 
 def test_blocks_are_compared_at_their_own_defaults(tmp_path):

@@ -247,7 +247,7 @@ def test_shipped_config_files_are_valid():
     assert files
     for path in files:
         cfg = build_train_config(load_file(path))
-        assert cfg.steps > 0 and cfg.model.block in ("pre-ln", "op"), path.name
+        assert cfg.steps > 0 and cfg.model.block in ("pre-ln", "op", "pre-srms"), path.name
 
 
 def test_compile_and_bfloat16_paths_train_and_monitor(tmp_path, small_corpus):

@@ -44,9 +44,6 @@ def symmetric_scale(max_abs: Tensor, bits: int) -> Tensor:
     return torch.clamp(max_abs, min=torch.finfo(torch.float32).tiny) / qmax
 
 
-MSE_CHUNK_ELEMENTS = 1 << 24  # candidate values held at once by the MSE range search (64 MiB of float32)
-
-
 def quantize_weight(w: Tensor, bits: int, per_channel: bool = False, method: str = "minmax", grid: int = 100) -> Tensor:
     """Symmetric signed fake quantisation of a weight matrix ``(out, in)``.
 
@@ -61,18 +58,17 @@ def quantize_weight(w: Tensor, bits: int, per_channel: bool = False, method: str
         return fake_quant(w, symmetric_scale(max_abs, bits), 0.0, qmin, qmax)
     if method != "mse":
         raise ValueError(f"unknown weight range method {method!r}")
-    # Every candidate range at once (chunked to bound memory): squared error per candidate and range
-    # group, the first best candidate (as a loop with a strict "<" would keep), then one quantisation.
-    fractions = torch.arange(1, grid + 1, dtype=torch.float32, device=w.device) / grid  # (G,)
-    scales = symmetric_scale(max_abs.unsqueeze(0) * fractions.view(-1, *[1] * w.dim()), bits)  # (G, *max_abs)
-    chunk = max(1, MSE_CHUNK_ELEMENTS // max(1, w.numel()))
-    errors = []
-    for start in range(0, grid, chunk):
-        s = scales[start : start + chunk]
-        candidates = fast_fake_quant(w.unsqueeze(0), s, 0.0, qmin, qmax)  # (g, *w)
-        errors.append((candidates - w).square_().sum(dim=tuple(d + 1 for d in dims), keepdim=True))
-    best = torch.cat(errors).argmin(dim=0, keepdim=True)  # (1, *max_abs): first minimum
-    return fast_fake_quant(w, scales.gather(0, best).squeeze(0), 0.0, qmin, qmax)
+    best, best_err = None, None
+    for i in range(1, grid + 1):
+        candidate = fast_fake_quant(w, symmetric_scale(max_abs * (i / grid), bits), 0.0, qmin, qmax)
+        err = (candidate - w).square().sum(dim=dims, keepdim=True)
+        if best is None:
+            best, best_err = candidate, err
+        else:
+            better = err < best_err
+            best = torch.where(better, candidate, best)
+            best_err = torch.where(better, err, best_err)
+    return best
 
 
 def asymmetric_qparams(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:

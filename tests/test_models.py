@@ -292,3 +292,13 @@ def test_embedding_projection_starts_as_the_identity():
     with torch.no_grad():
         assert torch.equal(with_proj(idx), without(idx))
     assert torch.equal(with_proj.embed_proj.weight, torch.eye(32))
+
+
+def test_bf16_cpu_attention_takes_the_math_kernel_and_matches_float32():
+    from ofe.models import gpt as G
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    got = G._causal_sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert got.dtype == torch.bfloat16 and torch.allclose(got.double(), want, atol=3e-2)
+    assert torch.allclose(G._causal_sdpa(q, k, v).double(), want, atol=1e-5)  # float32: the default kernel

@@ -262,26 +262,27 @@ def _residual_sqnr(run: Run) -> float | None:
     return float(np.mean([row["sqnr_db"] for row in layers])) if layers else None
 
 
-def _w8a8_pair(a: Run, b: Run, step_a: int | None, step_b: int | None) -> tuple[float | None, float | None]:
-    return a.quant_increase("W8A8", step_a), b.quant_increase("W8A8", step_b)
-
-
 def _ratio(x: float | None, y: float | None) -> float | None:
     if x is None or y is None:
         return None
     return x / y if y > 0 else (math.inf if x > 0 else None)
 
 
+def c8_pairs(runs: list[Run]) -> list[tuple[Run, Run]]:
+    """(Pre-LN + AdamW, OP + SOAP) pairs of one seed, each at its tuned lr, otherwise the same settings:
+    the runs C8 compares (and whose matched-loss weights ``ofe reproduce`` quantises)."""
+    return _pairs(at_tuned_lr(runs), ("model.block", "optim.name", LR), lambda v: v[:2] == ("pre-ln", "adamw"),
+                  lambda v: v[:2] == ("op", "soap"))
+
+
 def claim_c8(runs: list[Run]) -> Verdict:
     """See RULES["C8"]. Pairs are Pre-LN + AdamW and OP + SOAP of one seed, each at its tuned lr."""
-    quantised = [r for r in at_tuned_lr(runs) if r.quant is not None]
-    pairs = _pairs(quantised, ("model.block", "optim.name", LR), lambda v: v[:2] == ("pre-ln", "adamw"),
-                   lambda v: v[:2] == ("op", "soap"))
+    pairs = [(a, b) for a, b in c8_pairs(runs) if a.quant is not None and b.quant is not None]
     if not pairs:
         return "untested", "no quantised Pre-LN + AdamW and OP + SOAP runs with the same seed and other settings", []
     lines, wins, data = [], [], []
     for a, b in pairs:
-        w8a, w8b = _w8a8_pair(a, b, None, None)
+        w8a, w8b = a.quant_increase("W8A8"), b.quant_increase("W8A8")
         equal = _ratio(w8a, w8b)
         row: dict[str, Any] = {"seed": a.seed, "lr_preln_adamw": a.settings.get(LR), "lr_op_soap": b.settings.get(LR),
                                "steps": a.steps, "val_loss_preln_adamw": a.val_loss(), "val_loss_op_soap": b.val_loss(),
@@ -294,10 +295,11 @@ def claim_c8(runs: list[Run]) -> Verdict:
                 f"(val loss {a.val_loss():.3f} vs {b.val_loss():.3f})" if w8a is not None and w8b is not None
                 else f"seed {a.seed}: W8A8 not measured")
         point = matched_point(a, b)
-        steps = {id(point.worse): None, id(point.better): point.better_step}
         matched = None
         if point.better_step is not None and point.better.quant_result(point.better_step) is not None:
-            ma, mb = _w8a8_pair(a, b, steps[id(a)], steps[id(b)])
+            # the worse run at its final weights, the better one at its matched step
+            ma = a.quant_increase("W8A8", point.better_step if point.better is a else None)
+            mb = b.quant_increase("W8A8", point.better_step if point.better is b else None)
             matched = _ratio(ma, mb)
             row.update(matched_target_val_loss=point.target, matched_better=point.better.label,
                        matched_better_step=point.better_step, matched_better_val_loss=point.better_loss,

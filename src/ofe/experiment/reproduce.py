@@ -24,8 +24,8 @@ from typing import Any
 
 from ofe import config as C
 from ofe.analysis import load_runs
-from ofe.analysis.claims import ClaimResult, format_claims
-from ofe.analysis.fair import arm_key, at_tuned_lr, matched_point, tuned_lrs
+from ofe.analysis.claims import ClaimResult, c8_pairs, format_claims
+from ofe.analysis.fair import arm_key, matched_point, tuned_lrs
 from ofe.analysis.runs import Run
 from ofe.experiment.sweep import parse_spec, run_sweep
 from ofe.models import BLOCK_TYPES, preset_fields
@@ -95,7 +95,7 @@ class ReproduceConfig:
             bad = [v for v in values if v not in known]
             if bad or not values:
                 raise C.ConfigError(f"config key '{key}': unknown {bad[0] if bad else '(none)'!r} (known: {', '.join(known)})")
-        study = STUDIES.get(self.preset, STUDIES[DEFAULT_STUDY])
+        study = study_of(self)
         if not self.seeds:
             object.__setattr__(self, "seeds", tuple(study["seeds"]))
         if self.other_seeds is None:
@@ -184,20 +184,16 @@ def tune(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> tuple[dict
 def quantise_matched(runs: list[Run], log: Callable[[str], None] = print) -> int:
     """Quantise, for every C8 pair of one seed, the better run's kept weights at the worse run's final
     validation loss (skipped when already done or when no kept step reaches it). Returns how many."""
-    tuned = at_tuned_lr(runs)
-    of = {arm: [r for r in tuned if (r.settings.get("model.block"), r.settings.get("optim.name")) == arm]
-          for arm in C8_PAIR}
     done = 0
-    for a in of[C8_PAIR[0]]:
-        for b in (r for r in of[C8_PAIR[1]] if r.seed == a.seed and not (a.diverged or r.diverged)):
-            point = matched_point(a, b)
-            step = point.better_step
-            if step is None or step == point.better.steps or point.better.quant_result(step) is not None:
-                continue
-            log(f"{point.better.path.name}: quantising the weights of step {step} (val loss {point.better_loss:.4f}, "
-                f"matched to {point.worse.path.name}'s {point.target:.4f})")
-            quantize_run(point.better.path, QuantizeConfig(step=step), log=log)
-            done += 1
+    for a, b in c8_pairs(runs):  # the pairs C8 judges (same seed and settings, trained, tuned lrs)
+        point = matched_point(a, b)
+        step = point.better_step
+        if step is None or step == point.better.steps or point.better.quant_result(step) is not None:
+            continue
+        log(f"{point.better.path.name}: quantising the weights of step {step} (val loss {point.better_loss:.4f}, "
+            f"matched to {point.worse.path.name}'s {point.target:.4f})")
+        quantize_run(point.better.path, QuantizeConfig(step=step), log=log)
+        done += 1
     return done
 
 

@@ -25,8 +25,7 @@ from torch import Tensor, nn
 
 from ofe.config import ConfigError, field
 from ofe.models import lm_loss
-from ofe.quant.quantizers import (RangeObserver, asymmetric_qparams, fake_fp8, fake_quant, fast_fake_quant, int_grid,
-                                  quantize_weight)
+from ofe.quant.quantizers import RangeObserver, asymmetric_qparams, fake_fp8, fast_fake_quant, int_grid, quantize_weight
 
 
 @dataclass(frozen=True)
@@ -105,12 +104,7 @@ class ActQuantizer:
             return None
         if not self.observer.ready:  # never seen in calibration: leave it in float
             return None
-        lo, hi = self.observer.lo, self.observer.hi
-        if self.cfg.act_format == "fp8":
-            return fake_fp8(x, torch.maximum(lo.abs(), hi.abs())).to(x.dtype)
-        scale, zero_point = asymmetric_qparams(lo, hi, self.cfg.act_bits)
-        qmin, qmax = int_grid(self.cfg.act_bits, signed=False)
-        return fast_fake_quant(x, scale, zero_point, qmin, qmax).to(x.dtype)
+        return _fake_quant_range(x, self.observer.lo, self.observer.hi, self.cfg)
 
 
 # The protocol's activation sites (GPT.taps) in families, to tell where a format's error comes from.
@@ -122,17 +116,20 @@ SITE_FAMILIES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _per_token_quant(x: Tensor, cfg: QuantConfig) -> Tensor:
-    """Fake-quantise each row of the last dimension with its own min-max range (asymmetric int, or
-    FP8 scaled to the row's max |x|)."""
-    xf = x.float()
+def _fake_quant_range(x: Tensor, lo: Tensor, hi: Tensor, cfg: QuantConfig) -> Tensor:
+    """Fake-quantise ``x`` on the activation grid covering ``[lo, hi]`` (broadcast: one range per
+    tensor or per row): asymmetric int of ``act_bits``, or FP8 scaled to ``max(|lo|, |hi|)``."""
     if cfg.act_format == "fp8":
-        return fake_fp8(xf, xf.abs().amax(-1, keepdim=True)).to(x.dtype)
-    lo = xf.amin(-1, keepdim=True).clamp(max=0.0)
-    hi = xf.amax(-1, keepdim=True).clamp(min=0.0)
+        return fake_fp8(x, torch.maximum(lo.abs(), hi.abs())).to(x.dtype)
     scale, zero_point = asymmetric_qparams(lo, hi, cfg.act_bits)
     qmin, qmax = int_grid(cfg.act_bits, signed=False)
-    return fake_quant(xf, scale, zero_point, qmin, qmax).to(x.dtype)
+    return fast_fake_quant(x, scale, zero_point, qmin, qmax).to(x.dtype)
+
+
+def _per_token_quant(x: Tensor, cfg: QuantConfig) -> Tensor:
+    """Fake-quantise each row of the last dimension with its own min-max range."""
+    xf = x.float()
+    return _fake_quant_range(xf, xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True), cfg).to(x.dtype)
 
 
 class Smoother:

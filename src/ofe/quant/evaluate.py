@@ -55,9 +55,10 @@ def format_variants(qcfg: QuantConfig) -> list[QuantConfig]:
 
 
 def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0, sweep: bool = True,
-                 log=print, step: int | None = None) -> dict[str, Any]:
+                 log=print, step: int | None = None, real_int8: bool = False) -> dict[str, Any]:
     """Calibrate and evaluate the final weights (``step`` None) or those kept at ``step``; returns
-    the result that :func:`quantize_run` saves beside the run."""
+    the result that :func:`quantize_run` saves beside the run. ``real_int8``: also compare the
+    simulator with torchao's int8 kernels (:func:`ofe.quant.real_int8.crosscheck`)."""
     cfg, model = load_trained(run_dir, step)
     data = prepare(cfg.data, log=log)
     T = cfg.model.seq_len
@@ -85,6 +86,14 @@ def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0
                "abs_max_median": abs_max_median(f).item(), "position0_share": position0_share(f).item(),
                "sqnr_db": sqnr_db(f, q)}
               for i, (f, q) in enumerate(zip(float_hidden, quant_hidden))]
+    extra = {}
+    if real_int8:
+        from ofe.quant.real_int8 import crosscheck
+        check = extra["real_int8"] = crosscheck(model, windows)
+        log(f"  real int8 (torchao) {check['format']}: simulated {check['simulated_ppl']:.4f} "
+            f"({check['simulated_increase_pct']:+.3f}%), real {check['real_ppl']:.4f} ({check['real_increase_pct']:+.3f}%): "
+            f"per layer {'agree' if check['agree'] else 'DISAGREE'} (worst gap {check['worst_layer_gap']:.1e} of the "
+            f"quantisation error, tolerance {check['tolerance']:g})")
     return {
         "run": str(run_dir), "block": cfg.model.block, "optimizer": cfg.optim.name,
         "step": cfg.steps if step is None else step,
@@ -92,7 +101,7 @@ def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0
         "quant_format": qcfg.label, "quant_ppl": ppl_of[qcfg],
         "settings": C.to_dict(qcfg), "eval_sequences": n_eval, "seq_len": T,
         "calibration_tokens": qcfg.calib_batches * qcfg.calib_batch_size * T,
-        "layers": layers, "formats": formats, "site_families": families,
+        "layers": layers, "formats": formats, "site_families": families, **extra,
     }
 
 
@@ -138,6 +147,8 @@ class QuantizeConfig:
     quant: QuantConfig = QuantConfig()
     eval_sequences: int = C.field(0, "validation windows to evaluate; 0: the run's eval_batches x batch_size")
     sweep: bool = C.field(True, "also evaluate W8A6/A5/A4, FP8 and W4 weight-only")
+    real_int8: bool = C.field(False, "also run W8A8 with real int8 kernels (torchao, per-token activations, "
+                                     "per-channel weights) and compare with the simulator (needs ofe[int8])")
     step: int = C.field(-1, "quantise the weights the run kept at this step (trained with --keep_weights true); "
                             "-1: the final weights")
 
@@ -152,6 +163,7 @@ def quantize_run(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig(), lo
     """Evaluate the run's formats and save the result in the run directory (``ofe quantize``):
     one result for the final weights and one per kept step (:meth:`RunDir.quant_path`)."""
     step = None if cfg.step < 0 else cfg.step
-    result = evaluate_run(run_dir, cfg.quant, cfg.eval_sequences, cfg.sweep, log=log, step=step)
+    result = evaluate_run(run_dir, cfg.quant, cfg.eval_sequences, cfg.sweep, log=log, step=step,
+                          real_int8=cfg.real_int8)
     RunDir(run_dir).write_quant(result, step)
     return result

@@ -38,29 +38,34 @@ def fast_fake_quant(x: Tensor, scale: Tensor | float, zero_point: Tensor | float
     return y.round_().add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
 
 
-def symmetric_scale(max_abs: Tensor, bits: int) -> Tensor:
-    """Scale of a symmetric signed grid covering ``[-max_abs, max_abs]`` (zero point 0)."""
-    _, qmax = int_grid(bits, signed=True)
-    return torch.clamp(max_abs, min=torch.finfo(torch.float32).tiny) / qmax
+def symmetric_scale(max_abs: Tensor, bits: int, half_range: bool = False) -> Tensor:
+    """Scale of a symmetric signed grid covering ``[-max_abs, max_abs]`` (zero point 0):
+    ``max_abs / qmax`` (127 at 8 bits), or with ``half_range`` ``max_abs / ((qmax - qmin) / 2)``
+    (127.5: the convention of PyTorch's and torchao's symmetric observers)."""
+    qmin, qmax = int_grid(bits, signed=True)
+    divisor = (qmax - qmin) / 2 if half_range else qmax
+    return torch.clamp(max_abs / divisor, min=torch.finfo(torch.float32).tiny)  # a zero range: 0 stays 0, no NaN
 
 
-def quantize_weight(w: Tensor, bits: int, per_channel: bool = False, method: str = "minmax", grid: int = 100) -> Tensor:
+def quantize_weight(w: Tensor, bits: int, per_channel: bool = False, method: str = "minmax", grid: int = 100,
+                    half_range: bool = False) -> Tensor:
     """Symmetric signed fake quantisation of a weight matrix ``(out, in)``.
 
     ``method``: ``minmax`` (range = max |w|) or ``mse`` (the clipping range among ``grid`` candidates
     ``max|w| * i / grid`` that minimises the squared error). ``per_channel``: one range per output row.
+    ``half_range``: see :func:`symmetric_scale`.
     """
     qmin, qmax = int_grid(bits, signed=True)
     w = w.float()
     dims = tuple(range(1, w.dim())) if per_channel else tuple(range(w.dim()))
     max_abs = w.abs().amax(dim=dims, keepdim=True)
     if method == "minmax":
-        return fake_quant(w, symmetric_scale(max_abs, bits), 0.0, qmin, qmax)
+        return fake_quant(w, symmetric_scale(max_abs, bits, half_range), 0.0, qmin, qmax)
     if method != "mse":
         raise ValueError(f"unknown weight range method {method!r}")
     best, best_err = None, None
     for i in range(1, grid + 1):
-        candidate = fast_fake_quant(w, symmetric_scale(max_abs * (i / grid), bits), 0.0, qmin, qmax)
+        candidate = fast_fake_quant(w, symmetric_scale(max_abs * (i / grid), bits, half_range), 0.0, qmin, qmax)
         err = (candidate - w).square().sum(dim=dims, keepdim=True)
         if best is None:
             best, best_err = candidate, err

@@ -25,7 +25,15 @@ from torch import Tensor, nn
 
 from ofe.config import ConfigError, field
 from ofe.models import lm_loss
-from ofe.quant.quantizers import RangeObserver, asymmetric_qparams, fake_fp8, fast_fake_quant, int_grid, quantize_weight
+from ofe.quant.quantizers import (
+    RangeObserver,
+    asymmetric_qparams,
+    fake_fp8,
+    fast_fake_quant,
+    int_grid,
+    quantize_weight,
+    symmetric_scale,
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,12 @@ class QuantConfig:
     weight_range: Literal["mse", "minmax"] = field("mse", "weight range: MSE grid search over 100 clipping ranges, or min-max")
     act_bits: int = field(8, "activation bits (0: float activations)")
     act_format: Literal["int", "fp8"] = field("int", "activation number format")
+    act_scheme: Literal["asymmetric", "symmetric"] = field(
+        "asymmetric", "integer activation grid: asymmetric (unsigned, with a zero point: the paper's protocol) or "
+                      "symmetric (signed, zero point 0: what int8 GEMM kernels such as torchao's take)")
+    symmetric_scale: Literal["qmax", "half-range"] = field(
+        "qmax", "scale of the symmetric int grids (weights; activations with act_scheme = symmetric): max|x| / qmax "
+                "(127 at 8 bits) or max|x| / ((qmax - qmin) / 2) (127.5: PyTorch's and torchao's convention)")
     act_range: Literal["minmax", "percentile"] = field("minmax", "per-batch activation range statistic")
     act_granularity: Literal["tensor", "token"] = field(
         "tensor", "tensor: one static range per site from calibration (the paper's protocol); token: a dynamic "
@@ -80,7 +94,8 @@ class QuantConfig:
         a = "A" + ("16" if self.act_bits == 0 else f"{self.act_bits}" if self.act_format == "int" else "FP8")
         smooth = f"-smooth{self.smooth_alpha:g}" if self.smooth_alpha else ""
         rot = "-rot" if self.rotate else ""
-        return w + a + ("-token" if self.act_bits and self.act_granularity == "token" else "") + smooth + rot
+        sym = "-sym" if self.act_bits and self.act_format == "int" and self.act_scheme == "symmetric" else ""
+        return w + a + ("-token" if self.act_bits and self.act_granularity == "token" else "") + sym + smooth + rot
 
 
 class ActQuantizer:
@@ -118,9 +133,14 @@ SITE_FAMILIES: dict[str, tuple[str, ...]] = {
 
 def _fake_quant_range(x: Tensor, lo: Tensor, hi: Tensor, cfg: QuantConfig) -> Tensor:
     """Fake-quantise ``x`` on the activation grid covering ``[lo, hi]`` (broadcast: one range per
-    tensor or per row): asymmetric int of ``act_bits``, or FP8 scaled to ``max(|lo|, |hi|)``."""
+    tensor or per row): int of ``act_bits`` (asymmetric, or symmetric over ``max(|lo|, |hi|)``), or
+    FP8 scaled to ``max(|lo|, |hi|)``."""
     if cfg.act_format == "fp8":
         return fake_fp8(x, torch.maximum(lo.abs(), hi.abs())).to(x.dtype)
+    if cfg.act_scheme == "symmetric":
+        qmin, qmax = int_grid(cfg.act_bits, signed=True)
+        scale = symmetric_scale(torch.maximum(lo.abs(), hi.abs()), cfg.act_bits, cfg.symmetric_scale == "half-range")
+        return fast_fake_quant(x, scale, 0.0, qmin, qmax).to(x.dtype)
     scale, zero_point = asymmetric_qparams(lo, hi, cfg.act_bits)
     qmin, qmax = int_grid(cfg.act_bits, signed=False)
     return fast_fake_quant(x, scale, zero_point, qmin, qmax).to(x.dtype)
@@ -187,7 +207,8 @@ def _quantize_weights(model: nn.Module, cfg: QuantConfig, skip: set[int]) -> int
             dims = tuple(range(1, w.dim())) if cfg.weight_granularity == "channel" else tuple(range(w.dim()))
             q = fake_fp8(w.detach().float(), w.detach().abs().amax(dim=dims, keepdim=True))
         else:
-            q = quantize_weight(w.detach(), cfg.weight_bits, cfg.weight_granularity == "channel", cfg.weight_range)
+            q = quantize_weight(w.detach(), cfg.weight_bits, cfg.weight_granularity == "channel", cfg.weight_range,
+                                half_range=cfg.symmetric_scale == "half-range")
         with torch.no_grad():
             w.copy_(q.to(w.dtype))
         count += 1

@@ -17,6 +17,7 @@ from ofe import config as C
 from ofe.audit import AuditConfig, run_audit
 from ofe.errors import OfeError
 from ofe.experiment import SweepOptions, sweep_spec_file
+from ofe.experiment.remedies import RemediesConfig, remedies
 from ofe.experiment.reproduce import ReproduceConfig, reproduce
 from ofe.models import presets_table
 from ofe.quant import QuantizeConfig, format_table, quantize_run
@@ -68,6 +69,9 @@ COMMANDS: dict[str, Command] = {
                       ("run_dirs", "RUN_DIR", "run directories, or directories holding runs (a sweep)"), nargs="+"),
     "reproduce": Command("the paper's study end to end: train Pre-LN/OP x AdamW/SOAP, quantise, report the claims",
                          lambda ns: reproduce(load_config(ReproduceConfig, ns)), ReproduceConfig),
+    "remedies": Command("every remedy for outlier features side by side: train-time ones at their tuned lr, "
+                        "post-hoc ones on the baseline, W8A8 / W4A4 costs, a table and a plot",
+                        lambda ns: remedies(load_config(RemediesConfig, ns)), RemediesConfig),
     "zoo": Command("build every block variant and print per-layer outlier metrics",
                    lambda ns: zoo(load_config(ZooConfig, ns)), ZooConfig),
     "presets": Command("list the model presets with their parameter counts", lambda ns: print(presets_table())),

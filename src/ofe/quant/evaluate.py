@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from ofe import config as C
 from ofe.data import prepare, train_batch, val_windows
 from ofe.errors import OfeError
@@ -31,6 +33,17 @@ def load_trained(run_dir: str | Path, step: int | None = None) -> tuple[TrainCon
         raise QuantError(f"{run.config_path} is not a valid run config: {e}") from None
     model = run.load_weights(GPT(cfg.model), step)
     return cfg, model.eval()
+
+
+def evaluation_data(cfg: TrainConfig, qcfg: QuantConfig, eval_sequences: int = 0, log=print) -> tuple[Tensor, list[Tensor]]:
+    """The run's validation windows ``(N, T + 1)`` (``eval_sequences``, or the run's own eval
+    size) and the calibration batches ``(B, T)`` drawn from the training split with ``qcfg.seed``."""
+    data = prepare(cfg.data, log=log)
+    T = cfg.model.seq_len
+    windows = val_windows(data.val, eval_sequences or cfg.eval_batches * cfg.batch_size, T, bos_id=data.bos_id)
+    calib = [train_batch(data.train, qcfg.calib_batch_size, T, qcfg.seed, step=i, bos_id=data.bos_id)[:, :-1]
+             for i in range(qcfg.calib_batches)]
+    return windows, calib
 
 
 def protocol_w8a8(qcfg: QuantConfig) -> QuantConfig:
@@ -60,12 +73,8 @@ def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0
     the result that :func:`quantize_run` saves beside the run. ``real_int8``: also compare the
     simulator with torchao's int8 kernels (:func:`ofe.quant.real_int8.crosscheck`)."""
     cfg, model = load_trained(run_dir, step)
-    data = prepare(cfg.data, log=log)
-    T = cfg.model.seq_len
-    n_eval = eval_sequences or cfg.eval_batches * cfg.batch_size
-    windows = val_windows(data.val, n_eval, T, bos_id=data.bos_id)
-    calib = [train_batch(data.train, qcfg.calib_batch_size, T, qcfg.seed, step=i, bos_id=data.bos_id)[:, :-1]
-             for i in range(qcfg.calib_batches)]
+    windows, calib = evaluation_data(cfg, qcfg, eval_sequences, log)
+    T, n_eval = cfg.model.seq_len, len(windows)
     fp_ppl = perplexity(model, windows)
     probe = windows[: min(16, len(windows)), :-1]
     float_hidden = block_outputs(model, model.blocks, probe)

@@ -282,3 +282,36 @@ def quantisation(groups: dict[str, list[Run]], colour: dict[str, tuple], path: P
         ax.axhline(0, color="grey", lw=0.6)
     _legend(ax_f, fig)
     return _save(fig, path)
+
+
+REMEDY_MARKERS = {"train-time": "o", "post-hoc": "s", "combination": "*"}
+
+
+def remedies_scatter(rows: list[dict], path: Path) -> Path:
+    """Float quality against quantisation cost, one point per remedy: validation perplexity (x) and
+    the W4A4 and W8A8 perplexity increase at the linear-layer inputs (y, log), in two panels."""
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.2))
+    rows = [r for r in rows if "diverged" not in r]
+    colour = colours([r["remedy"] for r in rows])
+    for ax, fmt in zip(axes, ("W4A4", "W8A8")):
+        ys = []
+        for r in rows:
+            cost = r.get(fmt) or {}
+            if "increase_pct" not in cost:
+                continue
+            y = max(cost["increase_pct"], 1e-3)  # a log axis: a cost at or below zero sits on the floor
+            ys.append(y)
+            ax.scatter(r["val_ppl"], y, marker=REMEDY_MARKERS[r["kind"]], s=90 if r["kind"] == "combination" else 45,
+                       color=colour[r["remedy"]], edgecolor="black", linewidth=0.5, label=f"{r['remedy']} ({r['kind']})")
+        if ys and max(ys) / min(ys) > 8:
+            ax.set_yscale("log")
+            _plain_ticks(ax)
+        ax.set_xlabel("validation perplexity (float model; lower is better)")
+        ax.set_ylabel(f"{fmt} perplexity increase, % (lower is better)")
+        ax.set_title(f"{fmt}, linear-layer inputs")
+        ax.grid(alpha=0.3, which="both")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,283 @@
+"""`ofe remedies`: every remedy for outlier features, train-time and post-hoc, side by side.
+
+Train-time remedies (:data:`TRAIN_REMEDIES`) are `ofe train` settings on top of a Pre-LN + AdamW
+baseline; each runs the study's lr grid on one seed and is compared at its own tuned lr
+(:func:`ofe.analysis.fair.tuned_lrs`). Post-hoc remedies (:data:`POSTHOC_REMEDIES`) are `ofe quantize`
+settings applied to the baseline's trained weights. Every model is then quantised the same way: the
+inputs of every linear layer but the LM head (what an int8 GEMM consumes; SmoothQuant and the
+Hadamard rotation act there), at W8A8 and W4A4; train-time rows also show the paper's protocol
+(every activation site, per tensor). Finally the best train-time remedy (lowest W4A4 cost) gets the
+best post-hoc remedy that applies to it.
+
+Settings come from ``ofe reproduce``'s studies (:data:`ofe.experiment.reproduce.STUDIES`), so the
+comparison runs on the headline study's setting. The runs form an ordinary sweep (resumable); the
+table, ``remedies.json`` and the scatter plot are written into the sweep directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ofe import config as C
+from ofe.analysis import load_runs
+from ofe.analysis.fair import arm_key, tuned_lrs
+from ofe.analysis.runs import Run
+from ofe.errors import OfeError
+from ofe.experiment.reproduce import STUDIES, ReproduceConfig, _base
+from ofe.experiment.sweep import parse_spec, run_sweep
+from ofe.io import atomic_write
+from ofe.models import preset_fields
+from ofe.quant.evaluate import evaluation_data, load_trained
+from ofe.quant.simulate import QuantConfig, SimulatedQuantModel, perplexity
+
+BASELINE = "pre-ln + adamw"
+
+# name -> (the `ofe train` overrides on top of Pre-LN + AdamW, what the literature expects)
+TRAIN_REMEDIES: dict[str, tuple[dict[str, Any], str]] = {
+    BASELINE: ({}, "the baseline: outlier features grow (He et al. 2024)"),
+    "op": ({"model.block": "op"}, "far smaller kurtosis than Pre-LN (He et al. 2024, C2)"),
+    "soap": ({"optim.name": "soap"}, "far smaller kurtosis than AdamW (He et al. 2024, C6)"),
+    "op + soap": ({"model.block": "op", "optim.name": "soap"}, "the paper's remedy: smallest kurtosis, W8A8 "
+                  "cost far below Pre-LN + AdamW's (C8)"),
+    "muon": ({"optim.name": "muon"}, "Muon's orthogonalised updates avoid Adam's per-coordinate scaling, "
+             "a driver of outliers (OSP, Park et al. 2025)"),
+    "osp": ({"optim.name": "muon", "model.block": "pre-srms", "model.embed_proj": True},
+            "excess kurtosis ~0 and usable W4A4 (OSP at 1.4B, Park et al. 2025)"),
+    "swiglu": ({"model.activation": "swiglu"}, "GLUs amplify the step-up into massive activations (more outliers)"),
+    "gated attention": ({"model.gated_attention": True, "model.gate": "element"},
+                        "a sigmoid gate after SDPA removes massive activations and attention sinks "
+                        "(Qwen, arXiv 2505.06708)"),
+}
+
+# name -> (QuantConfig overrides on the linear-input sites, what the literature expects)
+POSTHOC_REMEDIES: dict[str, tuple[dict[str, Any], str]] = {
+    "per-token": ({"act_granularity": "token", "weight_granularity": "channel"},
+                  "per-token dynamic activation ranges confine an outlier token to its own range"),
+    "smoothquant": ({"smooth_alpha": 0.5}, "migrates activation outliers into the weights (Xiao et al. 2023)"),
+    "hadamard": ({"rotate": True}, "a rotation spreads outlier channels over all channels (QuaRot)"),
+    "hadamard + per-token": ({"rotate": True, "act_granularity": "token", "weight_granularity": "channel"},
+                             "QuaRot's deployment: rotation plus per-token activations"),
+}
+
+LINEAR_INPUTS = QuantConfig(sites="linear-inputs")
+FORMATS = {"W8A8": (8, 8), "W4A4": (4, 4)}
+
+
+class RemediesError(OfeError):
+    """A user-facing problem with an ``ofe remedies`` request."""
+
+
+def _names(kind: str, known: dict[str, Any]) -> Callable[[tuple[str, ...]], None]:
+    def check(values: tuple[str, ...]) -> None:
+        bad = [v for v in values if v not in known]
+        if bad:
+            raise C.ConfigError(f"config key '{kind}': unknown remedy {bad[0]!r} (known: {', '.join(known)})")
+    return check
+
+
+@dataclass(frozen=True)
+class RemediesConfig:
+    """Options of ``ofe remedies``."""
+
+    preset: str = C.field("study-cpu", f"model preset; the study's settings follow ofe reproduce ({', '.join(STUDIES)})")
+    out_dir: str = C.field("runs/remedies", "directory of the runs; remedies.md, remedies.json and remedies.png go there")
+    remedies: tuple[str, ...] = C.field(tuple(TRAIN_REMEDIES), "comma-separated train-time remedies (the baseline "
+                                        f"'{BASELINE}' is always run)")
+    posthoc: tuple[str, ...] = C.field(tuple(POSTHOC_REMEDIES), "comma-separated post-hoc remedies, applied to the baseline")
+    lrs: tuple[float, ...] = C.field((), "comma-separated lr grid of every train-time remedy; empty: the study's")
+    steps: int = C.field(0, "updates per run; 0: the study's default")
+    batch_size: int = C.field(0, "sequences per update; 0: the study's default")
+    seed: int = C.field(0, "seed of every run")
+    corpus: str = C.field("", "corpus (see ofe train --data.corpus); empty: the Python standard library")
+    eval_sequences: int = C.field(0, "validation windows per quantised evaluation; 0: the run's eval size")
+    device: str = C.field("auto", "auto, cpu, cuda, cuda:N")
+    progress: bool = C.field(True, "show a progress bar over the runs")
+
+    def __post_init__(self) -> None:
+        preset_fields(self.preset)
+        _names("remedies", TRAIN_REMEDIES)(self.remedies)
+        _names("posthoc", POSTHOC_REMEDIES)(self.posthoc)
+        if BASELINE not in self.remedies:
+            object.__setattr__(self, "remedies", (BASELINE, *self.remedies))
+        if any(lr <= 0 for lr in self.lrs) or min(self.steps, self.batch_size, self.eval_sequences) < 0:
+            raise C.ConfigError("config keys 'lrs' must be positive; 'steps', 'batch_size' and 'eval_sequences' >= 0")
+
+
+def _slug(name: str) -> str:
+    return name.replace(" + ", "+").replace(" ", "-")
+
+
+def study_spec(cfg: RemediesConfig) -> dict[str, Any]:
+    """One variant per (train-time remedy, lr) on one seed; quantisation is done here, not by the sweep."""
+    study = STUDIES.get(cfg.preset, STUDIES["study-cpu"])
+    base = _base(ReproduceConfig(preset=cfg.preset, out_dir=cfg.out_dir, steps=cfg.steps, batch_size=cfg.batch_size,
+                                 corpus=cfg.corpus, device=cfg.device, progress=cfg.progress))
+    base["keep_weights"] = False  # only final weights are compared
+    grid = cfg.lrs or tuple(study["tune"])
+    variants = [{"name": f"{_slug(name)}_lr{lr:g}", "seed": cfg.seed, "optim.lr": lr, **TRAIN_REMEDIES[name][0]}
+                for name in cfg.remedies for lr in grid]
+    return {"out_dir": cfg.out_dir, "quantize": False, "base": base, "variants": variants}
+
+
+def _remedy_of(run: Run) -> str:
+    return run.path.name.rsplit("_lr", 1)[0]
+
+
+def step_seconds(run: Run) -> float:
+    """Median seconds per update over the run's logged steps."""
+    rates = [r["tokens_per_s"] for r in run.records if r.get("tokens_per_s")]
+    tokens = run.config["batch_size"] * run.config.get("grad_accum", 1) * run.config["model"]["seq_len"]
+    return tokens / float(np.median(rates)) if rates else math.nan
+
+
+def _quant_costs(run: Run, qcfgs: dict[str, QuantConfig], eval_sequences: int, log) -> dict[str, Any]:
+    """Float perplexity and, per named config, the perplexity increase in percent (or the reason it
+    does not apply to this model)."""
+    cfg, model = load_trained(run.path)
+    windows, calib = evaluation_data(cfg, LINEAR_INPUTS, eval_sequences, log=lambda *_: None)
+    fp = perplexity(model, windows)
+    out: dict[str, Any] = {"fp_ppl": fp}
+    for name, qcfg in qcfgs.items():
+        try:
+            sim = SimulatedQuantModel(model, qcfg)
+        except (ValueError, C.ConfigError) as e:  # e.g. a rotation that cannot fold an OP block
+            out[name] = {"not_applicable": str(e)}
+            continue
+        sim.calibrate(calib)
+        ppl = perplexity(sim, windows)
+        out[name] = {"ppl": ppl, "increase_pct": 100.0 * (ppl / fp - 1.0)}
+        log(f"  {run.path.name} {name}: {out[name]['increase_pct']:+.2f}%")
+    return out
+
+
+def _configs(posthoc: dict[str, Any] | None, protocol: bool) -> dict[str, QuantConfig]:
+    base = dataclasses.replace(LINEAR_INPUTS, **(posthoc or {}))
+    out = {fmt: dataclasses.replace(base, weight_bits=w, act_bits=a) for fmt, (w, a) in FORMATS.items()}
+    if protocol:
+        out |= {f"{fmt} protocol": QuantConfig(weight_bits=w, act_bits=a) for fmt, (w, a) in FORMATS.items()}
+    return out
+
+
+def _row(kind: str, name: str, run: Run, costs: dict[str, Any], baseline_step: float, expected: str) -> dict[str, Any]:
+    final = run.final
+    return {"kind": kind, "remedy": name, "run": str(run.path), "lr": run.settings.get("optim.lr"),
+            "val_loss": run.val_loss(), "val_ppl": math.exp(run.val_loss()),
+            "max_kurtosis": float(np.max(final["kurtosis"])), "max_abs": float(np.max(final.get("max_abs", [math.nan]))),
+            "max_median": float(np.max(final.get("abs_max_median", [math.nan]))),
+            "step_time_ratio": step_seconds(run) / baseline_step if kind == "train-time" else None,
+            "expected": expected, **{k: v for k, v in costs.items() if k != "fp_ppl"}, "fp_ppl": costs["fp_ppl"]}
+
+
+def _increase(row: dict[str, Any], fmt: str) -> float:
+    value = row.get(fmt, {})
+    return value.get("increase_pct", math.inf) if isinstance(value, dict) else math.inf
+
+
+def compare(runs: list[Run], cfg: RemediesConfig, log=print) -> dict[str, Any]:
+    """The comparison table (as rows) from the trained runs of :func:`study_spec`."""
+    tuned = tuned_lrs(runs)
+    best = {_remedy_of(r): r for r in runs if float(r.settings["optim.lr"]) == tuned[arm_key(r)]["lr"]}
+    names = {_slug(n): n for n in cfg.remedies}
+    baseline = best[_slug(BASELINE)]
+    if baseline.diverged:
+        raise RemediesError(f"the baseline diverged at every lr of the grid ({baseline.path}); try smaller --lrs")
+    base_step = step_seconds(baseline)
+    rows = []
+    for slug, run in best.items():
+        name = names[slug]
+        if run.diverged:
+            rows.append({"kind": "train-time", "remedy": name, "run": str(run.path), "diverged": run.diverged})
+            continue
+        log(f"quantising {name} (lr {run.settings['optim.lr']:g})")
+        rows.append(_row("train-time", name, run, _quant_costs(run, _configs(None, True), cfg.eval_sequences, log),
+                         base_step, TRAIN_REMEDIES[name][1]))
+    for name in cfg.posthoc:
+        log(f"post-hoc {name} on the baseline")
+        costs = _quant_costs(baseline, _configs(POSTHOC_REMEDIES[name][0], False), cfg.eval_sequences, log)
+        rows.append(_row("post-hoc", name, baseline, costs, base_step, POSTHOC_REMEDIES[name][1]))
+    rows.append(_combination(rows, best, names, cfg, base_step, log))
+    grid = {names[_remedy_of(r)]: tuned[arm_key(r)]["grid"] for r in runs if _remedy_of(r) in names}
+    return {"schema": 1, "preset": cfg.preset, "seed": cfg.seed, "steps": baseline.steps, "lr_grid": grid,
+            "rows": [r for r in rows if r is not None]}
+
+
+def _combination(rows, best, names, cfg, base_step, log) -> dict[str, Any] | None:
+    """The train-time remedy with the lowest W4A4 cost, with the best post-hoc remedy that applies."""
+    train = [r for r in rows if r["kind"] == "train-time" and "diverged" not in r and r["remedy"] != BASELINE]
+    post = sorted((r for r in rows if r["kind"] == "post-hoc"), key=lambda r: _increase(r, "W4A4"))
+    if not train or not post:
+        return None
+    best_train = min(train, key=lambda r: _increase(r, "W4A4"))
+    run = best[_slug(best_train["remedy"])]
+    skipped = []
+    for p in post:
+        costs = _quant_costs(run, _configs(POSTHOC_REMEDIES[p["remedy"]][0], False), cfg.eval_sequences, log)
+        if all("increase_pct" in costs[f] for f in FORMATS):
+            row = _row("combination", f"{best_train['remedy']} + {p['remedy']}", run, costs, base_step,
+                       "the best of both kinds")
+            row["skipped"] = skipped
+            return row
+        skipped.append({"remedy": p["remedy"], "reason": costs["W8A8"].get("not_applicable", "")})
+    return None
+
+
+def _pct(row: dict[str, Any], fmt: str) -> str:
+    value = row.get(fmt)
+    if value is None:
+        return ""
+    if "not_applicable" in value:
+        return "n/a"
+    return f"{value['increase_pct']:+.2f}%"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The comparison as a markdown table plus what each remedy was expected to do."""
+    columns = ["kind", "remedy", "lr", "val ppl", "max kurtosis", "max \\|x\\|", "max/median", "W8A8", "W4A4",
+               "W8A8 protocol", "W4A4 protocol", "time / step"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for r in result["rows"]:
+        if "diverged" in r:
+            lines.append(f"| {r['kind']} | {r['remedy']} | | diverged at every lr | | | | | | | | |")
+            continue
+        ratio = f"{r['step_time_ratio']:.2f}x" if r.get("step_time_ratio") else ""
+        lr = f"{r['lr']:g}" if r["kind"] != "post-hoc" else "(baseline)"
+        lines.append(f"| {r['kind']} | {r['remedy']} | {lr} | {r['val_ppl']:.3f} | {r['max_kurtosis']:.2f} | "
+                     f"{r['max_abs']:.1f} | {r['max_median']:.1f} | {_pct(r, 'W8A8')} | {_pct(r, 'W4A4')} | "
+                     f"{_pct(r, 'W8A8 protocol')} | {_pct(r, 'W4A4 protocol')} | {ratio} |")
+    notes = ["", "Expected from the literature:", ""]
+    notes += [f"- **{r['remedy']}**: {r['expected']}" for r in result["rows"] if r.get("expected")]
+    skipped = [s for r in result["rows"] for s in r.get("skipped", [])]
+    notes += [f"- not applicable to the combination: {s['remedy']} ({s['reason']})" for s in skipped]
+    return "\n".join(lines + notes) + "\n"
+
+
+def write_outputs(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """``remedies.json``, ``remedies.md`` and ``remedies.png`` in ``out_dir``, each written atomically."""
+    from ofe.report.figures import remedies_scatter
+
+    paths = [out_dir / "remedies.json", out_dir / "remedies.md", out_dir / "remedies.png"]
+    atomic_write(paths[0], lambda p: p.write_text(json.dumps(result, indent=1)))
+    atomic_write(paths[1], lambda p: p.write_text(markdown(result)))
+    atomic_write(paths[2], lambda p: remedies_scatter(result["rows"], p))
+    return paths
+
+
+def remedies(cfg: RemediesConfig, log=print) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    paths = run_sweep(parse_spec(study_spec(cfg)), progress=cfg.progress, log=log)
+    t1 = time.perf_counter()
+    result = compare(load_runs(paths), cfg, log=log)
+    result["minutes"] = {"training": (t1 - t0) / 60, "quantisation": (time.perf_counter() - t1) / 60}
+    written = write_outputs(result, Path(cfg.out_dir))
+    log("\n" + markdown(result))
+    log("wrote " + ", ".join(str(p) for p in written))
+    return result

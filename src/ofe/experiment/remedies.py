@@ -94,6 +94,8 @@ class RemediesConfig:
                                         f"'{BASELINE}' is always run)")
     posthoc: tuple[str, ...] = C.field(tuple(POSTHOC_REMEDIES), "comma-separated post-hoc remedies, applied to the baseline")
     lrs: tuple[float, ...] = C.field((), "comma-separated lr grid of every train-time remedy; empty: the study's")
+    fixed_lrs: tuple[float, ...] = C.field((), "also compare every remedy at each of these lrs (from the grid), "
+                                                "beside the tuned-lr table")
     steps: int = C.field(0, "updates per run; 0: the study's default")
     batch_size: int = C.field(0, "sequences per update; 0: the study's default")
     seed: int = C.field(0, "seed of every run")
@@ -108,6 +110,10 @@ class RemediesConfig:
         _names("posthoc", POSTHOC_REMEDIES)(self.posthoc)
         if BASELINE not in self.remedies:
             object.__setattr__(self, "remedies", (BASELINE, *self.remedies))
+        grid = self.lrs or tuple(STUDIES.get(self.preset, STUDIES["study-cpu"])["tune"])
+        missing = [lr for lr in self.fixed_lrs if not any(math.isclose(lr, g) for g in grid)]
+        if missing:
+            raise C.ConfigError(f"config key 'fixed_lrs': {missing[0]:g} is not in the lr grid ({', '.join(f'{g:g}' for g in grid)})")
         if any(lr <= 0 for lr in self.lrs) or min(self.steps, self.batch_size, self.eval_sequences) < 0:
             raise C.ConfigError("config keys 'lrs' must be positive; 'steps', 'batch_size' and 'eval_sequences' >= 0")
 
@@ -182,18 +188,22 @@ def _increase(row: dict[str, Any], fmt: str) -> float:
     return value.get("increase_pct", math.inf) if isinstance(value, dict) else math.inf
 
 
-def compare(runs: list[Run], cfg: RemediesConfig, log=print) -> dict[str, Any]:
-    """The comparison table (as rows) from the trained runs of :func:`study_spec`."""
+def compare(runs: list[Run], cfg: RemediesConfig, lr: float | None = None, log=print) -> dict[str, Any]:
+    """One comparison table (as rows) from the trained runs of :func:`study_spec`: every remedy at
+    its tuned lr (``lr`` None), or every remedy at ``lr``."""
     tuned = tuned_lrs(runs)
-    best = {_remedy_of(r): r for r in runs if float(r.settings["optim.lr"]) == tuned[arm_key(r)]["lr"]}
-    names = {_slug(n): n for n in cfg.remedies}
-    baseline = best[_slug(BASELINE)]
+    if lr is None:
+        chosen = {_remedy_of(r): r for r in runs if float(r.settings["optim.lr"]) == tuned[arm_key(r)]["lr"]}
+    else:
+        chosen = {_remedy_of(r): r for r in runs if math.isclose(float(r.settings["optim.lr"]), lr)}
+    baseline = chosen[_slug(BASELINE)]
     if baseline.diverged:
-        raise RemediesError(f"the baseline diverged at every lr of the grid ({baseline.path}); try smaller --lrs")
+        where = "at every lr of the grid" if lr is None else f"at lr {lr:g}"
+        raise RemediesError(f"the baseline diverged {where} ({baseline.path}); choose other --lrs")
     base_step = step_seconds(baseline)
     rows = []
-    for slug, run in best.items():
-        name = names[slug]
+    for name in cfg.remedies:
+        run = chosen[_slug(name)]
         if run.diverged:
             rows.append({"kind": "train-time", "remedy": name, "run": str(run.path), "diverged": run.diverged})
             continue
@@ -204,20 +214,18 @@ def compare(runs: list[Run], cfg: RemediesConfig, log=print) -> dict[str, Any]:
         log(f"post-hoc {name} on the baseline")
         costs = _quant_costs(baseline, _configs(POSTHOC_REMEDIES[name][0], False), cfg.eval_sequences, log)
         rows.append(_row("post-hoc", name, baseline, costs, base_step, POSTHOC_REMEDIES[name][1]))
-    rows.append(_combination(rows, best, names, cfg, base_step, log))
-    grid = {names[_remedy_of(r)]: tuned[arm_key(r)]["grid"] for r in runs if _remedy_of(r) in names}
-    return {"schema": 1, "preset": cfg.preset, "seed": cfg.seed, "steps": baseline.steps, "lr_grid": grid,
-            "rows": [r for r in rows if r is not None]}
+    combination = _combination(rows, chosen, cfg, base_step, log)
+    return {"lr": "tuned" if lr is None else lr, "rows": rows + ([combination] if combination else [])}
 
 
-def _combination(rows, best, names, cfg, base_step, log) -> dict[str, Any] | None:
+def _combination(rows, chosen, cfg, base_step, log) -> dict[str, Any] | None:
     """The train-time remedy with the lowest W4A4 cost, with the best post-hoc remedy that applies."""
     train = [r for r in rows if r["kind"] == "train-time" and "diverged" not in r and r["remedy"] != BASELINE]
     post = sorted((r for r in rows if r["kind"] == "post-hoc"), key=lambda r: _increase(r, "W4A4"))
     if not train or not post:
         return None
     best_train = min(train, key=lambda r: _increase(r, "W4A4"))
-    run = best[_slug(best_train["remedy"])]
+    run = chosen[_slug(best_train["remedy"])]
     skipped = []
     for p in post:
         costs = _quant_costs(run, _configs(POSTHOC_REMEDIES[p["remedy"]][0], False), cfg.eval_sequences, log)
@@ -239,35 +247,59 @@ def _pct(row: dict[str, Any], fmt: str) -> str:
     return f"{value['increase_pct']:+.2f}%"
 
 
-def markdown(result: dict[str, Any]) -> str:
-    """The comparison as a markdown table plus what each remedy was expected to do."""
+def _table(table: dict[str, Any]) -> list[str]:
     columns = ["kind", "remedy", "lr", "val ppl", "max kurtosis", "max \\|x\\|", "max/median", "W8A8", "W4A4",
                "W8A8 protocol", "W4A4 protocol", "time / step"]
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    for r in result["rows"]:
+    for r in table["rows"]:
         if "diverged" in r:
-            lines.append(f"| {r['kind']} | {r['remedy']} | | diverged at every lr | | | | | | | | |")
+            lines.append(f"| {r['kind']} | {r['remedy']} | | diverged | | | | | | | | |")
             continue
         ratio = f"{r['step_time_ratio']:.2f}x" if r.get("step_time_ratio") else ""
         lr = f"{r['lr']:g}" if r["kind"] != "post-hoc" else "(baseline)"
         lines.append(f"| {r['kind']} | {r['remedy']} | {lr} | {r['val_ppl']:.3f} | {r['max_kurtosis']:.2f} | "
                      f"{r['max_abs']:.1f} | {r['max_median']:.1f} | {_pct(r, 'W8A8')} | {_pct(r, 'W4A4')} | "
                      f"{_pct(r, 'W8A8 protocol')} | {_pct(r, 'W4A4 protocol')} | {ratio} |")
-    notes = ["", "Expected from the literature:", ""]
-    notes += [f"- **{r['remedy']}**: {r['expected']}" for r in result["rows"] if r.get("expected")]
-    skipped = [s for r in result["rows"] for s in r.get("skipped", [])]
-    notes += [f"- not applicable to the combination: {s['remedy']} ({s['reason']})" for s in skipped]
-    return "\n".join(lines + notes) + "\n"
+    skipped = [s for r in table["rows"] for s in r.get("skipped", [])]
+    lines += [""] + [f"- not applicable to the combination: {s['remedy']} ({s['reason']})" for s in skipped]
+    return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """Each comparison as a markdown table, the lr grid, and what each remedy was expected to do."""
+    lines = []
+    for table in result["tables"]:
+        heading = "each remedy at its tuned lr" if table["lr"] == "tuned" else f"every remedy at lr {table['lr']:g}"
+        lines += [f"### {heading[0].upper()}{heading[1:]}", "", *_table(table), ""]
+    lrs = sorted({float(lr) for grid in result["lr_grid"].values() for lr in grid})
+    lines += ["### Learning-rate grid", "", "Final validation loss (nats/token) per remedy and lr; bold: the tuned lr.", "",
+              "| remedy | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|" + " --- |" * (len(lrs) + 1)]
+    for name, grid in result["lr_grid"].items():
+        losses = {float(k): v for k, v in grid.items()}
+        best = min(losses, key=lambda k: (losses[k], k))
+        cells = [("**{:.4f}**" if lr == best else "{:.4f}").format(losses[lr]) if lr in losses else "" for lr in lrs]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    expected = {**{k: v[1] for k, v in TRAIN_REMEDIES.items()}, **{k: v[1] for k, v in POSTHOC_REMEDIES.items()}}
+    shown = dict.fromkeys(r["remedy"] for t in result["tables"] for r in t["rows"] if r["kind"] != "combination")
+    lines += ["", "Expected from the literature:", ""] + [f"- **{n}**: {expected[n]}" for n in shown]
+    return "\n".join(lines) + "\n"
+
+
+def figure_name(table: dict[str, Any]) -> str:
+    return "remedies.png" if table["lr"] == "tuned" else f"remedies_lr{table['lr']:g}.png"
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> list[Path]:
-    """``remedies.json``, ``remedies.md`` and ``remedies.png`` in ``out_dir``, each written atomically."""
+    """``remedies.json``, ``remedies.md`` and one scatter plot per table in ``out_dir``, each written
+    atomically."""
     from ofe.report.figures import remedies_scatter
 
-    paths = [out_dir / "remedies.json", out_dir / "remedies.md", out_dir / "remedies.png"]
+    paths = [out_dir / "remedies.json", out_dir / "remedies.md"]
     atomic_write(paths[0], lambda p: p.write_text(json.dumps(result, indent=1)))
     atomic_write(paths[1], lambda p: p.write_text(markdown(result)))
-    atomic_write(paths[2], lambda p: remedies_scatter(result["rows"], p))
+    for table in result["tables"]:
+        paths.append(out_dir / figure_name(table))
+        atomic_write(paths[-1], lambda p, t=table: remedies_scatter(t["rows"], p))
     return paths
 
 
@@ -275,7 +307,14 @@ def remedies(cfg: RemediesConfig, log=print) -> dict[str, Any]:
     t0 = time.perf_counter()
     paths = run_sweep(parse_spec(study_spec(cfg)), progress=cfg.progress, log=log)
     t1 = time.perf_counter()
-    result = compare(load_runs(paths), cfg, log=log)
+    runs = load_runs(paths)
+    tables = [compare(runs, cfg, None, log)] + [compare(runs, cfg, lr, log) for lr in cfg.fixed_lrs]
+    grid = {}  # remedy -> {lr: final val loss}
+    for name in cfg.remedies:
+        (arm,) = tuned_lrs([r for r in runs if _remedy_of(r) == _slug(name)]).values()
+        grid[name] = {f"{lr:g}": loss for lr, loss in arm["grid"].items()}
+    result = {"schema": 1, "preset": cfg.preset, "seed": cfg.seed, "steps": runs[0].steps, "lr_grid": grid,
+              "tables": tables}
     result["minutes"] = {"training": (t1 - t0) / 60, "quantisation": (time.perf_counter() - t1) / 60}
     written = write_outputs(result, Path(cfg.out_dir))
     log("\n" + markdown(result))

@@ -289,7 +289,9 @@ REMEDY_MARKERS = {"train-time": "o", "post-hoc": "s", "combination": "*"}
 
 def remedies_scatter(rows: list[dict], path: Path) -> Path:
     """Float quality against quantisation cost, one point per remedy: validation perplexity (x) and
-    the W4A4 and W8A8 perplexity increase at the linear-layer inputs (y, log), in two panels."""
+    the W4A4 and W8A8 perplexity increase at the linear-layer inputs (y), in two panels. The y axis
+    is symmetric-log (linear within +-0.1%), so that costs spanning decades and costs at or below
+    zero (measurement noise at this scale) are both shown as they are."""
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.2))
     rows = [r for r in rows if "diverged" not in r]
     colour = colours([r["remedy"] for r in rows])
@@ -299,13 +301,14 @@ def remedies_scatter(rows: list[dict], path: Path) -> Path:
             cost = r.get(fmt) or {}
             if "increase_pct" not in cost:
                 continue
-            y = max(cost["increase_pct"], 1e-3)  # a log axis: a cost at or below zero sits on the floor
+            y = cost["increase_pct"]
             ys.append(y)
             ax.scatter(r["val_ppl"], y, marker=REMEDY_MARKERS[r["kind"]], s=90 if r["kind"] == "combination" else 45,
                        color=colour[r["remedy"]], edgecolor="black", linewidth=0.5, label=f"{r['remedy']} ({r['kind']})")
-        if ys and max(ys) / min(ys) > 8:
-            ax.set_yscale("log")
-            _plain_ticks(ax)
+        if ys and max(abs(y) for y in ys) > 1.0:
+            ax.set_yscale("symlog", linthresh=0.1)
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_xlabel("validation perplexity (float model; lower is better)")
         ax.set_ylabel(f"{fmt} perplexity increase, % (lower is better)")
         ax.set_title(f"{fmt}, linear-layer inputs")

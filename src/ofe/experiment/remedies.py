@@ -37,6 +37,7 @@ from ofe.experiment.sweep import parse_spec, run_sweep
 from ofe.io import atomic_write
 from ofe.models import preset_fields
 from ofe.quant.evaluate import evaluation_data, load_trained
+from ofe.quant.rotate import RotationError
 from ofe.quant.simulate import QuantConfig, SimulatedQuantModel, perplexity
 
 BASELINE = "pre-ln + adamw"
@@ -155,7 +156,7 @@ def _quant_costs(run: Run, qcfgs: dict[str, QuantConfig], eval_sequences: int, l
     for name, qcfg in qcfgs.items():
         try:
             sim = SimulatedQuantModel(model, qcfg)
-        except (ValueError, C.ConfigError) as e:  # e.g. a rotation that cannot fold an OP block
+        except RotationError as e:  # e.g. an OP block: no norm to fold the rotation through
             out[name] = {"not_applicable": str(e)}
             continue
         sim.calibrate(calib)

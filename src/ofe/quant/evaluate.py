@@ -141,6 +141,10 @@ def format_table(result: dict[str, Any]) -> str:
     if result.get("site_families"):
         lines.append("W8A8 one part at a time (the rest in float):")
         lines += [f"  {f['family']:<14} {f['ppl']:>11.4f} {f['increase_pct']:>+8.2f}%" for f in result["site_families"]]
+    if check := result.get("real_int8"):
+        lines.append(f"real int8 (torchao) {check['format']}: simulated {check['simulated_increase_pct']:+.3f}%, real "
+                     f"{check['real_increase_pct']:+.3f}%; per layer {'agree' if check['agree'] else 'DISAGREE'} "
+                     f"(worst gap {check['worst_layer_gap']:.1e} of the quantisation error, tolerance {check['tolerance']:g})")
     pad = len(result["quant_format"]) + 13
     lines.append(f"per layer ({result['quant_format']}): {'layer':>5} {'kurtosis':>9} {'max|x|':>8} {'max/med':>8} "
                  f"{'top@pos0':>8} {'SQNR dB':>8}")

@@ -23,6 +23,7 @@ Two checks, because they answer different questions:
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from typing import Any
 
@@ -49,12 +50,19 @@ class Int8Unavailable(OfeError):
 def torchao_int8(model: nn.Module, float_modules: tuple[str, ...] = ("lm_head",)) -> nn.Module:
     """A copy of ``model`` whose linear layers (but ``float_modules``) run torchao's int8 dynamic
     activation, int8 weight kernels. The original is untouched."""
-    try:
+    quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [q.level for q in quiet]
+    try:  # torchao reports, on import, the CUDA-only extensions it cannot load on a CPU machine
+        for q in quiet:
+            q.setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     except ImportError:
         raise Int8Unavailable("the real int8 check needs torchao: pip install 'ofe[int8]' (or torchao)") from None
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
     real = copy.deepcopy(model).eval()
     quantize_(real, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False),
               filter_fn=lambda module, name: isinstance(module, nn.Linear) and name not in float_modules)

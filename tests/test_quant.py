@@ -356,6 +356,11 @@ def test_hadamard_matrices_are_orthogonal_and_flat():
     assert torch.allclose(h.abs(), torch.full((64, 64), 1 / 8, dtype=torch.float64))
     q = rotation(88, seed=1)  # not a power of two: a random orthogonal matrix
     assert torch.allclose(q @ q.T, torch.eye(88, dtype=torch.float64), atol=1e-10)
+    # a vector with a mean (a GELU output is positive on average) stays flat: its mean is spread by
+    # the random signs, not sent into the one channel of the all-ones direction
+    x = 1.0 + 0.1 * torch.randn(1000, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = (x @ h).abs()
+    assert (y.amax(0) / y.median()).max() < 10, "a channel of the rotated activations became an outlier"
 
 
 @pytest.mark.parametrize("options,needle", [({"block": "op"}, "not 'op'"), ({"block": "post-ln"}, "not 'post-ln'"),

@@ -174,13 +174,13 @@ def _configs(posthoc: dict[str, Any] | None, protocol: bool) -> dict[str, QuantC
     return out
 
 
-def _row(kind: str, name: str, run: Run, costs: dict[str, Any], baseline_step: float, expected: str) -> dict[str, Any]:
+def _row(kind: str, name: str, run: Run, costs: dict[str, Any], step_ratio: float | None, expected: str) -> dict[str, Any]:
     final = run.final
     return {"kind": kind, "remedy": name, "run": str(run.path), "lr": run.settings.get("optim.lr"),
             "val_loss": run.val_loss(), "val_ppl": math.exp(run.val_loss()),
             "max_kurtosis": float(np.max(final["kurtosis"])), "max_abs": float(np.max(final.get("max_abs", [math.nan]))),
             "max_median": float(np.max(final.get("abs_max_median", [math.nan]))),
-            "step_time_ratio": step_seconds(run) / baseline_step if kind == "train-time" else None,
+            "step_time_ratio": step_ratio,
             "expected": expected, **{k: v for k, v in costs.items() if k != "fp_ppl"}, "fp_ppl": costs["fp_ppl"]}
 
 
@@ -201,7 +201,11 @@ def compare(runs: list[Run], cfg: RemediesConfig, lr: float | None = None, log=p
     if baseline.diverged:
         where = "at every lr of the grid" if lr is None else f"at lr {lr:g}"
         raise RemediesError(f"the baseline diverged {where} ({baseline.path}); choose other --lrs")
-    base_step = step_seconds(baseline)
+    # step time of an arm: the median over its runs at every lr (runs of a study may share the machine
+    # with other work; the median over the grid damps that)
+    arm_step = {_slug(n): float(np.median([step_seconds(r) for r in runs if _remedy_of(r) == _slug(n)]))
+                for n in cfg.remedies}
+    base_step = arm_step[_slug(BASELINE)]
     rows = []
     for name in cfg.remedies:
         run = chosen[_slug(name)]
@@ -210,16 +214,16 @@ def compare(runs: list[Run], cfg: RemediesConfig, lr: float | None = None, log=p
             continue
         log(f"quantising {name} (lr {run.settings['optim.lr']:g})")
         rows.append(_row("train-time", name, run, _quant_costs(run, _configs(None, True), cfg.eval_sequences, log),
-                         base_step, TRAIN_REMEDIES[name][1]))
+                         arm_step[_slug(name)] / base_step, TRAIN_REMEDIES[name][1]))
     for name in cfg.posthoc:
         log(f"post-hoc {name} on the baseline")
         costs = _quant_costs(baseline, _configs(POSTHOC_REMEDIES[name][0], False), cfg.eval_sequences, log)
-        rows.append(_row("post-hoc", name, baseline, costs, base_step, POSTHOC_REMEDIES[name][1]))
-    combination = _combination(rows, chosen, cfg, base_step, log)
+        rows.append(_row("post-hoc", name, baseline, costs, None, POSTHOC_REMEDIES[name][1]))
+    combination = _combination(rows, chosen, cfg, log)
     return {"lr": "tuned" if lr is None else lr, "rows": rows + ([combination] if combination else [])}
 
 
-def _combination(rows, chosen, cfg, base_step, log) -> dict[str, Any] | None:
+def _combination(rows, chosen, cfg, log) -> dict[str, Any] | None:
     """The train-time remedy with the lowest W4A4 cost, with the best post-hoc remedy that applies."""
     train = [r for r in rows if r["kind"] == "train-time" and "diverged" not in r and r["remedy"] != BASELINE]
     post = sorted((r for r in rows if r["kind"] == "post-hoc"), key=lambda r: _increase(r, "W4A4"))
@@ -231,7 +235,7 @@ def _combination(rows, chosen, cfg, base_step, log) -> dict[str, Any] | None:
     for p in post:
         costs = _quant_costs(run, _configs(POSTHOC_REMEDIES[p["remedy"]][0], False), cfg.eval_sequences, log)
         if all("increase_pct" in costs[f] for f in FORMATS):
-            row = _row("combination", f"{best_train['remedy']} + {p['remedy']}", run, costs, base_step,
+            row = _row("combination", f"{best_train['remedy']} + {p['remedy']}", run, costs, None,
                        "the best of both kinds")
             row["skipped"] = skipped
             return row
@@ -268,7 +272,11 @@ def _table(table: dict[str, Any]) -> list[str]:
 
 def markdown(result: dict[str, Any]) -> str:
     """Each comparison as a markdown table, the lr grid, and what each remedy was expected to do."""
-    lines = []
+    lines = ["Columns: validation perplexity of the float model; kurtosis, largest |activation| and its ratio to the "
+             "median, of the residual stream at the last monitored step (max over layers); W8A8 / W4A4: perplexity "
+             "increase with the inputs of every linear layer but the LM head quantised (per tensor, static ranges, "
+             "unless the remedy changes that); `protocol`: the paper's W8A8 protocol (every activation site); "
+             "time / step: the remedy's median step time over its lr grid, relative to the baseline's.", ""]
     for table in result["tables"]:
         heading = "each remedy at its tuned lr" if table["lr"] == "tuned" else f"every remedy at lr {table['lr']:g}"
         lines += [f"### {heading[0].upper()}{heading[1:]}", "", *_table(table), ""]

@@ -40,15 +40,18 @@ class RotationError(OfeError, ValueError):
 
 
 def hadamard(n: int, seed: int, dtype: torch.dtype = torch.float64) -> Tensor:
-    """A randomised orthogonal Hadamard matrix ``(n, n)``: Sylvester's ``H_n / sqrt(n)`` with its
-    columns' signs flipped at random (``seed``). ``n`` must be a power of two."""
+    """A randomised orthogonal Hadamard matrix ``(n, n)``: ``D H_n / sqrt(n)``, Sylvester's matrix with
+    its *rows'* signs flipped at random (``seed``), so that ``x @ Q`` flips the signs of ``x`` before the
+    Hadamard transform. (Flipping columns instead, ``H D``, would send the mean of ``x`` (the all-ones
+    direction, the first column of ``H``) into one output channel: a GELU output, positive on
+    average, would become a massive outlier.) ``n`` must be a power of two."""
     if n < 1 or n & (n - 1):
         raise RotationError(f"a Hadamard rotation needs a power-of-two width, got {n}")
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).double() * 2 - 1
-    return (h * signs / n**0.5).to(dtype)
+    return (signs[:, None] * h / n**0.5).to(dtype)
 
 
 def rotation(n: int, seed: int) -> Tensor:

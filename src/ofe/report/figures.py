@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -238,9 +239,12 @@ SWEEP_FORMATS = ("W8A8", "W8A6", "W8A5", "W8A4")
 
 
 def _spread(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over seeds (rows) and the (low, high) error-bar lengths of the min-max range."""
-    mean = np.nanmean(values, 0)
-    return mean, np.vstack([mean - np.nanmin(values, 0), np.nanmax(values, 0) - mean])
+    """Mean over seeds (rows) and the (low, high) error-bar lengths of the min-max range (NaN where
+    no seed measured that format: an older run's quant.json lacks the newer formats)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN: nothing is drawn there
+        mean = np.nanmean(values, 0)
+        return mean, np.vstack([mean - np.nanmin(values, 0), np.nanmax(values, 0) - mean])
 
 
 def quantisation(groups: dict[str, list[Run]], colour: dict[str, tuple], path: Path) -> Path | None:

@@ -240,7 +240,7 @@ SWEEP_FORMATS = ("W8A8", "W8A6", "W8A5", "W8A4")
 
 def _spread(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean over seeds (rows) and the (low, high) error-bar lengths of the min-max range (NaN where
-    no seed measured that format: an older run's quant.json lacks the newer formats)."""
+    no seed measured that format: an older run's quantisation result lacks the newer formats)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN: nothing is drawn there
         mean = np.nanmean(values, 0)

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from ofe.analysis import load_runs
 from ofe.analysis.fair import arm_key, tuned_lrs
 from ofe.analysis.runs import Run
 from ofe.errors import OfeError
-from ofe.experiment.reproduce import STUDIES, ReproduceConfig, _base
+from ofe.experiment.reproduce import STUDIES, ReproduceConfig, _base, study_of
 from ofe.experiment.sweep import parse_spec, run_sweep
 from ofe.io import atomic_write
 from ofe.models import preset_fields
@@ -77,12 +76,10 @@ class RemediesError(OfeError):
     """A user-facing problem with an ``ofe remedies`` request."""
 
 
-def _names(kind: str, known: dict[str, Any]) -> Callable[[tuple[str, ...]], None]:
-    def check(values: tuple[str, ...]) -> None:
-        bad = [v for v in values if v not in known]
-        if bad:
-            raise C.ConfigError(f"config key '{kind}': unknown remedy {bad[0]!r} (known: {', '.join(known)})")
-    return check
+def _check_names(key: str, values: tuple[str, ...], known: dict[str, Any]) -> None:
+    bad = [v for v in values if v not in known]
+    if bad:
+        raise C.ConfigError(f"config key '{key}': unknown remedy {bad[0]!r} (known: {', '.join(known)})")
 
 
 @dataclass(frozen=True)
@@ -107,11 +104,11 @@ class RemediesConfig:
 
     def __post_init__(self) -> None:
         preset_fields(self.preset)
-        _names("remedies", TRAIN_REMEDIES)(self.remedies)
-        _names("posthoc", POSTHOC_REMEDIES)(self.posthoc)
+        _check_names("remedies", self.remedies, TRAIN_REMEDIES)
+        _check_names("posthoc", self.posthoc, POSTHOC_REMEDIES)
         if BASELINE not in self.remedies:
             object.__setattr__(self, "remedies", (BASELINE, *self.remedies))
-        grid = self.lrs or tuple(STUDIES.get(self.preset, STUDIES["study-cpu"])["tune"])
+        grid = self.lrs or tuple(study_of(self.preset)["tune"])
         missing = [lr for lr in self.fixed_lrs if not any(math.isclose(lr, g) for g in grid)]
         if missing:
             raise C.ConfigError(f"config key 'fixed_lrs': {missing[0]:g} is not in the lr grid ({', '.join(f'{g:g}' for g in grid)})")
@@ -125,11 +122,10 @@ def _slug(name: str) -> str:
 
 def study_spec(cfg: RemediesConfig) -> dict[str, Any]:
     """One variant per (train-time remedy, lr) on one seed; quantisation is done here, not by the sweep."""
-    study = STUDIES.get(cfg.preset, STUDIES["study-cpu"])
     base = _base(ReproduceConfig(preset=cfg.preset, out_dir=cfg.out_dir, steps=cfg.steps, batch_size=cfg.batch_size,
                                  corpus=cfg.corpus, device=cfg.device, progress=cfg.progress))
     base["keep_weights"] = False  # only final weights are compared
-    grid = cfg.lrs or tuple(study["tune"])
+    grid = cfg.lrs or tuple(study_of(cfg.preset)["tune"])
     variants = [{"name": f"{_slug(name)}_lr{lr:g}", "seed": cfg.seed, "optim.lr": lr, **TRAIN_REMEDIES[name][0]}
                 for name in cfg.remedies for lr in grid]
     return {"out_dir": cfg.out_dir, "quantize": False, "base": base, "variants": variants}
@@ -146,24 +142,40 @@ def step_seconds(run: Run) -> float:
     return tokens / float(np.median(rates)) if rates else math.nan
 
 
-def _quant_costs(run: Run, qcfgs: dict[str, QuantConfig], eval_sequences: int, log) -> dict[str, Any]:
-    """Float perplexity and, per named config, the perplexity increase in percent (or the reason it
-    does not apply to this model)."""
-    cfg, model = load_trained(run.path)
-    windows, calib = evaluation_data(cfg, LINEAR_INPUTS, eval_sequences, log=lambda *_: None)
-    fp = perplexity(model, windows)
-    out: dict[str, Any] = {"fp_ppl": fp}
-    for name, qcfg in qcfgs.items():
+class QuantCosts:
+    """Perplexity costs of quantising trained runs, each (run, config) evaluated once: the tables at
+    the tuned lr and at fixed lrs share runs."""
+
+    def __init__(self, eval_sequences: int, log=print) -> None:
+        self.eval_sequences, self.log = eval_sequences, log
+        self.fp: dict[str, float] = {}
+        self.done: dict[tuple[str, QuantConfig], dict[str, Any]] = {}
+
+    def __call__(self, run: Run, qcfgs: dict[str, QuantConfig]) -> dict[str, Any]:
+        """Float perplexity and, per named config, the perplexity increase in percent (or the reason
+        it does not apply to this model)."""
+        key = str(run.path)
+        todo = {name: q for name, q in qcfgs.items() if (key, q) not in self.done}
+        if todo:
+            cfg, model = load_trained(run.path)
+            windows, calib = evaluation_data(cfg, LINEAR_INPUTS, self.eval_sequences, log=lambda *_: None)
+            if key not in self.fp:
+                self.fp[key] = perplexity(model, windows)
+            for name, qcfg in todo.items():
+                cost = self.done[(key, qcfg)] = self._cost(model, qcfg, windows, calib, self.fp[key])
+                if "increase_pct" in cost:
+                    self.log(f"  {run.path.name} {name}: {cost['increase_pct']:+.2f}%")
+        return {"fp_ppl": self.fp[key], **{name: self.done[(key, q)] for name, q in qcfgs.items()}}
+
+    @staticmethod
+    def _cost(model, qcfg: QuantConfig, windows, calib, fp: float) -> dict[str, Any]:
         try:
             sim = SimulatedQuantModel(model, qcfg)
         except RotationError as e:  # e.g. an OP block: no norm to fold the rotation through
-            out[name] = {"not_applicable": str(e)}
-            continue
+            return {"not_applicable": str(e)}
         sim.calibrate(calib)
         ppl = perplexity(sim, windows)
-        out[name] = {"ppl": ppl, "increase_pct": 100.0 * (ppl / fp - 1.0)}
-        log(f"  {run.path.name} {name}: {out[name]['increase_pct']:+.2f}%")
-    return out
+        return {"ppl": ppl, "increase_pct": 100.0 * (ppl / fp - 1.0)}
 
 
 def _configs(posthoc: dict[str, Any] | None, protocol: bool) -> dict[str, QuantConfig]:
@@ -181,7 +193,7 @@ def _row(kind: str, name: str, run: Run, costs: dict[str, Any], step_ratio: floa
             "max_kurtosis": float(np.max(final["kurtosis"])), "max_abs": float(np.max(final.get("max_abs", [math.nan]))),
             "max_median": float(np.max(final.get("abs_max_median", [math.nan]))),
             "step_time_ratio": step_ratio,
-            "expected": expected, **{k: v for k, v in costs.items() if k != "fp_ppl"}, "fp_ppl": costs["fp_ppl"]}
+            "expected": expected, **costs}
 
 
 def _increase(row: dict[str, Any], fmt: str) -> float:
@@ -189,7 +201,7 @@ def _increase(row: dict[str, Any], fmt: str) -> float:
     return value.get("increase_pct", math.inf) if isinstance(value, dict) else math.inf
 
 
-def compare(runs: list[Run], cfg: RemediesConfig, lr: float | None = None, log=print) -> dict[str, Any]:
+def compare(runs: list[Run], cfg: RemediesConfig, costs: QuantCosts, lr: float | None = None, log=print) -> dict[str, Any]:
     """One comparison table (as rows) from the trained runs of :func:`study_spec`: every remedy at
     its tuned lr (``lr`` None), or every remedy at ``lr``."""
     tuned = tuned_lrs(runs)
@@ -213,17 +225,16 @@ def compare(runs: list[Run], cfg: RemediesConfig, lr: float | None = None, log=p
             rows.append({"kind": "train-time", "remedy": name, "run": str(run.path), "diverged": run.diverged})
             continue
         log(f"quantising {name} (lr {run.settings['optim.lr']:g})")
-        rows.append(_row("train-time", name, run, _quant_costs(run, _configs(None, True), cfg.eval_sequences, log),
-                         arm_step[_slug(name)] / base_step, TRAIN_REMEDIES[name][1]))
+        rows.append(_row("train-time", name, run, costs(run, _configs(None, True)), arm_step[_slug(name)] / base_step, TRAIN_REMEDIES[name][1]))
     for name in cfg.posthoc:
         log(f"post-hoc {name} on the baseline")
-        costs = _quant_costs(baseline, _configs(POSTHOC_REMEDIES[name][0], False), cfg.eval_sequences, log)
-        rows.append(_row("post-hoc", name, baseline, costs, None, POSTHOC_REMEDIES[name][1]))
-    combination = _combination(rows, chosen, cfg, log)
+        rows.append(_row("post-hoc", name, baseline, costs(baseline, _configs(POSTHOC_REMEDIES[name][0], False)),
+                         None, POSTHOC_REMEDIES[name][1]))
+    combination = _combination(rows, chosen, costs)
     return {"lr": "tuned" if lr is None else lr, "rows": rows + ([combination] if combination else [])}
 
 
-def _combination(rows, chosen, cfg, log) -> dict[str, Any] | None:
+def _combination(rows, chosen, costs: QuantCosts) -> dict[str, Any] | None:
     """The train-time remedy with the lowest W4A4 cost, with the best post-hoc remedy that applies."""
     train = [r for r in rows if r["kind"] == "train-time" and "diverged" not in r and r["remedy"] != BASELINE]
     post = sorted((r for r in rows if r["kind"] == "post-hoc"), key=lambda r: _increase(r, "W4A4"))
@@ -233,13 +244,13 @@ def _combination(rows, chosen, cfg, log) -> dict[str, Any] | None:
     run = chosen[_slug(best_train["remedy"])]
     skipped = []
     for p in post:
-        costs = _quant_costs(run, _configs(POSTHOC_REMEDIES[p["remedy"]][0], False), cfg.eval_sequences, log)
-        if all("increase_pct" in costs[f] for f in FORMATS):
-            row = _row("combination", f"{best_train['remedy']} + {p['remedy']}", run, costs, None,
+        both = costs(run, _configs(POSTHOC_REMEDIES[p["remedy"]][0], False))
+        if all("increase_pct" in both[f] for f in FORMATS):
+            row = _row("combination", f"{best_train['remedy']} + {p['remedy']}", run, both, None,
                        "the best of both kinds")
             row["skipped"] = skipped
             return row
-        skipped.append({"remedy": p["remedy"], "reason": costs["W8A8"].get("not_applicable", "")})
+        skipped.append({"remedy": p["remedy"], "reason": both["W8A8"].get("not_applicable", "")})
     return None
 
 
@@ -317,11 +328,11 @@ def remedies(cfg: RemediesConfig, log=print) -> dict[str, Any]:
     paths = run_sweep(parse_spec(study_spec(cfg)), progress=cfg.progress, log=log)
     t1 = time.perf_counter()
     runs = load_runs(paths)
-    tables = [compare(runs, cfg, None, log)] + [compare(runs, cfg, lr, log) for lr in cfg.fixed_lrs]
-    grid = {}  # remedy -> {lr: final val loss}
-    for name in cfg.remedies:
-        (arm,) = tuned_lrs([r for r in runs if _remedy_of(r) == _slug(name)]).values()
-        grid[name] = {f"{lr:g}": loss for lr, loss in arm["grid"].items()}
+    costs = QuantCosts(cfg.eval_sequences, log)
+    tables = [compare(runs, cfg, costs, lr, log) for lr in (None, *cfg.fixed_lrs)]
+    tuned, names = tuned_lrs(runs), {_slug(n): n for n in cfg.remedies}
+    grid = {names[_remedy_of(r)]: {f"{lr:g}": loss for lr, loss in tuned[arm_key(r)]["grid"].items()}
+            for r in runs}  # remedy -> {lr: final val loss}
     result = {"schema": 1, "preset": cfg.preset, "seed": cfg.seed, "steps": runs[0].steps, "lr_grid": grid,
               "tables": tables}
     result["minutes"] = {"training": (t1 - t0) / 60, "quantisation": (time.perf_counter() - t1) / 60}

@@ -96,7 +96,7 @@ class ReproduceConfig:
             bad = [v for v in values if v not in known]
             if bad or not values:
                 raise C.ConfigError(f"config key '{key}': unknown {bad[0] if bad else '(none)'!r} (known: {', '.join(known)})")
-        study = study_of(self)
+        study = study_of(self.preset)
         if not self.seeds:
             object.__setattr__(self, "seeds", tuple(study["seeds"]))
         if self.other_seeds is None:
@@ -107,13 +107,14 @@ class ReproduceConfig:
             raise C.ConfigError("config keys 'tune' and 'lr' exclude each other (tune chooses each arm's lr)")
 
 
-def study_of(cfg: ReproduceConfig) -> dict[str, Any]:
-    return STUDIES.get(cfg.preset, STUDIES[DEFAULT_STUDY])
+def study_of(preset: str) -> dict[str, Any]:
+    """The study settings of a preset (a preset without its own study borrows the default's)."""
+    return STUDIES.get(preset, STUDIES[DEFAULT_STUDY])
 
 
 def _base(cfg: ReproduceConfig) -> dict[str, Any]:
     """The `ofe train` settings every run shares."""
-    study = study_of(cfg)
+    study = study_of(cfg.preset)
     base: dict[str, Any] = {"preset": cfg.preset, "device": cfg.device, **copy.deepcopy(study["train"])}
     if cfg.preset not in STUDIES:  # another preset's model is its own; only the schedule is borrowed
         base.pop("model", None)
@@ -138,7 +139,7 @@ def arms(cfg: ReproduceConfig) -> list[tuple[str, str]]:
 
 def arm_lr(cfg: ReproduceConfig, arm: tuple[str, str], tuned: dict[tuple[str, str], float] | None = None) -> float:
     """The lr an arm trains at: --lr, else what --tune found, else the study's table, else its default."""
-    study = study_of(cfg)
+    study = study_of(cfg.preset)
     if cfg.lr:
         return cfg.lr
     if tuned and arm in tuned:
@@ -164,7 +165,7 @@ def study_spec(cfg: ReproduceConfig, tuned: dict[tuple[str, str], float] | None 
 
 def tuning_spec(cfg: ReproduceConfig) -> dict[str, Any]:
     """The lr grid of every arm on its first seed (no quantisation: only the losses decide)."""
-    grid = study_of(cfg)["tune"]
+    grid = study_of(cfg.preset)["tune"]
     variants = [_variant(arm, lr, (cfg.seeds if arm in C8_PAIR else cfg.other_seeds)[0]) for arm in arms(cfg) for lr in grid]
     return {"out_dir": cfg.out_dir, "quantize": False, "base": _base(cfg), "variants": variants}
 

@@ -99,10 +99,7 @@ def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0
     if real_int8:
         from ofe.quant.real_int8 import crosscheck
         check = extra["real_int8"] = crosscheck(model, windows)
-        log(f"  real int8 (torchao) {check['format']}: simulated {check['simulated_ppl']:.4f} "
-            f"({check['simulated_increase_pct']:+.3f}%), real {check['real_ppl']:.4f} ({check['real_increase_pct']:+.3f}%): "
-            f"per layer {'agree' if check['agree'] else 'DISAGREE'} (worst gap {check['worst_layer_gap']:.1e} of the "
-            f"quantisation error, tolerance {check['tolerance']:g})")
+        log("  " + real_int8_line(check))
     return {
         "run": str(run_dir), "block": cfg.model.block, "optimizer": cfg.optim.name,
         "step": cfg.steps if step is None else step,
@@ -133,6 +130,13 @@ def site_family_costs(model: GPT, qcfg: QuantConfig, calib: list, windows, fp_pp
     return rows
 
 
+def real_int8_line(check: dict[str, Any]) -> str:
+    """One line summing up :func:`ofe.quant.real_int8.crosscheck`'s result."""
+    return (f"real int8 (torchao) {check['format']}: simulated {check['simulated_increase_pct']:+.3f}%, real "
+            f"{check['real_increase_pct']:+.3f}%; per layer {'agree' if check['agree'] else 'DISAGREE'} "
+            f"(worst gap {check['worst_layer_gap']:.1e} of the quantisation error, tolerance {check['tolerance']:g})")
+
+
 def format_table(result: dict[str, Any]) -> str:
     at = f" at step {result['step']}" if "step" in result else ""
     lines = [f"{result['run']}{at}: {result['block']} + {result['optimizer']}, float perplexity {result['fp_ppl']:.4f}",
@@ -142,9 +146,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("W8A8 one part at a time (the rest in float):")
         lines += [f"  {f['family']:<14} {f['ppl']:>11.4f} {f['increase_pct']:>+8.2f}%" for f in result["site_families"]]
     if check := result.get("real_int8"):
-        lines.append(f"real int8 (torchao) {check['format']}: simulated {check['simulated_increase_pct']:+.3f}%, real "
-                     f"{check['real_increase_pct']:+.3f}%; per layer {'agree' if check['agree'] else 'DISAGREE'} "
-                     f"(worst gap {check['worst_layer_gap']:.1e} of the quantisation error, tolerance {check['tolerance']:g})")
+        lines.append(real_int8_line(check))
     pad = len(result["quant_format"]) + 13
     lines.append(f"per layer ({result['quant_format']}): {'layer':>5} {'kurtosis':>9} {'max|x|':>8} {'max/med':>8} "
                  f"{'top@pos0':>8} {'SQNR dB':>8}")

@@ -11,8 +11,9 @@ a model that computes the same function (to float rounding) with:
    position embeddings, attention and MLP output projections), so the stream is always mean-free and
    each LayerNorm equals a gain-free RMSNorm, which commutes with ``Q`` (QuaRot's treatment of
    LayerNorm, after SliceGPT);
-3. the stream rotated by a randomised Hadamard matrix ``Q = H D / sqrt(d)`` (``D`` random signs from
-   ``seed``; a random orthogonal matrix when the width is not a power of two): writers ``W <- Q^T W``, readers ``W <- W Q``, embeddings ``E <- E Q``;
+3. the stream rotated by a randomised Hadamard matrix ``Q = D H / sqrt(d)`` (``D`` random signs from
+   ``seed``, applied before the transform; a random orthogonal matrix when the width is not a power
+   of two): writers ``W <- Q^T W``, readers ``W <- W Q``, embeddings ``E <- E Q``;
 4. the MLP hidden activation rotated online by a randomised Hadamard matrix before the down
    projection (``h <- h H``, ``W_down <- W_down H``), a forward pre-hook on the projection.
 

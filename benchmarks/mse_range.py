@@ -1,46 +1,59 @@
-"""The MSE weight-range search (100 clipping candidates per tensor): ``ofe``'s candidate-by-candidate
-loop (``ofe.quant.quantizers.quantize_weight``) against a batched search over all candidates at once
-(chunked to 2^24 values), on the weight shapes of a GPT-2-small block and of the 22M encoder of issue
-15's audit, in one run. On an idle 2-core Xeon the batched search was *slower* (0.44-1.1x), so ofe
-keeps the loop; this benchmark is how to re-check that on another machine.
+"""The MSE weight-range search (100 clipping candidates), in one run:
 
-Interleaved repeats; prints seconds per tensor for each and the speed-up with a 95% interval, and
-checks that both give identical weights.
+1. per weight tensor: ofe's search by sorting (``ofe.quant.quantizers._errors_by_sorting``: one sort
+   and prefix sums, then a binary search per grid level and candidate) against quantising every
+   candidate (the previous implementation, still used for short rows), and against PyTorch's own
+   range search, ``torch.ao.quantization.HistogramObserver`` (an approximate L2 search on a
+   2048-bin histogram) as the peer; both ofe paths must pick the same range (asserted);
+2. ``ofe audit`` of a randomly initialised 22M-parameter encoder with MiniLM-L6's shapes (BERT,
+   6 layers, width 384; issue 15 timed the first audit of such a model at 47 s), with either search.
 
-    python benchmarks/mse_range.py
+Interleaved repeats; prints seconds and speed-ups with 95% intervals and the CPU model.
+
+    python benchmarks/mse_range.py                 # both parts
+    python benchmarks/mse_range.py --audit_repeats 0   # the tensors only
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
+import tempfile
 
 import torch
 from _timing import interleaved, ratio_ci
 
-from ofe.quant.quantizers import fast_fake_quant, int_grid, quantize_weight, symmetric_scale
-
-CHUNK_ELEMENTS = 1 << 24  # candidate values held at once by the batched search (64 MiB of float32)
+from ofe.quant import quantizers
+from ofe.quant.quantizers import quantize_weight
 
 SHAPES = {"gpt2 c_attn (768 x 2304)": (768, 2304), "gpt2 mlp (3072 x 768)": (3072, 768),
           "gpt2 attn proj (768 x 768)": (768, 768), "MiniLM mlp (1536 x 384)": (1536, 384)}
 
 
-def batched_search(w: torch.Tensor, bits: int = 8, grid: int = 100) -> torch.Tensor:
-    """Every candidate range at once (chunked): squared error per candidate, the first minimum (as
-    the loop's strict "<" keeps), then one quantisation. Per-tensor range."""
-    qmin, qmax = int_grid(bits, signed=True)
-    max_abs = w.abs().amax()
-    fractions = torch.arange(1, grid + 1, dtype=torch.float32) / grid
-    scales = symmetric_scale(max_abs * fractions, bits).view(-1, *[1] * w.dim())  # (G, 1, 1)
-    chunk = max(1, CHUNK_ELEMENTS // max(1, w.numel()))
-    errors = []
-    for start in range(0, grid, chunk):
-        candidates = fast_fake_quant(w.unsqueeze(0), scales[start : start + chunk], 0.0, qmin, qmax)
-        errors.append((candidates - w).square_().sum(dim=tuple(range(1, w.dim() + 1))))
-    best = int(torch.cat(errors).argmin())
-    return fast_fake_quant(w, scales[best], 0.0, qmin, qmax)
+@contextlib.contextmanager
+def quantising_every_candidate():
+    """Force the previous search (quantise each candidate) for every tensor."""
+    saved = quantizers.SORT_SEARCH_MIN_RATIO
+    quantizers.SORT_SEARCH_MIN_RATIO = float("inf")
+    try:
+        yield
+    finally:
+        quantizers.SORT_SEARCH_MIN_RATIO = saved
+
+
+def loop_search(w: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
+    with quantising_every_candidate():
+        return quantize_weight(w, bits, per_channel=per_channel, method="mse")
+
+
+def torch_histogram_search(w: torch.Tensor) -> torch.Tensor:
+    """PyTorch's L2 range search for a per-tensor symmetric int8 weight, then the fake quantisation."""
+    obs = torch.ao.quantization.HistogramObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+    obs(w)
+    scale, zero_point = obs.calculate_qparams()
+    return torch.fake_quantize_per_tensor_affine(w, float(scale), int(zero_point), -128, 127)
 
 
 def cpu_name() -> str:
@@ -53,21 +66,73 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=5, help="timed calls of each side per shape (default: 5)")
-    args = p.parse_args()
-    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'shape':<28} {'loop s':>8} {'batched s':>10} {'batched speed-up':>17} {'95% interval':>15}")
+def row(name: str, times: dict[str, list[float]], base: str, other: str) -> str:
+    lo, hi = ratio_ci(times[base], times[other])
+    a, b = statistics.mean(times[base]), statistics.mean(times[other])
+    return f"{name:<44} {a:>8.3f} {b:>8.3f} {a / b:>9.2f}x {f'[{lo:.2f}, {hi:.2f}]':>14}"
+
+
+def tensors(repeats: int) -> None:
+    print(f"\n1. one weight tensor, 100 candidates: seconds per tensor (speed-up = {'loop'} / sorting)")
+    print(f"{'tensor, range':<44} {'loop':>8} {'sorting':>8} {'speed-up':>10} {'95% interval':>14}")
+    peers = []
     for name, shape in SHAPES.items():
         torch.manual_seed(0)
         w = torch.randn(shape) * 0.02
-        assert torch.equal(batched_search(w), quantize_weight(w, 8, method="mse"))
-        times = interleaved({"loop": lambda: quantize_weight(w, 8, method="mse"), "batched": lambda: batched_search(w)},
-                            args.repeats)
-        lo, hi = ratio_ci(times["loop"], times["batched"])
-        a, b = statistics.mean(times["loop"]), statistics.mean(times["batched"])
-        print(f"{name:<28} {a:>8.3f} {b:>10.3f} {a / b:>16.2f}x {f'[{lo:.2f}, {hi:.2f}]':>15}")
+        for bits, per_channel in ((8, False), (4, True)):
+            if quantizers.SORT_SEARCH_MIN_RATIO * (2**bits - 1) > (shape[1] if per_channel else w.numel()):
+                continue  # ofe quantises every candidate here too: nothing to compare
+            assert torch.equal(loop_search(w, bits, per_channel), quantize_weight(w, bits, per_channel, "mse"))
+            fns = {"loop": lambda: loop_search(w, bits, per_channel),
+                   "sorting": lambda: quantize_weight(w, bits, per_channel, "mse")}
+            if bits == 8 and not per_channel:
+                fns["torch HistogramObserver"] = lambda: torch_histogram_search(w)
+            times = interleaved(fns, repeats)
+            label = f"{name}, W{bits} per-{'channel' if per_channel else 'tensor'}"
+            print(row(label, times, "loop", "sorting"))
+            if "torch HistogramObserver" in times:
+                peers.append(row(label, times, "torch HistogramObserver", "sorting"))
+    print("\n   peer: seconds per tensor (speed-up = torch HistogramObserver / ofe sorting)")
+    print(f"{'tensor, range':<44} {'torch':>8} {'sorting':>8} {'speed-up':>10} {'95% interval':>14}")
+    print("\n".join(peers))
+
+
+def audit_time(repeats: int) -> None:
+    from transformers import BertConfig, BertModel
+
+    from ofe.audit import AuditConfig, audit
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                        intermediate_size=1536, max_position_embeddings=512)
+    model = BertModel(config)
+    n = sum(p.numel() for p in model.parameters())
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        quiet = lambda *_: None  # noqa: E731
+
+        def with_loop():
+            with quantising_every_candidate():
+                return audit(d, AuditConfig(), log=quiet)
+
+        a, b = with_loop(), audit(d, AuditConfig(), log=quiet)  # warm-up, and the same W8A8 result
+        assert a["w8a8"] == b["w8a8"], (a["w8a8"], b["w8a8"])
+        times = interleaved({"loop": with_loop, "sorting": lambda: audit(d, AuditConfig(), log=quiet)}, repeats)
+    print(f"\n2. ofe audit of a random {n / 1e6:.1f}M-parameter BERT (MiniLM-L6 shapes), W8A8 with MSE weight "
+          f"ranges: seconds per audit")
+    print(f"{'':<44} {'loop':>8} {'sorting':>8} {'speed-up':>10} {'95% interval':>14}")
+    print(row("ofe audit", times, "loop", "sorting"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5, help="timed calls of each side per tensor (default: 5)")
+    p.add_argument("--audit_repeats", type=int, default=3, help="timed audits of each side; 0: skip (default: 3)")
+    args = p.parse_args()
+    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    tensors(args.repeats)
+    if args.audit_repeats:
+        audit_time(args.audit_repeats)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,35 @@ def test_weight_quantisation_ranges():
     assert len(torch.unique(minmax)) <= 256 and len(torch.unique(quantize_weight(w, 4))) <= 16
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("path", ["sorting", "quantising"])
+def test_mse_candidate_errors_match_a_float64_reference(bits, path):
+    """Both ways of scoring the clipping candidates give each candidate's squared error as a float64
+    quantisation of every value does (clamped values, values on a half-point and zeros included),
+    and the MSE range is the float64 reference's best candidate."""
+    from ofe.quant.quantizers import _errors_by_quantising, _errors_by_sorting
+
+    g = torch.Generator().manual_seed(bits)
+    rows = torch.randn(3, 4096, generator=g) * torch.tensor([[0.02], [1.0], [7.0]])
+    rows[0, :8] = 0.0
+    rows[1, 0] = 30.0  # an outlier: small candidates clamp it
+    qmin, qmax = int_grid(bits, signed=True)
+    scales = symmetric_scale(rows.abs().amax(dim=1, keepdim=True) * (torch.arange(1, 41) / 40), bits)  # (3, 40)
+    rows[2, 1] = 2.5 * scales[2, 7].item()  # exactly on a half-point of candidate 7
+    x, s = rows.double(), scales.double()
+    reference = torch.stack([((torch.round(x / s[:, c:c + 1]).clamp(qmin, qmax) * s[:, c:c + 1] - x) ** 2).sum(1)
+                             for c in range(s.shape[1])], dim=1)
+    errors = (_errors_by_sorting if path == "sorting" else _errors_by_quantising)(rows, scales, qmin, qmax)
+    assert errors.shape == (3, 40)
+    torch.testing.assert_close(errors, reference, rtol=1e-5 if path == "quantising" else 1e-9, atol=0.0)
+    assert torch.equal(errors.argmin(dim=1), reference.argmin(dim=1))
+    best = reference.argmin(dim=1, keepdim=True)
+    for per_channel, w in ((True, rows), (False, rows[1:2])):
+        chosen = scales.gather(1, best) if per_channel else scales[1:2, best[1]]
+        expected = fake_quant(w, chosen, 0.0, qmin, qmax)
+        assert torch.equal(quantize_weight(w, bits, per_channel=per_channel, method="mse", grid=40), expected)
+
+
 def test_fp8_simulation_matches_the_format():
     x = torch.randn(4096, generator=torch.Generator().manual_seed(3))
     amax = x.abs().max()

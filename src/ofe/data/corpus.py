@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -45,7 +46,11 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
     """Sorted ``.py`` files of the standard library, third-party packages excluded."""
     root = root or stdlib_root()
     skip = {"site-packages", "dist-packages", "__pycache__"}
-    files = sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in skip]  # never descend into installed packages
+        files.extend(Path(folder) / n for n in names if n.endswith(".py"))
+    files.sort()
     if not files:
         raise CorpusError(f"no .py files found under {root}")
     return files

@@ -7,6 +7,7 @@ them (simulated quantisation). Rounding is round-half-to-even on ``x * (1 / scal
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,28 +53,81 @@ def quantize_weight(w: Tensor, bits: int, per_channel: bool = False, method: str
     """Symmetric signed fake quantisation of a weight matrix ``(out, in)``.
 
     ``method``: ``minmax`` (range = max |w|) or ``mse`` (the clipping range among ``grid`` candidates
-    ``max|w| * i / grid`` that minimises the squared error). ``per_channel``: one range per output row.
-    ``half_range``: see :func:`symmetric_scale`.
+    ``max|w| * i / grid`` that minimises the squared error; ties keep the smallest range).
+    ``per_channel``: one range per output row. ``half_range``: see :func:`symmetric_scale`.
     """
     qmin, qmax = int_grid(bits, signed=True)
     w = w.float()
-    dims = tuple(range(1, w.dim())) if per_channel else tuple(range(w.dim()))
-    max_abs = w.abs().amax(dim=dims, keepdim=True)
+    rows = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)  # (R, n): one range per row
+    max_abs = rows.abs().amax(dim=1, keepdim=True)  # (R, 1)
     if method == "minmax":
-        return fake_quant(w, symmetric_scale(max_abs, bits, half_range), 0.0, qmin, qmax)
-    if method != "mse":
+        scale = symmetric_scale(max_abs, bits, half_range)
+    elif method == "mse":
+        fractions = torch.arange(1, grid + 1, dtype=torch.float32, device=w.device) / grid
+        candidates = symmetric_scale(max_abs * fractions, bits, half_range)  # (R, grid)
+        errors = candidate_errors(rows, candidates, qmin, qmax)
+        scale = candidates.gather(1, errors.argmin(dim=1, keepdim=True))  # argmin: the first minimum
+    else:
         raise ValueError(f"unknown weight range method {method!r}")
-    best, best_err = None, None
-    for i in range(1, grid + 1):
-        candidate = fast_fake_quant(w, symmetric_scale(max_abs * (i / grid), bits, half_range), 0.0, qmin, qmax)
-        err = (candidate - w).square().sum(dim=dims, keepdim=True)
-        if best is None:
-            best, best_err = candidate, err
-        else:
-            better = err < best_err
-            best = torch.where(better, candidate, best)
-            best_err = torch.where(better, err, best_err)
-    return best
+    return fake_quant(rows, scale, 0.0, qmin, qmax).reshape(w.shape)
+
+
+SORT_SEARCH_MIN_RATIO = 64  # sort when a row holds >= 64x as many values as the grid has levels
+
+
+def candidate_errors(rows: Tensor, scales: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Squared quantisation error ``sum_j (q_s(x_j) - x_j)^2`` of each row of ``rows`` ``(R, n)`` under
+    each of its candidate scales ``scales`` ``(R, C)`` on the symmetric grid ``[qmin, qmax]``: ``(R, C)``.
+
+    Long rows (per-tensor ranges, or few levels) are searched by sorting (:func:`_errors_by_sorting`,
+    one sort instead of ``C`` quantisations); short rows at many levels by quantising each candidate,
+    where a binary search per level would cost more than the rounding it saves.
+    """
+    if rows.shape[1] >= SORT_SEARCH_MIN_RATIO * (qmax - qmin):
+        return _errors_by_sorting(rows, scales, qmin, qmax)
+    return _errors_by_quantising(rows, scales, qmin, qmax)
+
+
+def _errors_by_quantising(rows: Tensor, scales: Tensor, qmin: int, qmax: int) -> Tensor:
+    """:func:`candidate_errors` one candidate at a time: quantise, sum the squared error (float32)."""
+    errors = [(fast_fake_quant(rows, scales[:, c : c + 1], 0.0, qmin, qmax) - rows).square_().sum(dim=1)
+              for c in range(scales.shape[1])]
+    return torch.stack(errors, dim=1).double()
+
+
+def _sorted_rows(rows: Tensor) -> Tensor:
+    """Each row sorted ascending. On CPU through NumPy, whose vectorised sort is ~20-40x faster than
+    ``torch.sort`` there (which also builds indices): 7 ms against 280 ms for 1.8M values, measured."""
+    if rows.device.type == "cpu":
+        return torch.from_numpy(np.sort(rows.detach().numpy(), axis=1))
+    return torch.sort(rows, dim=1).values
+
+
+def _errors_by_sorting(rows: Tensor, scales: Tensor, qmin: int, qmax: int) -> Tensor:
+    """:func:`candidate_errors` without quantising anything per candidate, in float64.
+
+    On a sorted row, the values that round to level ``k`` (the clamped ends included) are one
+    contiguous run between the grid's half-points ``(k +- 1/2) s``, so with prefix sums of ``x`` and
+    ``x^2`` each run's error ``sum x^2 - 2 k s sum x + (k s)^2 count`` costs one binary search. A
+    value exactly on a half-point has the same error whichever way it rounds.
+    """
+    n_rows, n = rows.shape
+    x = _sorted_rows(rows).double()
+    zero = torch.zeros(n_rows, 1, dtype=torch.float64, device=rows.device)
+    p1 = torch.cat([zero, x.cumsum(dim=1)], dim=1)  # (R, n + 1): sum of the first i values
+    p2 = torch.cat([zero, x.square().cumsum(dim=1)], dim=1)
+    s = scales.double().unsqueeze(-1)  # (R, C, 1)
+    levels = torch.arange(qmin, qmax + 1, dtype=torch.float64, device=rows.device)  # (L + 1,)
+    half_points = (levels[:-1] + 0.5) * s  # (R, C, L): level k's run ends at (k + 1/2) s
+    ends = torch.searchsorted(x, half_points.reshape(n_rows, -1)).reshape(half_points.shape)
+    ends = torch.nn.functional.pad(ends, (1, 0), value=0)
+    ends = torch.nn.functional.pad(ends, (0, 1), value=n)  # (R, C, L + 2): run k is [ends_k, ends_k+1)
+    flat = ends.reshape(n_rows, -1)
+    count = ends.diff(dim=-1).double()  # (R, C, L + 1)
+    total = p1.gather(1, flat).reshape(ends.shape).diff(dim=-1)
+    total_sq = p2.gather(1, flat).reshape(ends.shape).diff(dim=-1)
+    value = levels * s  # (R, C, L + 1): the de-quantised level k s
+    return (total_sq - 2 * value * total + value.square() * count).sum(dim=-1)
 
 
 def asymmetric_qparams(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:

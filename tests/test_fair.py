@@ -32,6 +32,24 @@ def test_tuned_lr_is_the_lowest_mean_val_loss_over_seeds_and_diverged_runs_lose(
     assert sorted(r.path.name for r in kept) == ["a-0.003-0", "a-0.003-1", "b-0.001-0"]
 
 
+def test_tuned_lr_averages_only_the_seeds_every_lr_was_run_with(tmp_path):
+    """Seeds 1 and 2 were run later at lr 1e-3 only, and are worse than seed 0: averaged with them,
+    1e-3 (mean 2.1) would lose to 3e-3 (2.05, seed 0 only) by seed luck. On seed 0, the seed both lrs
+    share, 1e-3 wins (1.9 against 2.05)."""
+    root = tmp_path / "runs"
+    for seed, loss in ((0, 1.9), (1, 2.2), (2, 2.2)):
+        make_run(root, f"a-0.001-{seed}", "pre-ln", "adamw", seed, 5.0, loss, lr=1e-3)
+    make_run(root, "a-0.003-0", "pre-ln", "adamw", 0, 5.0, 2.05, lr=3e-3)
+    make_run(root, "b-0.003-1", "op", "soap", 1, 1.2, 1.5, lr=3e-3)  # lrs with no seed in common: all seeds
+    make_run(root, "b-0.01-2", "op", "soap", 2, 1.2, 1.4, lr=1e-2)
+    runs = load_runs([root])
+    tuned = {r.settings["model.block"]: tuned_lrs(runs)[arm_key(r)] for r in runs}
+    assert tuned["pre-ln"]["lr"] == 1e-3 and tuned["pre-ln"]["seeds"] == [0]
+    assert tuned["pre-ln"]["grid"] == {1e-3: pytest.approx(1.9), 3e-3: pytest.approx(2.05)}
+    assert tuned["op"]["lr"] == 1e-2 and tuned["op"]["seeds"] == [1, 2]
+    assert sorted(r.path.name for r in at_tuned_lr(runs)) == ["a-0.001-0", "a-0.001-1", "a-0.001-2", "b-0.01-2"]
+
+
 def test_c8_compares_each_arm_at_its_tuned_lr(tmp_path):
     """At a shared lr (1e-2) AdamW is badly tuned and quantises well; at its tuned lr (1e-3) it has
     the outliers. The claim must use the tuned runs, not the same-lr pair."""

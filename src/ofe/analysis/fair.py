@@ -1,8 +1,8 @@
 """Fair comparisons between configurations: each at its own tuned lr, and at matched validation loss.
 
 *Tuned lr.* Runs that differ only in ``optim.lr`` (and the seed) are one *arm* tried at several
-learning rates. An arm's tuned lr is the one with the lowest mean final validation loss over its
-seeds (a diverged seed counts as an infinite loss). Comparisons of blocks and optimisers (C2, C6,
+learning rates. An arm's tuned lr is the one with the lowest mean final validation loss over the
+seeds that all its lrs were run with (a diverged seed counts as an infinite loss). Comparisons of blocks and optimisers (C2, C6,
 C8) use each arm's runs at its tuned lr only, so neither side is judged at an lr that suits the
 other.
 
@@ -37,19 +37,25 @@ def _final_val(run: Run) -> float:
 
 
 def tuned_lrs(runs: Iterable[Run]) -> dict[tuple, dict[str, Any]]:
-    """Per arm: ``{"lr": tuned lr, "grid": {lr: mean final val loss over seeds}}``; the tuned lr
-    has the lowest mean (ties: the smaller lr)."""
-    by_arm: dict[tuple, dict[float, list[float]]] = {}
+    """Per arm: ``{"lr": tuned lr, "grid": {lr: mean final val loss}, "seeds": the seeds averaged}``;
+    the tuned lr has the lowest mean (ties: the smaller lr).
+
+    The means are over the seeds that every lr of the arm was run with, so that extra seeds at one
+    lr (e.g. more seeds of the tuned lr, run after the grid) never move the choice by seed luck; an
+    arm whose lrs share no seed is averaged over all its seeds (``seeds`` lists them all)."""
+    by_arm: dict[tuple, dict[float, dict[int, float]]] = {}
     for run in runs:
         lr = run.settings.get(LR)
         if lr is None:
             continue
-        by_arm.setdefault(arm_key(run), {}).setdefault(float(lr), []).append(_final_val(run))
+        by_arm.setdefault(arm_key(run), {}).setdefault(float(lr), {})[run.seed] = _final_val(run)
     out = {}
     for arm, grid in by_arm.items():
-        means = {lr: float(np.mean(v)) for lr, v in sorted(grid.items())}
+        common = set.intersection(*(set(by_seed) for by_seed in grid.values()))
+        seeds = common or set().union(*(set(by_seed) for by_seed in grid.values()))
+        means = {lr: float(np.mean([v for s, v in by_seed.items() if s in seeds])) for lr, by_seed in sorted(grid.items())}
         best = min(means, key=lambda lr: (means[lr], lr))
-        out[arm] = {"lr": best, "grid": means}
+        out[arm] = {"lr": best, "grid": means, "seeds": sorted(seeds)}
     return out
 
 

@@ -71,18 +71,18 @@ def claims_json(claims: list[ClaimResult], runs: list[Run]) -> dict[str, Any]:
 
 
 def lr_table(runs: list[Run]) -> str | None:
-    """Final validation loss per arm and lr (mean over seeds), the tuned lr in bold; None when no arm
-    was run at more than one lr."""
+    """Final validation loss per arm and lr (mean over the seeds every lr of the arm has), the tuned lr
+    in bold; None when no arm was run at more than one lr."""
     tuned = tuned_lrs(runs)
     if all(len(t["grid"]) < 2 for t in tuned.values()):
         return None
     names = {arm_key(r): f"{r.settings.get('model.block')} + {r.settings.get('optim.name')}" for r in runs}
     lrs = sorted({lr for t in tuned.values() for lr in t["grid"]})
-    lines = ["| arm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|" + " --- |" * (len(lrs) + 1)]
+    lines = ["| arm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | seeds |", "|" + " --- |" * (len(lrs) + 2)]
     for arm, t in tuned.items():
         cells = [("**" if lr == t["lr"] else "") + _fmt(t["grid"].get(lr), ".3f") + ("**" if lr == t["lr"] else "")
                  if lr in t["grid"] else "" for lr in lrs]
-        lines.append(f"| {names[arm]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {names[arm]} | " + " | ".join(cells) + f" | {', '.join(map(str, t['seeds']))} |")
     return "\n".join(lines)
 
 
@@ -198,8 +198,9 @@ def write_report(runs: list[Run], out_dir: str | Path, title: str = "Outlier fea
               claims_table(claims), "", "How each verdict is decided (the numbers behind it are in `claims.json`):", ""]
         md += [f"- **{c.id}**: {c.rule}." for c in claims] + [""]
         if (lrs := lr_table(runs)) is not None:
-            md += ["## Learning rates", "", "Final validation loss (nats/token, mean over seeds) per arm and lr; each "
-                   "arm is compared at its tuned lr (bold: the lowest loss).", "", lrs, ""]
+            md += ["## Learning rates", "", "Final validation loss (nats/token) per arm and lr, mean over the seeds that "
+                   "every lr of the arm was run with (last column); each arm is compared at its tuned lr (bold: the "
+                   "lowest loss).", "", lrs, ""]
         md += ["## Figures", ""]
         for fig in made:
             md += [f"![{fig.caption}](figures/{fig.file})", "", f"*{fig.caption}*", ""]

@@ -1,5 +1,6 @@
-"""Optimiser step time: ofe SOAP vs pytorch-optimizer SOAP vs torch AdamW; and whole training steps
-SOAP vs AdamW, at precondition_frequency 10, in one run. Prints ratios.
+"""Optimiser step time: ofe SOAP (float32 products, and bfloat16 products: ``optim.rotation.matmul_dtype``)
+vs pytorch-optimizer SOAP vs torch AdamW; and whole training steps SOAP vs AdamW, at
+precondition_frequency 10, in one run. Prints ratios and the CPU model.
 
 Each optimiser owns an identical model copy; the timed steps are interleaved one by one (rotating
 the order) so machine noise hits all alike. The first SOAP step (which only builds the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 
 import torch
@@ -21,6 +23,16 @@ from _timing import interleaved, ratio_ci
 
 from ofe.models import GPT, lm_loss, preset
 from ofe.optim import SOAP, param_groups
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def make_optimizers(model_factory, lr: float, freq: int):
@@ -32,6 +44,9 @@ def make_optimizers(model_factory, lr: float, freq: int):
     built = {}
     m = model_factory()
     built["ofe SOAP"] = (m, SOAP(groups(m), lr=lr, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=freq))
+    m = model_factory()
+    built["ofe SOAP bf16 products"] = (m, SOAP(groups(m), lr=lr, betas=(0.95, 0.95), weight_decay=0.01,
+                                               precondition_frequency=freq, matmul_dtype=torch.bfloat16))
     m = model_factory()
     built["pytorch-optimizer SOAP"] = (m, pytorch_optimizer.SOAP(groups(m), lr=lr, betas=(0.95, 0.95), weight_decay=0.01,
                                                                 precondition_frequency=freq))
@@ -85,29 +100,35 @@ def main() -> None:
             opt.step()
         return run
 
-    trainers = {name: train_step(*built[name]) for name in ("ofe SOAP", "AdamW")}
+    trainers = {name: train_step(*built[name]) for name in ("ofe SOAP", "ofe SOAP bf16 products", "AdamW")}
     train_times = interleaved(trainers, args.steps)
 
     mean = {k: statistics.fmean(v) for k, v in step_times.items()}
     tmean = {k: statistics.fmean(v) for k, v in train_times.items()}
-    r1 = mean["ofe SOAP"] / mean["pytorch-optimizer SOAP"]
-    r2 = tmean["ofe SOAP"] / tmean["AdamW"]
-    ci1 = ratio_ci(step_times["ofe SOAP"], step_times["pytorch-optimizer SOAP"])
-    ci2 = ratio_ci(train_times["ofe SOAP"], train_times["AdamW"])
+    peer, adamw = "pytorch-optimizer SOAP", "AdamW"
+    ratios = {}
+    for ours in ("ofe SOAP", "ofe SOAP bf16 products"):
+        ratios[f"{ours} / {peer} (optimizer step; target <= 0.5)"] = (
+            mean[ours] / mean[peer], ratio_ci(step_times[ours], step_times[peer]))
+        ratios[f"{ours} / {adamw} (training step; target <= 1.3)"] = (
+            tmean[ours] / tmean[adamw], ratio_ci(train_times[ours], train_times[adamw]))
     n_params = sum(p.numel() for p in ref_model.parameters())
-    print(f"preset {args.preset}{f' with {args.layers} layers' if args.layers else ''}: {n_params / 1e6:.1f}M params, "
-          f"batch {args.batch_size} x {cfg.seq_len}; precondition_frequency {args.freq}; {args.steps} timed steps; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"CPU: {cpu_name()}; preset {args.preset}{f' with {args.layers} layers' if args.layers else ''}: "
+          f"{n_params / 1e6:.1f}M params, batch {args.batch_size} x {cfg.seq_len}; precondition_frequency {args.freq}; "
+          f"{args.steps} timed steps; torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, value in mean.items():
         print(f"  optimizer step  {name:<24} {value * 1e3:9.1f} ms")
     for name, value in tmean.items():
         print(f"  training step   {name:<24} {value * 1e3:9.1f} ms")
-    print(f"ofe SOAP step / pytorch-optimizer SOAP step: {r1:.3f}  (95% CI [{ci1[0]:.3f}, {ci1[1]:.3f}]; target <= 0.5)")
-    print(f"training step SOAP / AdamW:                  {r2:.3f}  (95% CI [{ci2[0]:.3f}, {ci2[1]:.3f}]; target <= 1.3)")
+    for name, (r, ci) in ratios.items():
+        print(f"{name:<72} {r:.3f}  (95% CI [{ci[0]:.3f}, {ci[1]:.3f}])")
+    r1, ci1 = ratios[f"ofe SOAP / {peer} (optimizer step; target <= 0.5)"]
+    r2, ci2 = ratios[f"ofe SOAP / {adamw} (training step; target <= 1.3)"]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "optimizer_step_s": mean, "train_step_s": tmean, "soap_vs_peer": r1,
-                       "soap_vs_peer_ci95": ci1, "train_soap_vs_adamw": r2, "train_soap_vs_adamw_ci95": ci2}, f, indent=1)
+                       "soap_vs_peer_ci95": ci1, "train_soap_vs_adamw": r2, "train_soap_vs_adamw_ci95": ci2,
+                       "ratios": {k: {"ratio": r, "ci95": ci} for k, (r, ci) in ratios.items()}}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,10 @@ class RotationOptions:
     max_precond_dim: int = field(10000, "sides longer than this are not rotated")
     embedding_max_precond_dim: int | None = field(None, "the same for embeddings (e.g. the model width, to rotate "
                                                         "only that side); none: max_precond_dim")
+    matmul_dtype: Literal["float32", "bfloat16"] = field(
+        "float32", "dtype of the rotations' and Kronecker factors' matrix products (the state stays float32): "
+                   "bfloat16 is several times faster on CPUs with bf16 matrix units (AMX) and on GPUs, and rounds "
+                   "the rotated gradient and the factors' increments to bf16")
 
     def __post_init__(self) -> None:
         if self.shampoo_beta is not None and not 0.0 <= self.shampoo_beta < 1.0:

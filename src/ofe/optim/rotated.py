@@ -121,20 +121,26 @@ class RotatedOptimizer(torch.optim.Optimizer):
 
     Per-group options: ``lr``, ``betas``, ``eps``, ``weight_decay`` (decoupled, applied after the
     update as in the reference), ``shampoo_beta`` (None: ``betas[1]``), ``precondition_frequency``,
-    ``max_precond_dim``, ``bias_correction``; rotated AdaFactor also ``beta2_decay``, ``eps1``, ``d``.
+    ``max_precond_dim``, ``bias_correction``, ``matmul_dtype`` (the dtype of the per-step matrix
+    products: rotating the gradient and the update, and the factors' increments ``G G^T``, ``G^T G``;
+    float32 or bfloat16, the state and the eigh/QR refresh stay float32); rotated AdaFactor also
+    ``beta2_decay``, ``eps1``, ``d``.
     """
 
     def __init__(self, params, rule: AdamRule | AdafactorRule, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
                  eps: float = 1e-8, weight_decay: float = 0.01, shampoo_beta: float | None = None,
                  precondition_frequency: int = 10, max_precond_dim: int = 10000, bias_correction: bool = True,
-                 beta2_decay: float | None = None, eps1: float = 1e-30, d: float = 1.0) -> None:
+                 beta2_decay: float | None = None, eps1: float = 1e-30, d: float = 1.0,
+                 matmul_dtype: torch.dtype = torch.float32) -> None:
         if precondition_frequency < 1:
             raise ValueError(f"precondition_frequency must be >= 1, got {precondition_frequency}")
+        if matmul_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"matmul_dtype must be torch.float32 or torch.bfloat16, got {matmul_dtype}")
         self.rule = rule
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, shampoo_beta=shampoo_beta,
                         precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
                         bias_correction=bias_correction, beta2_decay=beta2_decay, eps1=eps1, d=d,
-                        step=0, eigh_fallbacks=0)
+                        matmul_dtype=matmul_dtype, step=0, eigh_fallbacks=0)
         super().__init__(params, defaults)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -199,21 +205,24 @@ class RotatedOptimizer(torch.optim.Optimizer):
 
     def _directions(self, states, grads, group, t: int) -> list[Tensor]:
         """Rotate the gradients, update the moments in the basis, return the rotated-back directions."""
-        g_rot = [rotate(g, self._bases(s)) for g, s in zip(grads, states)]
+        low = _low_precision(group, grads)
+        g_rot = [_product(rotate, g, self._bases(s), low) for g, s in zip(grads, states)]
         moments = [s["m"] for s in states]
         torch._foreach_lerp_(moments, g_rot, 1.0 - group["betas"][0])
         directions = self.rule.directions(states, g_rot, moments, group, t)
-        return [rotate_back(u, self._bases(s)) for u, s in zip(directions, states)]
+        return [_product(rotate_back, u, self._bases(s), low) for u, s in zip(directions, states)]
 
     @staticmethod
     def _update_factors(states, grads, group) -> None:
         """EMA of ``G G^T`` and ``G^T G``."""
         beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["betas"][1]
+        low = _low_precision(group, grads)
         for s, g in zip(states, grads):
+            x = g.to(low) if low is not None else g
             if "GG0" in s:
-                s["GG0"].lerp_(g @ g.mT, 1.0 - beta)
+                s["GG0"].lerp_((x @ x.mT).to(s["GG0"].dtype), 1.0 - beta)
             if "GG1" in s:
-                s["GG1"].lerp_(g.mT @ g, 1.0 - beta)
+                s["GG1"].lerp_((x.mT @ x).to(s["GG1"].dtype), 1.0 - beta)
 
     # ---- bases -------------------------------------------------------------------------------------
     def _factors_by_size(self, states) -> dict[int, list[tuple[dict[str, Any], int]]]:
@@ -255,6 +264,19 @@ class RotatedOptimizer(torch.optim.Optimizer):
                 change = qn.mT @ qo  # old basis coordinates -> new basis coordinates
                 s["m"] = change @ s["m"] if side == 0 else s["m"] @ change.mT
                 s[f"Q{side}"] = qn
+
+
+def _low_precision(group: dict[str, Any], grads: list[Tensor]) -> torch.dtype | None:
+    """The group's product dtype when it is below the state's (float32 state, bfloat16 products)."""
+    dtype = group.get("matmul_dtype", torch.float32)
+    return dtype if grads and dtype != grads[0].dtype and grads[0].dtype == torch.float32 else None
+
+
+def _product(fn, x: Tensor, q: list[Tensor | None], low: torch.dtype | None) -> Tensor:
+    """``fn(x, q)`` (a rotation), in ``low`` precision when given, returned in ``x``'s dtype."""
+    if low is None or all(side is None for side in q):
+        return fn(x, q)
+    return fn(x.to(low), [side.to(low) if side is not None else None for side in q]).to(x.dtype)
 
 
 def _broadcast(t: Tensor) -> Tensor:

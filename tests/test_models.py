@@ -294,11 +294,24 @@ def test_embedding_projection_starts_as_the_identity():
     assert torch.equal(with_proj.embed_proj.weight, torch.eye(32))
 
 
-def test_bf16_cpu_attention_takes_the_math_kernel_and_matches_float32():
+def test_bf16_cpu_attention_matches_a_float64_reference_forward_and_backward():
+    """The written-out CPU bf16 attention: causal (a later token never changes an earlier output),
+    and output and gradients within bf16 rounding of float64 SDPA's (relative 1%)."""
     from ofe.models import gpt as G
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
-    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
-    got = G._causal_sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16())
-    assert got.dtype == torch.bfloat16 and torch.allclose(got.double(), want, atol=3e-2)
-    assert torch.allclose(G._causal_sdpa(q, k, v).double(), want, atol=1e-5)  # float32: the default kernel
+    q, k, v = (torch.randn(2, 4, 16, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    grad_out = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad_out)
+    low = [x.detach().bfloat16().requires_grad_() for x in (q, k, v)]
+    got = G._causal_sdpa(*low)
+    got_grads = torch.autograd.grad(got, low, grad_out.bfloat16())
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    assert got.dtype == torch.bfloat16 and rel(got, want) < 1e-2
+    assert all(rel(g, w) < 1e-2 for g, w in zip(got_grads, want_grads)), [rel(g, w) for g, w in zip(got_grads, want_grads)]
+    changed = [x.detach().clone() for x in low]
+    for x in changed:
+        x[:, :, -1] += 5.0  # change the last token only
+    assert torch.equal(G._causal_sdpa(*changed)[:, :, :-1], got.detach()[:, :, :-1])
+    q32, k32, v32 = (x.detach().float() for x in (q, k, v))
+    assert torch.allclose(G._causal_sdpa(q32, k32, v32).double(), want.detach(), atol=1e-5)  # float32: SDPA

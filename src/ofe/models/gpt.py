@@ -24,7 +24,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ofe.models.config import GPTConfig
 
@@ -66,12 +65,17 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
 
 
 def _causal_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal ``F.scaled_dot_product_attention``. On CPU in bfloat16 it takes the math kernel: torch
-    2.13's CPU flash-attention backward took 43% of a small-cpu bf16 step, and the math path (bf16
-    matmuls on the matrix units) made the whole step 1.18x faster (docs/results/roofline.md)."""
+    """Causal attention ``(B, H, T, d_head)`` x 3 -> ``(B, H, T, d_head)``: ``F.scaled_dot_product_attention``,
+    except on CPU in bfloat16, where it is written out (bf16 products, softmax of bf16 logits with
+    float accumulation, probabilities rounded to bf16 for the value product, as flash attention does).
+    There torch 2.13's flash kernel's backward took 43% of a small-cpu step, and its math kernel
+    computes in float32 and spends the time converting (B, H, T, T) tensors; the written-out form
+    runs attention forward + backward ~3x faster than the math kernel (docs/results/roofline.md)."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        T = q.shape[-2]
+        mask = torch.full((T, T), float("-inf"), device=q.device, dtype=q.dtype).triu(1)
+        scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)
+        return torch.softmax(scores + mask, dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 

@@ -82,6 +82,29 @@ def test_matched_point_is_the_better_runs_first_kept_step_at_the_worse_runs_fina
     op = next(r for r in runs if r.settings["model.block"] == "op")
     assert matched_point(runs[0], op).better_step == 100
 
+def test_quantize_matched_to_picks_the_matched_step_and_refuses_the_worse_run(tmp_path, capsys):
+    """``ofe quantize RUN --matched_to OTHER``: the step is the matched point's (the final weights when
+    no earlier kept weights reach the loss); the worse run, a missing run, and giving both --step and
+    --matched_to are one-line errors (exit 2)."""
+    from ofe.quant.evaluate import QuantError, matched_step
+
+    _pair(tmp_path / "r", {50: 0.2, 80: 0.25, 90: 0.3})
+    preln, op = tmp_path / "r" / "preln-adamw-0", tmp_path / "r" / "op-soap-0"
+    assert matched_step(op, preln, log=lambda *_: None) == 90
+    with pytest.raises(QuantError, match="is the worse run"):
+        matched_step(preln, op)
+    _pair(tmp_path / "s", {50: 0.2, 80: 0.25})  # kept up to step 80 only (val loss 2.12 > 2.0): the final weights
+    assert matched_step(tmp_path / "s" / "op-soap-0", tmp_path / "s" / "preln-adamw-0") is None
+    assert "the final weights; kept steps: [50, 80]" in capsys.readouterr().out
+    for argv in (["quantize", str(preln), "--matched_to", str(op)],
+                 ["quantize", str(op), "--matched_to", str(preln), "--step", "50"],
+                 ["quantize", str(op), "--matched_to", str(tmp_path / "nowhere")]):
+        capsys.readouterr()
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+
+
 
 def test_c8_needs_the_ratio_at_matched_loss_too(tmp_path):
     _pair(tmp_path / "held", {90: 0.5})  # equal steps 3.0 / 0.3 = 10x, matched 3.0 / 0.5 = 6x

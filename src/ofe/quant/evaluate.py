@@ -166,18 +166,47 @@ class QuantizeConfig:
                                      "per-channel weights) and compare with the simulator (needs ofe[int8])")
     step: int = C.field(-1, "quantise the weights the run kept at this step (trained with --keep_weights true); "
                             "-1: the final weights")
+    matched_to: str = C.field("", "another run's directory: quantise this run's weights at that run's final "
+                                  "validation loss (its first kept step at or below it: the matched-loss comparison)")
 
     def __post_init__(self) -> None:
         if self.eval_sequences < 0:
             raise C.ConfigError(f"config key 'eval_sequences' must be >= 0, got {self.eval_sequences}")
         if self.step < -1:
             raise C.ConfigError(f"config key 'step' must be >= 0, or -1 for the final weights, got {self.step}")
+        if self.matched_to and self.step != -1:
+            raise C.ConfigError("config keys 'step' and 'matched_to' choose the weights both: give one")
+
+
+def matched_step(run_dir: str | Path, other_dir: str | Path, log=print) -> int | None:
+    """The step of ``run_dir``'s kept weights at ``other_dir``'s final validation loss: its first kept
+    step whose validation loss is at or below it (:func:`ofe.analysis.fair.matched_point`); None when
+    that is its final step (no earlier kept weights reach the loss). A one-line :class:`QuantError`
+    when this run is the worse one."""
+    from ofe.analysis import RunError, load_run
+    from ofe.analysis.fair import matched_point
+
+    try:
+        this, other = load_run(Path(run_dir)), load_run(Path(other_dir))
+    except RunError as e:
+        raise QuantError(str(e)) from None
+    point = matched_point(this, other)
+    if point.better is not this:
+        raise QuantError(f"{run_dir}'s final validation loss {this.val_loss():.4f} is not below {other_dir}'s "
+                         f"{other.val_loss():.4f}: it is the worse run, so its final weights are the matched ones "
+                         f"(quantise without --matched_to)")
+    log(f"matched loss: {run_dir} at step {point.better_step} (val loss {point.better_loss:.4f}), "
+        f"{other_dir}'s final val loss {point.target:.4f}")
+    if point.better_step == this.steps:
+        log(f"(no earlier kept weights reach it: the final weights; kept steps: {list(this.kept_steps) or 'none'})")
+        return None
+    return point.better_step
 
 
 def quantize_run(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig(), log=print) -> dict[str, Any]:
     """Evaluate the run's formats and save the result in the run directory (``ofe quantize``):
     one result for the final weights and one per kept step (:meth:`RunDir.quant_path`)."""
-    step = None if cfg.step < 0 else cfg.step
+    step = matched_step(run_dir, cfg.matched_to, log) if cfg.matched_to else (None if cfg.step < 0 else cfg.step)
     result = evaluate_run(run_dir, cfg.quant, cfg.eval_sequences, cfg.sweep, log=log, step=step,
                           real_int8=cfg.real_int8)
     RunDir(run_dir).write_quant(result, step)

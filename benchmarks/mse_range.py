@@ -2,13 +2,15 @@
 
 1. per weight tensor: ofe's search by sorting (``ofe.quant.quantizers._errors_by_sorting``: one sort
    and prefix sums, then a binary search per grid level and candidate) against quantising every
-   candidate (the previous implementation, still used for short rows), and against PyTorch's own
-   range search, ``torch.ao.quantization.HistogramObserver`` (an approximate L2 search on a
-   2048-bin histogram) as the peer; both ofe paths must pick the same range (asserted);
+   candidate (``_errors_by_quantising``, still used for short rows), against the search as ofe had
+   it before (:func:`quantize_weight_before`: quantise each candidate and keep the best tensor with
+   ``torch.where``), and against PyTorch's own range search,
+   ``torch.ao.quantization.HistogramObserver`` (an approximate L2 search on a 2048-bin histogram) as
+   the peer; every ofe variant must give identical weights (asserted);
 2. ``ofe audit`` of a randomly initialised 22M-parameter encoder with MiniLM-L6's shapes (BERT,
    6 layers, width 384; issue 15 timed the first audit of such a model at 47 s) as it is, against
-   the audit as it was before (every candidate quantised, and the standard-library file list
-   found by walking the whole tree, site-packages included, then filtering; both restored here).
+   the audit as it was before (the search above, and the standard-library file list found by
+   walking the whole tree, site-packages included, then filtering; both restored here).
 
 Interleaved repeats; prints seconds and speed-ups with 95% intervals and the CPU model.
 
@@ -29,11 +31,30 @@ from _timing import interleaved, ratio_ci
 
 from ofe import audit as audit_module
 from ofe.data import corpus
-from ofe.quant import quantizers
-from ofe.quant.quantizers import quantize_weight
+from ofe.quant import quantizers, simulate
+from ofe.quant.quantizers import fast_fake_quant, int_grid, quantize_weight, symmetric_scale
 
 SHAPES = {"gpt2 c_attn (768 x 2304)": (768, 2304), "gpt2 mlp (3072 x 768)": (3072, 768),
           "gpt2 attn proj (768 x 768)": (768, 768), "MiniLM mlp (1536 x 384)": (1536, 384)}
+
+
+def quantize_weight_before(w, bits, per_channel=False, method="mse", grid=100, half_range=False):
+    """``quantize_weight`` as ofe had it before the sorted search (commit 20502e4), for timing."""
+    qmin, qmax = int_grid(bits, signed=True)
+    w = w.float()
+    dims = tuple(range(1, w.dim())) if per_channel else tuple(range(w.dim()))
+    max_abs = w.abs().amax(dim=dims, keepdim=True)
+    best, best_err = None, None
+    for i in range(1, grid + 1):
+        candidate = fast_fake_quant(w, symmetric_scale(max_abs * (i / grid), bits, half_range), 0.0, qmin, qmax)
+        err = (candidate - w).square().sum(dim=dims, keepdim=True)
+        if best is None:
+            best, best_err = candidate, err
+        else:
+            better = err < best_err
+            best = torch.where(better, candidate, best)
+            best_err = torch.where(better, err, best_err)
+    return best
 
 
 def stdlib_files_by_walking_everything(root=None):
@@ -45,14 +66,13 @@ def stdlib_files_by_walking_everything(root=None):
 
 @contextlib.contextmanager
 def as_before():
-    """The audit's two slow parts as they were: candidate-by-candidate search, whole-tree walk."""
-    saved = audit_module.stdlib_files
-    audit_module.stdlib_files = stdlib_files_by_walking_everything
+    """The audit's two slow parts as they were: the previous search, the whole-tree walk."""
+    saved = audit_module.stdlib_files, simulate.quantize_weight
+    audit_module.stdlib_files, simulate.quantize_weight = stdlib_files_by_walking_everything, quantize_weight_before
     try:
-        with quantising_every_candidate():
-            yield
+        yield
     finally:
-        audit_module.stdlib_files = saved
+        audit_module.stdlib_files, simulate.quantize_weight = saved
 
 
 @contextlib.contextmanager
@@ -98,23 +118,30 @@ def row(name: str, times: dict[str, list[float]], base: str, other: str) -> str:
 def tensors(repeats: int) -> None:
     print(f"\n1. one weight tensor, 100 candidates: seconds per tensor (speed-up = {'loop'} / sorting)")
     print(f"{'tensor, range':<44} {'loop':>8} {'sorting':>8} {'speed-up':>10} {'95% interval':>14}")
-    peers = []
+    peers, befores = [], []
     for name, shape in SHAPES.items():
         torch.manual_seed(0)
         w = torch.randn(shape) * 0.02
         for bits, per_channel in ((8, False), (4, True)):
             if quantizers.SORT_SEARCH_MIN_RATIO * (2**bits - 1) > (shape[1] if per_channel else w.numel()):
                 continue  # ofe quantises every candidate here too: nothing to compare
-            assert torch.equal(loop_search(w, bits, per_channel), quantize_weight(w, bits, per_channel, "mse"))
+            now = quantize_weight(w, bits, per_channel, "mse")
+            assert torch.equal(loop_search(w, bits, per_channel), now)
+            assert torch.equal(quantize_weight_before(w, bits, per_channel), now)
             fns = {"loop": lambda: loop_search(w, bits, per_channel),
-                   "sorting": lambda: quantize_weight(w, bits, per_channel, "mse")}
+                   "sorting": lambda: quantize_weight(w, bits, per_channel, "mse"),
+                   "before": lambda: quantize_weight_before(w, bits, per_channel)}
             if bits == 8 and not per_channel:
                 fns["torch HistogramObserver"] = lambda: torch_histogram_search(w)
             times = interleaved(fns, repeats)
             label = f"{name}, W{bits} per-{'channel' if per_channel else 'tensor'}"
             print(row(label, times, "loop", "sorting"))
+            befores.append(row(label, times, "before", "sorting"))
             if "torch HistogramObserver" in times:
                 peers.append(row(label, times, "torch HistogramObserver", "sorting"))
+    print("\n   against ofe before (commit 20502e4): seconds per tensor (speed-up = before / now)")
+    print(f"{'tensor, range':<44} {'before':>8} {'now':>8} {'speed-up':>10} {'95% interval':>14}")
+    print("\n".join(befores))
     print("\n   peer: seconds per tensor (speed-up = torch HistogramObserver / ofe sorting)")
     print(f"{'tensor, range':<44} {'torch':>8} {'sorting':>8} {'speed-up':>10} {'95% interval':>14}")
     print("\n".join(peers))

@@ -142,9 +142,13 @@ class RotatedOptimizer(torch.optim.Optimizer):
                         bias_correction=bias_correction, beta2_decay=beta2_decay, eps1=eps1, d=d,
                         matmul_dtype=matmul_dtype, step=0, eigh_fallbacks=0)
         super().__init__(params, defaults)
+        # Low-precision copies of each state's bases for bf16 products, made once per refresh; kept out
+        # of the state (and so of checkpoints). Keyed by id() of the state dict, cleared on load.
+        self._low_bases: dict[int, list[Tensor | None]] = {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, keeping the saved float32 state (torch casts state to the parameter dtype)."""
+        self._low_bases.clear()
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
@@ -181,14 +185,16 @@ class RotatedOptimizer(torch.optim.Optimizer):
                 continue
             group["step"] += 1
             grads = [p.grad.to(state_dtype(p)) for p in params]
+            low = _low_precision(group, grads)
+            low_grads = [g.to(low) for g in grads] if low is not None else None
             if group["step"] == 1:  # the first step only builds the preconditioner
                 states = [self._init_state(p, group) for p in params]
-                self._update_factors(states, grads, group)
+                self._update_factors(states, low_grads or grads, group)
                 self._eigh_bases(states, group)
                 continue
             states = [self.state[p] for p in params]
             t = group["step"] - 1
-            updates = self._directions(states, grads, group, t)
+            updates = self._directions(states, grads, low_grads, group, t)
             beta1, beta2 = group["betas"]
             step_size = group["lr"]
             if group["bias_correction"]:
@@ -198,27 +204,43 @@ class RotatedOptimizer(torch.optim.Optimizer):
             torch._foreach_add_(params, same_dtype, alpha=-step_size)
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-            self._update_factors(states, grads, group)
+            self._update_factors(states, low_grads or grads, group)
             if t % group["precondition_frequency"] == 0:
                 self._refresh_bases(states, group)
         return loss
 
-    def _directions(self, states, grads, group, t: int) -> list[Tensor]:
-        """Rotate the gradients, update the moments in the basis, return the rotated-back directions."""
-        low = _low_precision(group, grads)
-        g_rot = [_product(rotate, g, self._bases(s), low) for g, s in zip(grads, states)]
+    def _directions(self, states, grads, low_grads, group, t: int) -> list[Tensor]:
+        """Rotate the gradients, update the moments in the basis, return the rotated-back directions.
+        ``low_grads``: the gradients already in the products' low precision (None: float32 products)."""
+        if low_grads is None:
+            g_rot = [rotate(g, self._bases(s)) for g, s in zip(grads, states)]
+        else:
+            g_rot = [rotate(x, self._cast_bases(s, x.dtype)).to(g.dtype) if self._rotated(s) else g
+                     for g, x, s in zip(grads, low_grads, states)]
         moments = [s["m"] for s in states]
         torch._foreach_lerp_(moments, g_rot, 1.0 - group["betas"][0])
         directions = self.rule.directions(states, g_rot, moments, group, t)
-        return [_product(rotate_back, u, self._bases(s), low) for u, s in zip(directions, states)]
+        if low_grads is None:
+            return [rotate_back(u, self._bases(s)) for u, s in zip(directions, states)]
+        return [rotate_back(u.to(x.dtype), self._cast_bases(s, x.dtype)).to(u.dtype) if self._rotated(s) else u
+                for u, x, s in zip(directions, low_grads, states)]
+
+    def _rotated(self, state: dict[str, Any]) -> bool:
+        return "Q0" in state or "Q1" in state
+
+    def _cast_bases(self, state: dict[str, Any], dtype: torch.dtype) -> list[Tensor | None]:
+        """The state's bases in ``dtype``, cast once per refresh."""
+        cached = self._low_bases.get(id(state))
+        if cached is None or any(q is not None and q.dtype != dtype for q in cached):
+            cached = [q.to(dtype) if q is not None else None for q in self._bases(state)]
+            self._low_bases[id(state)] = cached
+        return cached
 
     @staticmethod
     def _update_factors(states, grads, group) -> None:
-        """EMA of ``G G^T`` and ``G^T G``."""
+        """EMA of ``G G^T`` and ``G^T G`` (``grads`` in the products' precision; the EMA in the state's)."""
         beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["betas"][1]
-        low = _low_precision(group, grads)
-        for s, g in zip(states, grads):
-            x = g.to(low) if low is not None else g
+        for s, x in zip(states, grads):
             if "GG0" in s:
                 s["GG0"].lerp_((x @ x.mT).to(s["GG0"].dtype), 1.0 - beta)
             if "GG1" in s:
@@ -247,6 +269,7 @@ class RotatedOptimizer(torch.optim.Optimizer):
             q = _broadcast(q.flip(-1).contiguous())
             for (s, side), qi in zip(members, q):
                 s[f"Q{side}"] = qi
+                self._low_bases.pop(id(s), None)
 
     def _refresh_bases(self, states, group) -> None:
         """One QR power-iteration step from the old bases; re-order / re-rotate the moments to follow."""
@@ -254,16 +277,17 @@ class RotatedOptimizer(torch.optim.Optimizer):
             gg = torch.stack([s[f"GG{side}"] for s, side in members])
             q_old = torch.stack([s[f"Q{side}"] for s, side in members])
             power = gg @ q_old
-            est_eig = (q_old * power).sum(-2)  # diag(Q^T GG Q), shape (k, size)
+            est_eig = torch.linalg.vecdot(q_old, power, dim=-2)  # diag(Q^T GG Q), shape (k, size)
             order = est_eig.argsort(dim=-1, descending=True)
             power = torch.gather(power, -1, order.unsqueeze(-2).expand_as(power))
-            q_new, _ = torch.linalg.qr(power)
-            q_new, order = _broadcast(q_new.contiguous()), _broadcast(order.contiguous())
+            q_new = torch.linalg.householder_product(*torch.geqrf(power))  # QR's Q, without forming R
+            q_new, order = _broadcast(q_new), _broadcast(order)  # Q stays in LAPACK's column-major layout
             for (s, side), qo, qn, idx in zip(members, q_old, q_new, order):
                 self.rule.reorder(s, side, idx)
                 change = qn.mT @ qo  # old basis coordinates -> new basis coordinates
                 s["m"] = change @ s["m"] if side == 0 else s["m"] @ change.mT
                 s[f"Q{side}"] = qn
+                self._low_bases.pop(id(s), None)
 
 
 def _low_precision(group: dict[str, Any], grads: list[Tensor]) -> torch.dtype | None:
@@ -272,16 +296,10 @@ def _low_precision(group: dict[str, Any], grads: list[Tensor]) -> torch.dtype | 
     return dtype if grads and dtype != grads[0].dtype and grads[0].dtype == torch.float32 else None
 
 
-def _product(fn, x: Tensor, q: list[Tensor | None], low: torch.dtype | None) -> Tensor:
-    """``fn(x, q)`` (a rotation), in ``low`` precision when given, returned in ``x``'s dtype."""
-    if low is None or all(side is None for side in q):
-        return fn(x, q)
-    return fn(x.to(low), [side.to(low) if side is not None else None for side in q]).to(x.dtype)
-
-
 def _broadcast(t: Tensor) -> Tensor:
     """Make every rank use rank 0's tensor (eigh/QR need not be bitwise deterministic across ranks)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.contiguous()
         dist.broadcast(t, src=0)
     return t
 

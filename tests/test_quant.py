@@ -47,6 +47,12 @@ def test_fast_path_equals_the_reference():
     x = torch.randn(3, 50, generator=torch.Generator().manual_seed(4)) * 4
     scale, zp = asymmetric_qparams(x.min(), x.max(), 8)
     assert torch.equal(fast_fake_quant(x, scale, zp, 0, 255), fake_quant(x, scale, zp, 0, 255))
+    narrow_scale, narrow_zp = asymmetric_qparams(x.min() / 3, x.max() / 3, 8)  # most values clamp at both ends
+    assert torch.equal(fast_fake_quant(x, narrow_scale, narrow_zp, 0, 255), fake_quant(x, narrow_scale, narrow_zp, 0, 255))
+    rows_scale, rows_zp = asymmetric_qparams(x.amin(1, keepdim=True) / 2, x.amax(1, keepdim=True), 4)  # per row
+    assert torch.equal(fast_fake_quant(x, rows_scale, rows_zp, 0, 15), fake_quant(x, rows_scale, rows_zp, 0, 15))
+    assert torch.equal(fast_fake_quant(x.bfloat16(), scale, zp, 0, 255), fake_quant(x.bfloat16().float(), scale, zp, 0, 255))
+    assert torch.equal(fast_fake_quant(x, scale, 3.0, 0, 255), fake_quant(x, scale, 3.0, 0, 255))  # a float zero point
     w = torch.randn(16, 8, generator=torch.Generator().manual_seed(5))
     reference = fake_quant(w, symmetric_scale(w.abs().max(), 8), 0.0, -128, 127)
     assert torch.equal(quantize_weight(w, 8, method="minmax"), reference)

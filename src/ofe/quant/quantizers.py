@@ -31,12 +31,18 @@ def fake_quant(x: Tensor, scale: Tensor | float, zero_point: Tensor | float, qmi
 
 
 def fast_fake_quant(x: Tensor, scale: Tensor | float, zero_point: Tensor | float, qmin: int, qmax: int) -> Tensor:
-    """:func:`fake_quant` computed in place on one new buffer: the same operations in the same order
-    (identical results, tested), about 3x faster on CPU than the out-of-place form, and faster than
-    torch's fused ``fake_quantize_per_tensor_affine`` kernel, which also builds a gradient mask."""
+    """:func:`fake_quant` computed in place on one new buffer, with identical results (tested): about
+    3x faster on CPU than the out-of-place form, and faster than torch's fused
+    ``fake_quantize_per_tensor_affine`` kernel, which also builds a gradient mask. The zero point is
+    an integer, so ``clamp(round(y) + z, qmin, qmax) - z`` is computed exactly as
+    ``clamp(round(y), qmin - z, qmax - z)``: two passes fewer."""
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    y = x.float() * (1.0 / scale)
-    return y.round_().add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+    y = (x.float() * (1.0 / scale)).round_()
+    if isinstance(zero_point, Tensor):
+        y = torch.clamp(y, qmin - zero_point, qmax - zero_point, out=y)
+    else:
+        y = y.clamp_(qmin - zero_point, qmax - zero_point)
+    return y.mul_(scale)
 
 
 def symmetric_scale(max_abs: Tensor, bits: int, half_range: bool = False) -> Tensor:

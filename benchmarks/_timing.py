@@ -1,7 +1,8 @@
-"""Shared timing for the benchmarks: interleaved step timing and a paired bootstrap interval."""
+"""Shared timing for the benchmarks: interleaved step timing, a paired bootstrap interval, the CPU's name."""
 
 from __future__ import annotations
 
+import platform
 import random
 import time
 from collections.abc import Callable
@@ -34,3 +35,14 @@ def ratio_ci(times: list[float], base: list[float], block: int = 1, n_boot: int 
         ratios.append(sum(t for t, _ in sample) / sum(b for _, b in sample))
     ratios.sort()
     return ratios[int(0.025 * n_boot)], ratios[int(0.975 * n_boot) - 1]
+
+
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux), to print beside every timing."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

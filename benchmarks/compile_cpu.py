@@ -17,8 +17,7 @@ import tempfile
 import time
 
 import torch
-from _timing import interleaved, ratio_ci
-from mse_range import cpu_name
+from _timing import cpu_name, interleaved, ratio_ci
 
 
 def build_step(preset: str, batch_size: int, dtype: str, compile_: bool, out_dir: str):

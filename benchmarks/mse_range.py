@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import statistics
 import tempfile
 
 import torch
-from _timing import interleaved, ratio_ci
+from _timing import cpu_name, interleaved, ratio_ci
 
 from ofe import audit as audit_module
 from ofe.data import corpus
@@ -97,16 +96,6 @@ def torch_histogram_search(w: torch.Tensor) -> torch.Tensor:
     obs(w)
     scale, zero_point = obs.calculate_qparams()
     return torch.fake_quantize_per_tensor_affine(w, float(scale), int(zero_point), -128, 127)
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def row(name: str, times: dict[str, list[float]], base: str, other: str) -> str:

@@ -15,24 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 
 import torch
-from _timing import interleaved, ratio_ci
+from _timing import cpu_name, interleaved, ratio_ci
 
 from ofe.models import GPT, lm_loss, preset
 from ofe.optim import SOAP, param_groups
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_optimizers(model_factory, lr: float, freq: int):

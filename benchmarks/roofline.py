@@ -21,8 +21,7 @@ import tempfile
 import time
 
 import torch
-from _timing import interleaved, ratio_ci
-from mse_range import cpu_name
+from _timing import cpu_name, interleaved, ratio_ci
 
 
 def gemm_gflops(n: int, dtype: torch.dtype, repeats: int) -> float:

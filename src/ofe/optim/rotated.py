@@ -293,7 +293,7 @@ class RotatedOptimizer(torch.optim.Optimizer):
 def _low_precision(group: dict[str, Any], grads: list[Tensor]) -> torch.dtype | None:
     """The group's product dtype when it is below the state's (float32 state, bfloat16 products)."""
     dtype = group.get("matmul_dtype", torch.float32)
-    return dtype if grads and dtype != grads[0].dtype and grads[0].dtype == torch.float32 else None
+    return dtype if dtype != torch.float32 and grads and grads[0].dtype == torch.float32 else None
 
 
 def _broadcast(t: Tensor) -> Tensor:

@@ -38,11 +38,7 @@ def fast_fake_quant(x: Tensor, scale: Tensor | float, zero_point: Tensor | float
     ``clamp(round(y), qmin - z, qmax - z)``: two passes fewer."""
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
     y = (x.float() * (1.0 / scale)).round_()
-    if isinstance(zero_point, Tensor):
-        y = torch.clamp(y, qmin - zero_point, qmax - zero_point, out=y)
-    else:
-        y = y.clamp_(qmin - zero_point, qmax - zero_point)
-    return y.mul_(scale)
+    return y.clamp_(qmin - zero_point, qmax - zero_point).mul_(scale)
 
 
 def symmetric_scale(max_abs: Tensor, bits: int, half_range: bool = False) -> Tensor:

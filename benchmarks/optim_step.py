@@ -44,6 +44,25 @@ def make_optimizers(model_factory, lr: float, freq: int):
     return built
 
 
+def soap_products_flops(model, opt) -> float:
+    """FLOPs of SOAP's per-step products, from its state: for a parameter of N elements rotated on a
+    side of dimension d, rotating the gradient in, the update out (4 N d) and the factor update of
+    that side (2 N d): 6 N d per rotated side. The basis refresh (every precondition_frequency steps)
+    is not counted."""
+    total = 0.0
+    for p in model.parameters():
+        state = opt.state[p]
+        sides = [state[key].shape[0] for key in ("GG0", "GG1") if key in state]
+        total += 6 * p.numel() * sum(sides)
+    return total
+
+
+def train_step_flops(model, cfg, batch_size: int) -> float:
+    """A training step's FLOPs: 6 x parameters x tokens plus the attention products (as roofline.py)."""
+    params = sum(p.numel() for p in model.parameters())
+    return 6 * params * batch_size * cfg.seq_len + 12 * cfg.n_layer * cfg.seq_len**2 * cfg.d_model * batch_size
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small-cpu", help="model preset (default: small-cpu)")
@@ -111,12 +130,17 @@ def main() -> None:
         print(f"  training step   {name:<24} {value * 1e3:9.1f} ms")
     for name, (r, ci) in ratios.items():
         print(f"{name:<72} {r:.3f}  (95% CI [{ci[0]:.3f}, {ci[1]:.3f}])")
+    soap_model, soap_opt = built["ofe SOAP"]
+    extra, step = soap_products_flops(soap_model, soap_opt), train_step_flops(soap_model, cfg, args.batch_size)
+    print(f"SOAP's per-step products: {extra / 1e9:.2f} GFLOP = {extra / step:.2f} of a training step's "
+          f"{step / 1e9:.2f} GFLOP (refresh not counted): at equal FLOP rates SOAP / AdamW >= {1 + extra / step:.2f}")
     r1, ci1 = ratios[f"ofe SOAP / {peer} (optimizer step; target <= 0.5)"]
     r2, ci2 = ratios[f"ofe SOAP / {adamw} (training step; target <= 1.3)"]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "optimizer_step_s": mean, "train_step_s": tmean, "soap_vs_peer": r1,
                        "soap_vs_peer_ci95": ci1, "train_soap_vs_adamw": r2, "train_soap_vs_adamw_ci95": ci2,
+                       "soap_products_gflop": extra / 1e9, "train_step_gflop": step / 1e9,
                        "ratios": {k: {"ratio": r, "ci95": ci} for k, (r, ci) in ratios.items()}}, f, indent=1)
 
 

@@ -7,7 +7,9 @@ A corpus is a sequence of documents ``(doc_id, text)``. Sources:
 * a directory: every file matching ``glob`` below it;
 * a ``.txt`` file: blocks of ``TXT_BLOCK_LINES`` lines;
 * a ``.jsonl`` file: one document per line, text in field ``text_field``;
-* a Hugging Face dataset saved with ``save_to_disk`` (needs the optional ``datasets`` package).
+* a Hugging Face dataset saved with ``save_to_disk`` (needs the optional ``datasets`` package);
+* ``bigram-backcopy``: the synthetic Bigram-Backcopy task (:mod:`ofe.data.synthetic`), generated in
+  memory, where attention sinks and massive activations form within minutes.
 
 Files that are unreadable or not UTF-8 are skipped and counted, never fatal. Each document goes to
 validation when a hash of its id falls below ``val_fraction``: the split is deterministic and stable
@@ -28,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ofe.data.synthetic import NAME as SYNTHETIC_NAME
+from ofe.data.synthetic import BigramBackcopy
 from ofe.errors import OfeError
 
 TXT_BLOCK_LINES = 200
@@ -60,15 +64,19 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
 class Corpus:
     """A resolved corpus source: what to read, and how to fingerprint it for caching."""
 
-    kind: str  # "files" | "txt" | "jsonl" | "hf"
+    kind: str  # "files" | "txt" | "jsonl" | "hf" | "synthetic"
     root: Path
     files: list[Path] = field(default_factory=list)
     text_field: str = "text"
     skipped: int = 0  # files that could not be read as UTF-8 text
+    generator: BigramBackcopy | None = None  # the synthetic kind's
 
     def fingerprint(self) -> str:
-        """Hash of the source's identity: paths, sizes and modification times (not contents)."""
+        """Hash of the source's identity: paths, sizes and modification times (not contents), or the
+        generator's settings."""
         h = hashlib.sha256(f"{self.kind}|{self.root}|{self.text_field}|{sys.version_info[:2]}".encode())
+        if self.generator is not None:
+            h.update(repr(self.generator).encode())
         for p in self.files:
             st = p.stat()
             h.update(f"{p.relative_to(self.root) if self.kind == 'files' else p.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -82,6 +90,8 @@ class Corpus:
             yield from self._txt_documents()
         elif self.kind == "jsonl":
             yield from self._jsonl_documents()
+        elif self.generator is not None:
+            yield from self.generator.documents()
         else:
             yield from self._hf_documents()
 
@@ -140,6 +150,8 @@ def open_corpus(source: str, glob: str = "**/*", text_field: str = "text") -> Co
     if source == "stdlib":
         root = stdlib_root()
         return Corpus("files", root, stdlib_files(root))
+    if source == SYNTHETIC_NAME:
+        return Corpus("synthetic", Path(SYNTHETIC_NAME), generator=BigramBackcopy())
     path = Path(source).expanduser().resolve()
     if not path.exists():
         raise CorpusError(f"corpus not found: {source}")
@@ -155,7 +167,7 @@ def open_corpus(source: str, glob: str = "**/*", text_field: str = "text") -> Co
         return Corpus("jsonl", path.parent, [path], text_field)
     if path.suffix == ".txt":
         return Corpus("txt", path.parent, [path], text_field)
-    raise CorpusError(f"corpus {source}: expected 'stdlib', a directory, a .txt or .jsonl file, or a saved HF dataset")
+    raise CorpusError(f"corpus {source}: expected 'stdlib', '{SYNTHETIC_NAME}', a directory, a .txt or .jsonl file, or a saved HF dataset")
 
 
 def is_validation(doc_id: str, val_fraction: float) -> bool:

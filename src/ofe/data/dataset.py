@@ -32,7 +32,7 @@ TOKENIZER_FILE = "tokenizer.json"  # in the token cache directory
 
 @dataclass(frozen=True)
 class DataConfig:
-    corpus: str = field("stdlib", "'stdlib' (the Python standard library's source), a directory, a .txt or .jsonl file, or a saved HF dataset")
+    corpus: str = field("stdlib", "'stdlib' (the Python standard library's source), 'bigram-backcopy' (a synthetic task), a directory, a .txt or .jsonl file, or a saved HF dataset")
     glob: str = field("**/*", "files to read below a corpus directory")
     text_field: str = field("text", "text field of .jsonl records / HF dataset column")
     val_fraction: float = field(0.05, "fraction of documents held out for validation")

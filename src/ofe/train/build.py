@@ -22,6 +22,7 @@ from torch import nn
 
 from ofe import config as C
 from ofe.data import TokenData, check_lengths, prepare, val_windows
+from ofe.data.synthetic import NAME as SYNTHETIC_NAME
 from ofe.errors import OfeError
 from ofe.models import GPT
 from ofe.monitor import TRAIN_METRICS, KurtosisUpdateTracker, OutlierMonitor
@@ -128,7 +129,8 @@ def describe_corpus(data: TokenData) -> str:
     and its fingerprint."""
     m = data.meta
     name = m.get("corpus")
-    what = f"the Python {platform.python_version()} standard library" if name == "stdlib" else repr(name)
+    what = {"stdlib": f"the Python {platform.python_version()} standard library",
+            SYNTHETIC_NAME: "the synthetic Bigram-Backcopy task"}.get(name, repr(name))
     return (f"corpus: {what}, {m.get('train_docs', 0):,} train / {m.get('val_docs', 0):,} validation documents, "
             f"{m.get('train_tokens', 0):,} / {m.get('val_tokens', 0):,} {m.get('tokenizer')} tokens, "
             f"fingerprint {corpus_fingerprint(data)}")

@@ -1,0 +1,81 @@
+"""Bigram-Backcopy: a synthetic corpus in which attention sinks and massive activations form in minutes.
+
+The task of Guo et al. 2024 ("Active-dormant attention heads: mechanistically demystifying
+extreme-token phenomena in LLMs", arXiv 2410.13835). Text over an alphabet of ``len(ALPHABET)``
+symbols is a Markov chain with a fixed random transition matrix (each row drawn from a Dirichlet
+with a small concentration, so most rows are peaked), except after a *trigger* symbol: the symbol
+that follows a trigger copies the symbol just before it ("backcopy"). Predicting the bigram needs
+no attention; predicting the copy needs an attention head that looks one position back, but only on
+the few trigger positions. On every other position that head has nothing to do, and a trained
+Pre-LN model parks its attention on the first position (an attention sink), whose residual stream
+grows a massive activation: the extreme-token phenomenon, in a 2-layer model, within a few thousand
+steps on a CPU (docs/results/bigram-backcopy.md).
+
+The corpus is a fixed dataset (its own seed, not the training seed), generated in memory: nothing is
+read or downloaded. Symbols are ASCII letters and digits, so the byte tokenizer maps them 1:1.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+NAME = "bigram-backcopy"
+ALPHABET = string.ascii_letters + string.digits  # 62 symbols, one byte each
+
+
+@dataclass(frozen=True)
+class BigramBackcopy:
+    """The generator's settings; every one is part of the corpus fingerprint.
+
+    ``n_triggers``: how many symbols are triggers (the first ones of ``ALPHABET``); ``concentration``:
+    the Dirichlet parameter of each transition row (small: peaked rows, a learnable bigram);
+    ``n_docs`` x ``doc_len``: the corpus size in symbols (= byte tokens)."""
+
+    n_triggers: int = 3
+    concentration: float = 0.1
+    n_docs: int = 320
+    doc_len: int = 4096
+    seed: int = 0
+    version: int = 1  # bump when the generated text changes
+
+    def transitions(self) -> np.ndarray:
+        """Row-stochastic transition matrix, float64 ``(V, V)``."""
+        rng = np.random.default_rng(self.seed)
+        return rng.dirichlet(np.full(len(ALPHABET), self.concentration), size=len(ALPHABET))
+
+    def symbols(self) -> np.ndarray:
+        """The whole corpus as symbol indices, int64 ``(n_docs, doc_len)``; document-parallel
+        sampling, one position at a time."""
+        p = self.transitions()
+        cumulative = np.cumsum(p, axis=1)
+        rng = np.random.default_rng([self.seed, 1])
+        x = np.empty((self.n_docs, self.doc_len), dtype=np.int64)
+        x[:, 0] = rng.integers(0, len(ALPHABET), size=self.n_docs)
+        for t in range(1, self.doc_len):
+            u = rng.random(self.n_docs)
+            drawn = (cumulative[x[:, t - 1]] < u[:, None]).sum(axis=1).clip(max=len(ALPHABET) - 1)
+            copy = (x[:, t - 1] < self.n_triggers) if t >= 2 else np.zeros(self.n_docs, dtype=bool)
+            x[:, t] = np.where(copy, x[:, t - 2] if t >= 2 else drawn, drawn)
+        return x
+
+    def documents(self) -> Iterator[tuple[str, str]]:
+        """``(doc_id, text)`` for every document."""
+        letters = np.frombuffer(ALPHABET.encode(), dtype=np.uint8)
+        for i, row in enumerate(self.symbols()):
+            yield f"{NAME}-{i:05d}", letters[row].tobytes().decode("ascii")
+
+    def bayes_loss(self, x: np.ndarray | None = None) -> float:
+        """The lowest expected next-symbol loss any model can reach on ``x`` (default: the corpus), in
+        nats per token, counted over positions 1..doc_len-1: the copy is certain after a trigger
+        (loss 0) once two symbols are seen, every other symbol costs -log P(next | previous)."""
+        x = self.symbols() if x is None else x
+        p = self.transitions()
+        prev, nxt = x[:, :-1], x[:, 1:]
+        nll = -np.log(p[prev, nxt])
+        copied = prev < self.n_triggers
+        copied[:, 0] = False  # the second symbol has no symbol two back to copy
+        return float(np.where(copied, 0.0, nll).mean())

@@ -54,6 +54,8 @@ CASES = [
     TRAIN + " --data.tokenizer words",
     TRAIN + " --data.corpus {t}/missing",
     TRAIN + " --data.corpus {t}/empty.txt",
+    TRAIN + " --data.corpus bigram-backcopy:triggers=x",
+    TRAIN + " --data.corpus bigram-backcopy:nonsense=1",
     TRAIN + " --config {t}/missing.toml",
     TRAIN + " --config {t}/bad.toml",
     TRAIN + " --config {t}/unknown.toml",

@@ -5,10 +5,12 @@ import math
 
 import numpy as np
 
-from ofe.data import BigramBackcopy, DataConfig, open_corpus, prepare
+import pytest
+
+from ofe.data import BigramBackcopy, CorpusError, DataConfig, open_corpus, prepare
 from ofe.data.synthetic import ALPHABET
 
-SMALL = BigramBackcopy(n_docs=40, doc_len=2000, seed=3)
+SMALL = BigramBackcopy(n_triggers=8, n_docs=40, doc_len=2000, seed=3)
 
 
 def test_every_symbol_after_a_trigger_copies_the_one_before_it():
@@ -20,7 +22,7 @@ def test_every_symbol_after_a_trigger_copies_the_one_before_it():
 
 
 def test_other_transitions_follow_the_transition_matrix():
-    x = BigramBackcopy(n_docs=200, doc_len=2000, seed=3).symbols()
+    x = BigramBackcopy(n_triggers=8, n_docs=200, doc_len=2000, seed=3).symbols()
     p = SMALL.transitions()
     assert np.allclose(p.sum(axis=1), 1.0)
     prev, nxt = x[:, :-1].ravel(), x[:, 1:].ravel()
@@ -62,3 +64,13 @@ def test_prepare_tokenises_it_as_bytes(tmp_path):
     gen = BigramBackcopy()
     assert data.meta["train_tokens"] + data.meta["val_tokens"] == gen.n_docs * gen.doc_len
     assert set(np.unique(data.train).tolist()) <= set(ALPHABET.encode())
+
+
+def test_a_source_string_sets_the_generator_and_bad_settings_name_the_key():
+    gen = open_corpus("bigram-backcopy:triggers=8,docs=10,length=64,concentration=0.5,seed=2").generator
+    assert gen == BigramBackcopy(n_triggers=8, n_docs=10, doc_len=64, concentration=0.5, seed=2)
+    assert open_corpus("bigram-backcopy").generator == BigramBackcopy()
+    for source, needle in (("bigram-backcopy:foo=1", "'foo'"), ("bigram-backcopy:docs=x", "docs must be int"),
+                           ("bigram-backcopy:triggers", "has no value"), ("bigram-backcopy:triggers=62", "triggers <")):
+        with pytest.raises(CorpusError, match=needle):
+            open_corpus(source)

@@ -38,7 +38,8 @@ def _final_val(run: Run) -> float:
 
 def tuned_lrs(runs: Iterable[Run]) -> dict[tuple, dict[str, Any]]:
     """Per arm: ``{"lr": tuned lr, "grid": {lr: mean final val loss}, "seeds": the seeds averaged}``;
-    the tuned lr has the lowest mean (ties: the smaller lr).
+    the tuned lr has the lowest mean (ties: the smaller lr; a diverged lr, whose mean is not finite,
+    is never chosen over a finite one).
 
     The means are over the seeds that every lr of the arm was run with, so that extra seeds at one
     lr (e.g. more seeds of the tuned lr, run after the grid) never move the choice by seed luck; an
@@ -54,7 +55,7 @@ def tuned_lrs(runs: Iterable[Run]) -> dict[tuple, dict[str, Any]]:
         common = set.intersection(*(set(by_seed) for by_seed in grid.values()))
         seeds = common or set().union(*(set(by_seed) for by_seed in grid.values()))
         means = {lr: float(np.mean([v for s, v in by_seed.items() if s in seeds])) for lr, by_seed in sorted(grid.items())}
-        best = min(means, key=lambda lr: (means[lr], lr))
+        best = min(means, key=lambda lr: (means[lr] if np.isfinite(means[lr]) else np.inf, lr))
         out[arm] = {"lr": best, "grid": means, "seeds": sorted(seeds)}
     return out
 

@@ -8,8 +8,8 @@ A corpus is a sequence of documents ``(doc_id, text)``. Sources:
 * a ``.txt`` file: blocks of ``TXT_BLOCK_LINES`` lines;
 * a ``.jsonl`` file: one document per line, text in field ``text_field``;
 * a Hugging Face dataset saved with ``save_to_disk`` (needs the optional ``datasets`` package);
-* ``bigram-backcopy``: the synthetic Bigram-Backcopy task (:mod:`ofe.data.synthetic`), generated in
-  memory, where attention sinks and massive activations form within minutes.
+* ``bigram-backcopy[:key=value,...]``: the synthetic Bigram-Backcopy task (:mod:`ofe.data.synthetic`),
+  generated in memory, where attention sinks and massive activations form within minutes.
 
 Files that are unreadable or not UTF-8 are skipped and counted, never fatal. Each document goes to
 validation when a hash of its id falls below ``val_fraction``: the split is deterministic and stable
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ofe.data.synthetic import NAME as SYNTHETIC_NAME
-from ofe.data.synthetic import BigramBackcopy
+from ofe.data.synthetic import BigramBackcopy, from_spec
 from ofe.errors import OfeError
 
 TXT_BLOCK_LINES = 200
@@ -150,8 +150,12 @@ def open_corpus(source: str, glob: str = "**/*", text_field: str = "text") -> Co
     if source == "stdlib":
         root = stdlib_root()
         return Corpus("files", root, stdlib_files(root))
-    if source == SYNTHETIC_NAME:
-        return Corpus("synthetic", Path(SYNTHETIC_NAME), generator=BigramBackcopy())
+    try:
+        generator = from_spec(source)
+    except ValueError as e:
+        raise CorpusError(str(e)) from None
+    if generator is not None:
+        return Corpus("synthetic", Path(SYNTHETIC_NAME), generator=generator)
     path = Path(source).expanduser().resolve()
     if not path.exists():
         raise CorpusError(f"corpus not found: {source}")

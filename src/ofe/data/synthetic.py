@@ -12,14 +12,16 @@ grows a massive activation: the extreme-token phenomenon, in a 2-layer model, wi
 steps on a CPU (docs/results/bigram-backcopy.md).
 
 The corpus is a fixed dataset (its own seed, not the training seed), generated in memory: nothing is
-read or downloaded. Symbols are ASCII letters and digits, so the byte tokenizer maps them 1:1.
+read or downloaded. Symbols are ASCII letters and digits, so the byte tokenizer maps them 1:1. The
+source string ``bigram-backcopy`` gives the defaults; ``bigram-backcopy:triggers=8,docs=1280,length=1024``
+changes some (keys: ``triggers``, ``concentration``, ``docs``, ``length``, ``seed``).
 """
 
 from __future__ import annotations
 
 import string
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -79,3 +81,31 @@ class BigramBackcopy:
         copied = prev < self.n_triggers
         copied[:, 0] = False  # the second symbol has no symbol two back to copy
         return float(np.where(copied, 0.0, nll).mean())
+
+
+SPEC_KEYS = {"triggers": ("n_triggers", int), "concentration": ("concentration", float), "docs": ("n_docs", int),
+             "length": ("doc_len", int), "seed": ("seed", int)}
+
+
+def from_spec(source: str) -> BigramBackcopy | None:
+    """The generator a corpus source names (``bigram-backcopy[:key=value,...]``), or None when the
+    source is not this task. Raises ``ValueError`` naming a bad key or value."""
+    name, _, options = source.partition(":")
+    if name != NAME:
+        return None
+    settings = {}
+    for item in filter(None, options.split(",")):
+        key, eq, value = item.partition("=")
+        if key not in SPEC_KEYS:
+            raise ValueError(f"corpus {source}: unknown setting {key!r} (known: {', '.join(SPEC_KEYS)})")
+        if not eq:
+            raise ValueError(f"corpus {source}: setting {key!r} has no value (write {NAME}:{key}=VALUE,...)")
+        field_name, kind = SPEC_KEYS[key]
+        try:
+            settings[field_name] = kind(value)
+        except ValueError:
+            raise ValueError(f"corpus {source}: {key} must be {kind.__name__}, got {value!r}") from None
+    gen = replace(BigramBackcopy(), **settings)
+    if not (0 < gen.n_triggers < len(ALPHABET) and gen.concentration > 0 and gen.n_docs > 0 and gen.doc_len > 2):
+        raise ValueError(f"corpus {source}: need 0 < triggers < {len(ALPHABET)}, concentration > 0, docs > 0, length > 2")
+    return gen

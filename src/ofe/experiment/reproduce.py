@@ -43,7 +43,7 @@ STUDIES: dict[str, dict[str, Any]] = {
     # kurtosis 4-8, but 1e-2 is past AdamW's optimum here (docs/results/claims.md, C4); --tune
     # compares each arm at its own best lr instead.
     "study-cpu": {"train": {"steps": 300, "batch_size": 32, "eval_interval": 100, "monitor_interval": 20,
-                            "ckpt_interval": 100, "keep_weights": True}, "lr": 1e-2, "lrs": {}, "tune": [1e-3, 3e-3, 1e-2],
+                            "ckpt_interval": 100, "keep_weights": True}, "lr": 1e-2, "lrs": {}, "tune": [1e-3, 3e-3, 1e-2, 3e-2],
                   "seeds": (0, 1), "other_seeds": (0, 1)},
     # The headline regime (docs/results/headline-search.md): 4.8M parameters, bytes, a constant lr
     # after warmup, no weight decay, bf16 autocast, weights kept at every evaluation (matched loss),

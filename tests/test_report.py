@@ -240,7 +240,7 @@ def test_reproduce_runs_the_c8_pair_on_every_seed_and_each_arm_at_its_lr(tmp_pat
     assert (c.model.seq_len, c.batch_size, c.optim.decay, c.optim.weight_decay, c.keep_weights) == (128, 32, "constant", 0.0, True)
     tuning = parse_spec(R.tuning_spec(R.ReproduceConfig(out_dir=str(tmp_path), blocks=("pre-ln",), optimizers=("adamw",))))
     assert [r.name for r in tuning.runs] == ["pre-ln_adamw_lr0.001_seed0", "pre-ln_adamw_lr0.003_seed0",
-                                             "pre-ln_adamw_lr0.01_seed0"] and not tuning.quantize
+                                             "pre-ln_adamw_lr0.01_seed0", "pre-ln_adamw_lr0.03_seed0"] and not tuning.quantize
     only_pair = R.ReproduceConfig(preset="small-cpu", out_dir=str(tmp_path), other_seeds=(), seeds=(0,))
     assert R.arms(only_pair) == [("pre-ln", "adamw"), ("op", "soap")]
     assert [r.name for r in parse_spec(R.tuning_spec(only_pair)).runs][-1] == "op_soap_lr0.003_seed0"
@@ -253,6 +253,22 @@ def test_the_small_cpu_study_runs_adamw_at_its_measured_lr(tmp_path):
     committed = parse_spec(R.study_spec(R.ReproduceConfig(preset="small-cpu", out_dir=str(tmp_path))))
     assert {(r.config.model.block, r.config.optim.name): r.config.optim.lr for r in committed.runs} == {
         ("pre-ln", "adamw"): 1e-3, ("pre-ln", "soap"): 3e-3, ("op", "adamw"): 3e-3, ("op", "soap"): 3e-3}
+
+
+def test_the_backcopy_study_trains_on_the_synthetic_task_with_bos_windows(tmp_path):
+    from ofe.experiment import parse_spec
+    from ofe.experiment import reproduce as R
+    sweep = parse_spec(R.study_spec(R.ReproduceConfig(preset="backcopy-cpu", out_dir=str(tmp_path))))
+    c = sweep.runs[0].config
+    assert (c.data.corpus, c.data.bos, c.model.n_layer, c.model.seq_len, c.steps, c.dtype) == (
+        "bigram-backcopy", True, 2, 64, 2000, "bfloat16")
+    seeds = {(r.config.model.block, r.config.optim.name): set() for r in sweep.runs}
+    for r in sweep.runs:
+        seeds[(r.config.model.block, r.config.optim.name)].add(r.config.seed)
+    assert seeds == {("pre-ln", "adamw"): {0, 1, 2}, ("op", "soap"): {0, 1, 2}, ("pre-ln", "soap"): {0}, ("op", "adamw"): {0}}
+    other = parse_spec(R.study_spec(R.ReproduceConfig(preset="backcopy-cpu", corpus="bigram-backcopy:triggers=8",
+                                                      out_dir=str(tmp_path))))
+    assert other.runs[0].config.data.corpus == "bigram-backcopy:triggers=8" and other.runs[0].config.data.bos
 
 
 def test_blocks_are_compared_at_their_own_defaults(tmp_path):

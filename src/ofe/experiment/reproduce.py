@@ -56,6 +56,16 @@ STUDIES: dict[str, dict[str, Any]] = {
                             "optim": {"weight_decay": 0.0, "decay": "constant"}},
                   "lr": 3e-3, "lrs": {"pre-ln+adamw": 1e-3}, "tune": [3e-4, 1e-3, 3e-3], "seeds": (0, 1, 2),
                   "other_seeds": (0,)},
+    # The synthetic Bigram-Backcopy task (docs/results/bigram-backcopy.md): 0.43M parameters, 2 blocks,
+    # every window starts with a BOS token; an attention sink and a position-0 spike form within
+    # minutes. lrs: the seed-0 grid of configs/sweeps/backcopy-tune.toml (both arms 3e-3; at 1e-2
+    # Pre-LN + AdamW's loss is 0.003 nats worse and its spike costs W8A8 +2.3%). ~12 min on 2 cores.
+    "backcopy-cpu": {"train": {"steps": 2000, "batch_size": 32, "eval_interval": 200, "monitor_interval": 100,
+                               "ckpt_interval": 1000, "dtype": "bfloat16", "keep_weights": True,
+                               "data": {"corpus": "bigram-backcopy", "bos": True}, "model": {"activation": "gelu"},
+                               "optim": {"weight_decay": 0.0, "decay": "constant"}},
+                     "lr": 3e-3, "lrs": {"pre-ln+adamw": 3e-3, "op+soap": 3e-3}, "tune": [1e-3, 3e-3, 1e-2, 3e-2],
+                     "seeds": (0, 1, 2), "other_seeds": (0,)},
     "codeparrot-130m": {"train": {"steps": 10000, "batch_size": 128, "eval_interval": 500, "monitor_interval": 100,
                                   "ckpt_interval": 1000, "dtype": "bfloat16", "compile": True, "keep_weights": True,
                                   "data": {"tokenizer": "bpe", "bpe_vocab_size": 32768}},
@@ -74,18 +84,20 @@ class ReproduceConfig:
     blocks: tuple[str, ...] = C.field(("pre-ln", "op"), "comma-separated blocks to compare")
     optimizers: tuple[str, ...] = C.field(("adamw", "soap"), "comma-separated optimisers to compare")
     seeds: tuple[int, ...] = C.field((), "comma-separated seeds of the C8 pair (Pre-LN + AdamW, OP + SOAP); empty: the "
-                                         "study's (study-cpu 0,1; small-cpu 0,1,2)")
+                                         "study's (study-cpu 0,1; small-cpu, backcopy-cpu 0,1,2)")
     other_seeds: tuple[int, ...] | None = C.field(None, "comma-separated seeds of the other arms (e.g. Pre-LN + SOAP); "
                                                         "empty: only the C8 pair; none: the study's (study-cpu 0,1; "
-                                                        "small-cpu 0)")
-    steps: int = C.field(0, "updates per run; 0: the study's default (study-cpu 300, small-cpu 4000)")
-    batch_size: int = C.field(0, "sequences per update; 0: the study's default (study-cpu 32, small-cpu 32)")
+                                                        "small-cpu, backcopy-cpu 0)")
+    steps: int = C.field(0, "updates per run; 0: the study's default (study-cpu 300, small-cpu 4000, "
+                                 "backcopy-cpu 2000)")
+    batch_size: int = C.field(0, "sequences per update; 0: the study's default (32 for each CPU study)")
     lr: float = C.field(0.0, "peak lr of every arm; 0: each arm's lr from the study's table (or --tune), else the "
                              "study's lr (study-cpu 1e-2, small-cpu 3e-3)")
     tune: bool = C.field(False, "first run the study's lr grid for every arm on the first seed and use the "
                                 "best (lowest final val loss) lr of each")
     betas: tuple[float, ...] = C.field((0.9, 0.95), "(beta1, beta2) of every optimiser")
-    corpus: str = C.field("", "corpus (see ofe train --data.corpus); empty: the Python standard library")
+    corpus: str = C.field("", "corpus (see ofe train --data.corpus); empty: the study's (the Python standard "
+                                 "library; bigram-backcopy for backcopy-cpu)")
     quantize: bool = C.field(True, "quantise every run (W8A8 and the bit-width sweep), and the matched-loss weights")
     device: str = C.field("auto", "auto, cpu, cuda, cuda:N")
     progress: bool = C.field(True, "show a progress bar over the study")

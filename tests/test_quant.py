@@ -53,6 +53,9 @@ def test_fast_path_equals_the_reference():
     assert torch.equal(fast_fake_quant(x, rows_scale, rows_zp, 0, 15), fake_quant(x, rows_scale, rows_zp, 0, 15))
     assert torch.equal(fast_fake_quant(x.bfloat16(), scale, zp, 0, 255), fake_quant(x.bfloat16().float(), scale, zp, 0, 255))
     assert torch.equal(fast_fake_quant(x, scale, 3.0, 0, 255), fake_quant(x, scale, 3.0, 0, 255))  # a float zero point
+    big = torch.randn(64, 1031, generator=torch.Generator().manual_seed(6)) * 7  # the vectorised kernels' main loops
+    s, z = asymmetric_qparams(big.min() / 2, big.max(), 8)
+    assert torch.equal(fast_fake_quant(big, s, z, 0, 255), fake_quant(big, s, z, 0, 255))
     w = torch.randn(16, 8, generator=torch.Generator().manual_seed(5))
     reference = fake_quant(w, symmetric_scale(w.abs().max(), 8), 0.0, -128, 127)
     assert torch.equal(quantize_weight(w, 8, method="minmax"), reference)

@@ -37,7 +37,13 @@ def fast_fake_quant(x: Tensor, scale: Tensor | float, zero_point: Tensor | float
     an integer, so ``clamp(round(y) + z, qmin, qmax) - z`` is computed exactly as
     ``clamp(round(y), qmin - z, qmax - z)``: two passes fewer."""
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    y = (x.float() * (1.0 / scale)).round_()
+    inverse = 1.0 / scale
+    if x.device.type == "cpu" and scale.numel() == 1 and (not isinstance(zero_point, Tensor) or zero_point.numel() == 1):
+        # One range for the whole tensor: Python-number operands take torch's scalar kernels (a
+        # tensor-bound clamp_ costs ~4x a scalar one on CPU). float32 values are exact as Python
+        # floats, so the results are bitwise those of the tensor form. On a GPU this would sync.
+        inverse, scale, zero_point = inverse.item(), scale.item(), float(zero_point)
+    y = (x.float() * inverse).round_()
     return y.clamp_(qmin - zero_point, qmax - zero_point).mul_(scale)
 
 

@@ -183,8 +183,8 @@ def test_reproduce_smoke_trains_quantises_and_reports(tmp_path, small_corpus, ca
             "--corpus", str(small_corpus), "--out_dir", str(out), "--progress", "false"]
     assert main(args) == 0
     runs = sorted(p.name for p in out.iterdir() if (p / "model.safetensors").is_file())
-    assert runs == ["op_adamw_lr0.01_seed0", "op_soap_lr0.01_seed0", "op_soap_lr0.01_seed1",
-                    "pre-ln_adamw_lr0.01_seed0", "pre-ln_adamw_lr0.01_seed1", "pre-ln_soap_lr0.01_seed0"]
+    assert runs == ["op_adamw_lr0.03_seed0", "op_soap_lr0.01_seed0", "op_soap_lr0.01_seed1",  # each arm at its tuned lr
+                    "pre-ln_adamw_lr0.003_seed0", "pre-ln_adamw_lr0.003_seed1", "pre-ln_soap_lr0.01_seed0"]
     assert all((out / r / "quant.json").is_file() for r in runs)
     assert all((out / r / "weights").is_dir() for r in runs)  # kept weights for the matched-loss comparison
     printed = capsys.readouterr().out
@@ -195,8 +195,8 @@ def test_reproduce_smoke_trains_quantises_and_reports(tmp_path, small_corpus, ca
     for row in c8["data"]:
         step = row.get("matched_better_step")
         if step is not None and step < 6:
-            better = "op_soap" if row["matched_better"].startswith("op") else "pre-ln_adamw"
-            assert (out / f"{better}_lr0.01_seed{row['seed']}" / f"quant.step_{step:06d}.json").is_file()
+            better = "op_soap_lr0.01" if row["matched_better"].startswith("op") else "pre-ln_adamw_lr0.003"
+            assert (out / f"{better}_seed{row['seed']}" / f"quant.step_{step:06d}.json").is_file()
     assert main(args) == 0  # finished: skipped, the report is rewritten
     assert main(["reproduce", "--blocks", "pre-ln,nope"]) == 2
 

@@ -61,7 +61,7 @@ STUDIES: dict[str, dict[str, Any]] = {
     # The synthetic Bigram-Backcopy task (docs/results/bigram-backcopy.md): 0.43M parameters, 2 blocks,
     # every window starts with a BOS token; an attention sink and a position-0 spike form within
     # minutes. lrs: the seed-0 grid of configs/sweeps/backcopy-tune.toml (both arms 3e-3; at 1e-2
-    # Pre-LN + AdamW's loss is 0.003 nats worse and its spike costs W8A8 +2.3%). ~12 min on 2 cores.
+    # Pre-LN + AdamW's loss is 0.003 nats worse and its spike costs W8A8 +2.3%). 8.7 min on 2 cores.
     "backcopy-cpu": {"train": {"steps": 2000, "batch_size": 32, "eval_interval": 200, "monitor_interval": 100,
                                "ckpt_interval": 1000, "dtype": "bfloat16", "keep_weights": True,
                                "data": {"corpus": "bigram-backcopy", "bos": True}, "model": {"activation": "gelu"},

@@ -44,6 +44,10 @@ class BigramBackcopy:
     seed: int = 0
     version: int = 1  # bump when the generated text changes
 
+    def __post_init__(self) -> None:
+        if not (0 < self.n_triggers < len(ALPHABET) and self.concentration > 0 and self.n_docs > 0 and self.doc_len > 2):
+            raise ValueError(f"need 0 < triggers < {len(ALPHABET)}, concentration > 0, docs > 0, length > 2")
+
     def transitions(self) -> np.ndarray:
         """Row-stochastic transition matrix, float64 ``(V, V)``."""
         rng = np.random.default_rng(self.seed)
@@ -52,16 +56,19 @@ class BigramBackcopy:
     def symbols(self) -> np.ndarray:
         """The whole corpus as symbol indices, int64 ``(n_docs, doc_len)``; document-parallel
         sampling, one position at a time."""
-        p = self.transitions()
-        cumulative = np.cumsum(p, axis=1)
+        cumulative = np.cumsum(self.transitions(), axis=1)
         rng = np.random.default_rng([self.seed, 1])
+
+        def bigram_step(previous: np.ndarray) -> np.ndarray:  # one draw per document (inverse CDF)
+            u = rng.random(self.n_docs)
+            return (cumulative[previous] < u[:, None]).sum(axis=1).clip(max=len(ALPHABET) - 1)
+
         x = np.empty((self.n_docs, self.doc_len), dtype=np.int64)
         x[:, 0] = rng.integers(0, len(ALPHABET), size=self.n_docs)
-        for t in range(1, self.doc_len):
-            u = rng.random(self.n_docs)
-            drawn = (cumulative[x[:, t - 1]] < u[:, None]).sum(axis=1).clip(max=len(ALPHABET) - 1)
-            copy = (x[:, t - 1] < self.n_triggers) if t >= 2 else np.zeros(self.n_docs, dtype=bool)
-            x[:, t] = np.where(copy, x[:, t - 2] if t >= 2 else drawn, drawn)
+        x[:, 1] = bigram_step(x[:, 0])  # no symbol two back yet: no copy
+        for t in range(2, self.doc_len):
+            drawn = bigram_step(x[:, t - 1])
+            x[:, t] = np.where(x[:, t - 1] < self.n_triggers, x[:, t - 2], drawn)
         return x
 
     def documents(self) -> Iterator[tuple[str, str]]:
@@ -105,7 +112,7 @@ def from_spec(source: str) -> BigramBackcopy | None:
             settings[field_name] = kind(value)
         except ValueError:
             raise ValueError(f"corpus {source}: {key} must be {kind.__name__}, got {value!r}") from None
-    gen = replace(BigramBackcopy(), **settings)
-    if not (0 < gen.n_triggers < len(ALPHABET) and gen.concentration > 0 and gen.n_docs > 0 and gen.doc_len > 2):
-        raise ValueError(f"corpus {source}: need 0 < triggers < {len(ALPHABET)}, concentration > 0, docs > 0, length > 2")
-    return gen
+    try:
+        return replace(BigramBackcopy(), **settings)
+    except ValueError as e:
+        raise ValueError(f"corpus {source}: {e}") from None

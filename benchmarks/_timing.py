@@ -1,4 +1,5 @@
-"""Shared timing for the benchmarks: interleaved step timing, a paired bootstrap interval, the CPU's name."""
+"""Shared by the benchmarks: interleaved step timing, a paired bootstrap interval, the CPU's name, a
+training step's FLOP count."""
 
 from __future__ import annotations
 
@@ -46,3 +47,10 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def train_step_flops(model, batch_size: int) -> float:
+    """A GPT training step's FLOPs: 6 x parameters x tokens (forward + backward of every weight) plus
+    the attention products 12 x layers x T^2 x d per sequence (QK^T and PV, forward and backward)."""
+    c = model.cfg
+    return 6 * model.num_params() * batch_size * c.seq_len + 12 * c.n_layer * c.seq_len**2 * c.d_model * batch_size

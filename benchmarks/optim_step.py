@@ -18,7 +18,7 @@ import json
 import statistics
 
 import torch
-from _timing import cpu_name, interleaved, ratio_ci
+from _timing import cpu_name, interleaved, ratio_ci, train_step_flops
 
 from ofe.models import GPT, lm_loss, preset
 from ofe.optim import SOAP, param_groups
@@ -55,12 +55,6 @@ def soap_products_flops(model, opt) -> float:
         sides = [state[key].shape[0] for key in ("GG0", "GG1") if key in state]
         total += 6 * p.numel() * sum(sides)
     return total
-
-
-def train_step_flops(model, cfg, batch_size: int) -> float:
-    """A training step's FLOPs: 6 x parameters x tokens plus the attention products (as roofline.py)."""
-    params = sum(p.numel() for p in model.parameters())
-    return 6 * params * batch_size * cfg.seq_len + 12 * cfg.n_layer * cfg.seq_len**2 * cfg.d_model * batch_size
 
 
 def main() -> None:
@@ -131,7 +125,7 @@ def main() -> None:
     for name, (r, ci) in ratios.items():
         print(f"{name:<72} {r:.3f}  (95% CI [{ci[0]:.3f}, {ci[1]:.3f}])")
     soap_model, soap_opt = built["ofe SOAP"]
-    extra, step = soap_products_flops(soap_model, soap_opt), train_step_flops(soap_model, cfg, args.batch_size)
+    extra, step = soap_products_flops(soap_model, soap_opt), train_step_flops(soap_model, args.batch_size)
     print(f"SOAP's per-step products: {extra / 1e9:.2f} GFLOP = {extra / step:.2f} of a training step's "
           f"{step / 1e9:.2f} GFLOP (refresh not counted): at equal FLOP rates SOAP / AdamW >= {1 + extra / step:.2f}")
     r1, ci1 = ratios[f"ofe SOAP / {peer} (optimizer step; target <= 0.5)"]

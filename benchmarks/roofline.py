@@ -21,7 +21,7 @@ import tempfile
 import time
 
 import torch
-from _timing import cpu_name, interleaved, ratio_ci
+from _timing import cpu_name, interleaved, ratio_ci, train_step_flops
 
 
 def gemm_gflops(n: int, dtype: torch.dtype, repeats: int) -> float:
@@ -45,13 +45,6 @@ def build_step(preset: str, batch_size: int, dtype: str, out_dir: str):
     return trainer, (lambda: trainer._train_step(next(counter)))
 
 
-def step_flops(trainer, batch_size: int) -> float:
-    c = trainer.cfg.model
-    params = trainer.model.num_params()
-    tokens = batch_size * c.seq_len
-    return 6 * params * tokens + 12 * c.n_layer * c.seq_len**2 * c.d_model * batch_size
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small-cpu")
@@ -70,7 +63,7 @@ def main() -> None:
         for _ in range(3):
             s32(), s16()
         times = interleaved({"float32": s32, "bfloat16": s16}, args.steps)
-        flops = step_flops(t32, args.batch_size)
+        flops = train_step_flops(t32.model, args.batch_size)
         print(f"train step ({args.preset}, batch {args.batch_size}, {flops / 1e9:.1f} GFLOP per step):")
         for name in ("float32", "bfloat16"):
             sec = statistics.mean(times[name])

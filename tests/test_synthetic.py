@@ -4,7 +4,6 @@ use as a corpus."""
 import math
 
 import numpy as np
-
 import pytest
 
 from ofe.data import BigramBackcopy, CorpusError, DataConfig, open_corpus, prepare
@@ -36,8 +35,8 @@ def test_other_transitions_follow_the_transition_matrix():
 
 
 def test_bayes_loss_against_a_plain_loop():
-    x = BigramBackcopy(n_docs=3, doc_len=300, seed=5).symbols()
     gen = BigramBackcopy(n_docs=3, doc_len=300, seed=5)
+    x = gen.symbols()
     p = gen.transitions()
     total, n = 0.0, 0
     for row in x.tolist():

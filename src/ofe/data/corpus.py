@@ -90,7 +90,7 @@ class Corpus:
             yield from self._txt_documents()
         elif self.kind == "jsonl":
             yield from self._jsonl_documents()
-        elif self.generator is not None:
+        elif self.kind == "synthetic":
             yield from self.generator.documents()
         else:
             yield from self._hf_documents()

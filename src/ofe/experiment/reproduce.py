@@ -39,7 +39,7 @@ C8_PAIR = (("pre-ln", "adamw"), ("op", "soap"))
 # Settings per study scale (by preset); every one can be overridden by ReproduceConfig's options.
 # "lrs": the tuned lr of each arm ("block+optimiser"); "lr": the lr of any other arm; "tune": the grid.
 STUDIES: dict[str, dict[str, Any]] = {
-    # The quick study (0.84M parameters, ~10 min on 2 cores). lrs: each arm's best final val loss over
+    # The quick study (0.84M parameters, 7.5 min on 2 cores). lrs: each arm's best final val loss over
     # the grid on seed 0 (`ofe reproduce --tune true`, docs/results/reproduce.md): Pre-LN + AdamW 3e-3
     # (at 1e-2 it grows kurtosis 7-9 but its loss is 0.49 nats worse), OP + AdamW 3e-2 (the grid's edge).
     "study-cpu": {"train": {"steps": 300, "batch_size": 32, "eval_interval": 100, "monitor_interval": 20,

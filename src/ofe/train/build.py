@@ -129,9 +129,12 @@ def describe_corpus(data: TokenData) -> str:
     and its fingerprint."""
     m = data.meta
     name = m.get("corpus")
-    what = f"the Python {platform.python_version()} standard library" if name == "stdlib" else repr(name)
-    if str(name).partition(":")[0] == SYNTHETIC_NAME:
+    if name == "stdlib":
+        what = f"the Python {platform.python_version()} standard library"
+    elif str(name).partition(":")[0] == SYNTHETIC_NAME:
         what = f"the synthetic Bigram-Backcopy task {name!r}"
+    else:
+        what = repr(name)
     return (f"corpus: {what}, {m.get('train_docs', 0):,} train / {m.get('val_docs', 0):,} validation documents, "
             f"{m.get('train_tokens', 0):,} / {m.get('val_tokens', 0):,} {m.get('tokenizer')} tokens, "
             f"fingerprint {corpus_fingerprint(data)}")

@@ -35,6 +35,9 @@ FLOOR = 1.0  # kurtosis of perfectly even neurons; effect sizes are ratios of th
 
 
 C8_RATIO = 2.0  # "much more": Pre-LN + AdamW's W8A8 cost at least this many times OP + SOAP's
+# "degrades": a W8A8 cost under this (% perplexity) counts as quantising well (issue 12's bar for OP + SOAP),
+# so a ratio of two noise-level costs (e.g. +0.08% vs +0.02%) is no evidence either way
+C8_MIN_PCT = 0.3
 RULES = {
     "C1": "on the reference Pre-LN + AdamW configuration, mean-over-layers kurtosis peaks at >= 3 and ends at "
           ">= 2x its step-0 value: held in every seed, partly held in some, not held in none",
@@ -53,9 +56,9 @@ RULES = {
     "C7": "Spearman rho between final input correlation and kurtosis over (run, layer) points >= 0.5, and the final "
           "norm raises kurtosis in every pair differing only in it: held; partly held when one part holds",
     "C8": f"per seed, Pre-LN + AdamW and OP + SOAP each at its tuned lr: Pre-LN + AdamW's W8A8 perplexity increase "
-          f"is >= {C8_RATIO:g}x OP + SOAP's both at equal steps (final weights) and at matched validation loss (the "
-          f"better run's kept weights at the worse run's final val loss; equal steps only when none were kept): held "
-          f"in every seed, partly held in some, not held in none",
+          f"is >= {C8_MIN_PCT:g}% and >= {C8_RATIO:g}x OP + SOAP's, both at equal steps (final weights) and at matched "
+          f"validation loss (the better run's kept weights at the worse run's final val loss; equal steps only when "
+          f"none were kept): held in every seed, partly held in some, not held in none",
     "C9": "u4,2 dominates a Pre-LN + AdamW run when it is positive and at least as large in magnitude as every other "
           "u4 term (cumulative contribution to the kurtosis change, mean over layers); held when it dominates in "
           "every such run and SOAP, a smaller lr and a larger eps each shrink it in every pair isolating them; "
@@ -308,13 +311,14 @@ def claim_c8(runs: list[Run]) -> Verdict:
                      f"{point.better_loss:.3f}): W8A8 +{ma:.2f}% vs +{mb:.2f}%")
         else:
             line += "; no matched-loss point (no kept weights reach the worse run's final loss)"
-        ok = all(r is not None and r >= C8_RATIO for r in ([equal, matched] if matched is not None else [equal]))
+        compared = [(w8a, equal)] + ([(ma, matched)] if matched is not None else [])
+        ok = all(cost is not None and cost >= C8_MIN_PCT and r is not None and r >= C8_RATIO for cost, r in compared)
         row["agrees"] = ok
         wins.append(ok)
         data.append(row)
         lines.append(line)
     return _status(wins), (f"W8A8 perplexity increase, Pre-LN + AdamW vs OP + SOAP (each at its tuned lr), held when "
-                           f">= {C8_RATIO:g}x: {sum(wins)}/{len(wins)} seeds; " + "; ".join(lines)), data
+                           f">= {C8_MIN_PCT:g}% and >= {C8_RATIO:g}x: {sum(wins)}/{len(wins)} seeds; " + "; ".join(lines)), data
 
 
 U4 = ("u4_1", "u4_2", "u4_3", "u4_4")

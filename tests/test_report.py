@@ -238,7 +238,8 @@ def test_reproduce_runs_the_c8_pair_on_every_seed_and_each_arm_at_its_lr(tmp_pat
                    ("op", "soap", 0): 1e-2, ("op", "soap", 1): 1e-2, ("op", "soap", 2): 1e-2}
     c = sweep.runs[0].config
     assert (c.model.seq_len, c.batch_size, c.optim.decay, c.optim.weight_decay, c.keep_weights) == (128, 32, "constant", 0.0, True)
-    tuning = parse_spec(R.tuning_spec(R.ReproduceConfig(out_dir=str(tmp_path), blocks=("pre-ln",), optimizers=("adamw",))))
+    tuning = parse_spec(R.tuning_spec(R.ReproduceConfig(preset="study-cpu", out_dir=str(tmp_path), blocks=("pre-ln",),
+                                                        optimizers=("adamw",))))
     assert [r.name for r in tuning.runs] == ["pre-ln_adamw_lr0.001_seed0", "pre-ln_adamw_lr0.003_seed0",
                                              "pre-ln_adamw_lr0.01_seed0", "pre-ln_adamw_lr0.03_seed0"] and not tuning.quantize
     only_pair = R.ReproduceConfig(preset="small-cpu", out_dir=str(tmp_path), other_seeds=(), seeds=(0,))
@@ -258,10 +259,17 @@ def test_the_small_cpu_study_runs_adamw_at_its_measured_lr(tmp_path):
 def test_the_backcopy_study_trains_on_the_synthetic_task_with_bos_windows(tmp_path):
     from ofe.experiment import parse_spec
     from ofe.experiment import reproduce as R
-    sweep = parse_spec(R.study_spec(R.ReproduceConfig(preset="backcopy-cpu", out_dir=str(tmp_path))))
+    assert R.ReproduceConfig().preset == "backcopy-cpu"  # the main job
+    sweep = parse_spec(R.study_spec(R.ReproduceConfig(out_dir=str(tmp_path))))
     c = sweep.runs[0].config
     assert (c.data.corpus, c.data.bos, c.model.n_layer, c.model.seq_len, c.steps, c.dtype) == (
         "bigram-backcopy", True, 2, 64, 2000, "bfloat16")
+    assert (c.optim.decay, c.optim.warmup_frac, c.optim.min_lr_frac, c.optim.weight_decay) == ("linear", 0.05, 0.0, 0.0)
+    # each arm at the lr its committed grid chose (configs/sweeps/backcopy-linear-*.toml)
+    assert {(r.config.model.block, r.config.optim.name): r.config.optim.lr for r in sweep.runs} == {
+        ("pre-ln", "adamw"): 3e-2, ("op", "soap"): 3e-3, ("pre-ln", "soap"): 3e-2, ("op", "adamw"): 3e-3}
+    # a preset without a study of its own trains on real text, not on the default's synthetic task
+    assert R.study_of("small").get("train", {}).get("data") is None
     seeds = {(r.config.model.block, r.config.optim.name): set() for r in sweep.runs}
     for r in sweep.runs:
         seeds[(r.config.model.block, r.config.optim.name)].add(r.config.seed)

@@ -71,6 +71,22 @@ def by_id(claims):
     return {c.id: c for c in claims}
 
 
+def test_c1_is_judged_at_pre_ln_adamws_tuned_lr(tmp_path):
+    """An lr grid: C1 follows the lr with the best loss, not the first or the most common one."""
+    for seed in (0, 1):
+        make_run(tmp_path / "a", f"low-{seed}", "pre-ln", "adamw", seed, 1.2, 2.5, lr=1e-3)  # flat kurtosis, worse loss
+        make_run(tmp_path / "a", f"mid-{seed}", "pre-ln", "adamw", seed, 1.2, 2.4, lr=3e-3)
+        make_run(tmp_path / "a", f"high-{seed}", "pre-ln", "adamw", seed, 9.0, 2.0, lr=3e-2)  # OFs, best loss
+    c1 = by_id(evaluate_claims(load_runs([tmp_path / "a"])))["C1"]
+    assert c1.status == "held", c1.evidence
+    judged = [r for r in c1.data if r["judged"]]
+    assert sorted(r["seed"] for r in judged) == [0, 1] and all(r["final"] > 5 for r in judged)  # the lr-3e-2 runs
+    for seed in (0, 1):  # now the flat lr has the best loss
+        make_run(tmp_path / "b", f"low-{seed}", "pre-ln", "adamw", seed, 1.2, 1.5, lr=1e-3)
+        make_run(tmp_path / "b", f"high-{seed}", "pre-ln", "adamw", seed, 9.0, 2.0, lr=3e-2)
+    assert by_id(evaluate_claims(load_runs([tmp_path / "b"])))["C1"].status == "not held"
+
+
 def test_claims_hold_on_paper_like_runs(tmp_path):
     paper_like(tmp_path / "runs")
     claims = by_id(evaluate_claims(load_runs([tmp_path / "runs"])))

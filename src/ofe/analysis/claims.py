@@ -39,7 +39,7 @@ C8_RATIO = 2.0  # "much more": Pre-LN + AdamW's W8A8 cost at least this many tim
 # so a ratio of two noise-level costs (e.g. +0.08% vs +0.02%) is no evidence either way
 C8_MIN_PCT = 0.3
 RULES = {
-    "C1": "on the reference Pre-LN + AdamW configuration, mean-over-layers kurtosis peaks at >= 3 and ends at "
+    "C1": "on the reference Pre-LN + AdamW configuration at its tuned lr, mean-over-layers kurtosis peaks at >= 3 and ends at "
           ">= 2x its step-0 value: held in every seed, partly held in some, not held in none",
     "C2": "each normalised block against OP (same optimiser and settings, each block at its tuned lr, same seed): "
           "the normalised block's final mean kurtosis is larger, and also at matched training loss where both reach "
@@ -154,12 +154,14 @@ def _compare(pairs: list[tuple[Run, Run]], what: str, matched: bool = True) -> t
 
 
 def claim_c1(runs: list[Run]) -> Verdict:
-    """Judged on the reference Pre-LN + AdamW configuration (the one labelled without departures,
-    else the one with most runs); other Pre-LN + AdamW configurations are listed as context."""
-    chosen = _of(runs, "pre-ln", "adamw")
+    """Judged on the reference Pre-LN + AdamW configuration at its tuned lr (the one labelled without
+    departures, else the one with most runs); other Pre-LN + AdamW runs are listed as context."""
+    every = _of(runs, "pre-ln", "adamw")
+    tuned = {id(r) for r in at_tuned_lr(every)}
+    chosen = [r for r in every if id(r) in tuned] + [r for r in every if id(r) not in tuned]
     if not chosen:
         return "untested", "no Pre-LN + AdamW run"
-    labels = [r.label for r in chosen]
+    labels = [r.label for r in chosen if id(r) in tuned]
     reference = "pre-ln + adamw" if "pre-ln + adamw" in labels else max(dict.fromkeys(labels), key=labels.count)
     lines, held, data = [], [], []
     for r in chosen:
@@ -294,7 +296,7 @@ def claim_c8(runs: list[Run]) -> Verdict:
                                "max_kurtosis_preln_adamw": float(np.max(a.final["kurtosis"])),
                                "max_kurtosis_op_soap": float(np.max(b.final["kurtosis"])),
                                "residual_sqnr_db_preln_adamw": _residual_sqnr(a), "residual_sqnr_db_op_soap": _residual_sqnr(b)}
-        line = (f"seed {a.seed}: equal steps ({a.steps}) W8A8 +{w8a:.2f}% vs +{w8b:.2f}% "
+        line = (f"seed {a.seed}: equal steps ({a.steps}) W8A8 {w8a:+.2f}% vs {w8b:+.2f}% "
                 f"(val loss {a.val_loss():.3f} vs {b.val_loss():.3f})" if w8a is not None and w8b is not None
                 else f"seed {a.seed}: W8A8 not measured")
         point = matched_point(a, b)
@@ -308,7 +310,7 @@ def claim_c8(runs: list[Run]) -> Verdict:
                        matched_better_step=point.better_step, matched_better_val_loss=point.better_loss,
                        w8a8_pct_preln_adamw_matched=ma, w8a8_pct_op_soap_matched=mb, ratio_matched=matched)
             line += (f"; matched val loss {point.target:.3f} ({point.better.label} at step {point.better_step}, "
-                     f"{point.better_loss:.3f}): W8A8 +{ma:.2f}% vs +{mb:.2f}%")
+                     f"{point.better_loss:.3f}): W8A8 {ma:+.2f}% vs {mb:+.2f}%")
         else:
             line += "; no matched-loss point (no kept weights reach the worse run's final loss)"
         compared = [(w8a, equal)] + ([(ma, matched)] if matched is not None else [])

@@ -4,6 +4,7 @@ that carries every verdict's rule and numbers. Synthetic run directories with kn
 import json
 import math
 
+import numpy as np
 import pytest
 
 from ofe.analysis import load_runs
@@ -30,6 +31,28 @@ def test_tuned_lr_is_the_lowest_mean_val_loss_over_seeds_and_diverged_runs_lose(
     assert tuned["op + soap"]["lr"] == 1e-3 and math.isinf(tuned["op + soap"]["grid"][1e-2])
     kept = at_tuned_lr(runs)
     assert sorted(r.path.name for r in kept) == ["a-0.003-0", "a-0.003-1", "b-0.001-0"]
+
+
+def test_tuning_margin_is_the_paired_difference_to_the_runner_up(tmp_path):
+    """Three seeds, three lrs: the margin is the mean of the per-seed differences runner-up minus
+    tuned, with its standard error (checked against numpy); a margin inside 2 SE is a tie."""
+    losses = {1e-3: (2.10, 2.12, 2.11), 1e-2: (2.000, 2.004, 1.999), 3e-2: (2.003, 2.001, 2.006)}
+    for lr, per_seed in losses.items():
+        for seed, loss in enumerate(per_seed):
+            make_run(tmp_path / "tie", f"a-{lr}-{seed}", "pre-ln", "adamw", seed, 5.0, loss, lr=lr)
+    (t,) = tuned_lrs(load_runs([tmp_path / "tie"])).values()
+    diffs = np.subtract(losses[3e-2], losses[1e-2])
+    assert t["lr"] == 1e-2 and t["runner_up"] == 3e-2
+    assert t["margin"] == pytest.approx(diffs.mean(), abs=1e-9)
+    assert t["margin_se"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(3), abs=1e-9) and t["clear"] is False
+    for seed, loss in enumerate((2.0, 2.01, 2.02)):  # lr 1e-3 now beats 3e-3 by 0.1 on every seed
+        make_run(tmp_path / "clear", f"b-1e-3-{seed}", "op", "soap", seed, 1.2, loss, lr=1e-3)
+        make_run(tmp_path / "clear", f"b-3e-3-{seed}", "op", "soap", seed, 1.2, loss + 0.1 + 0.001 * seed, lr=3e-3)
+    (t,) = tuned_lrs(load_runs([tmp_path / "clear"])).values()
+    assert t["lr"] == 1e-3 and t["margin"] == pytest.approx(0.101, abs=1e-6) and t["clear"] is True
+    make_run(tmp_path / "one", "c-1", "op", "adamw", 0, 1.2, 2.0, lr=1e-3)  # one lr: no margin
+    (t,) = tuned_lrs(load_runs([tmp_path / "one"])).values()
+    assert t["runner_up"] is None and t["clear"] is None
 
 
 def test_tuned_lr_averages_only_the_seeds_every_lr_was_run_with(tmp_path):
@@ -151,6 +174,8 @@ def test_claims_json_carries_each_verdict_its_rule_and_its_numbers(tmp_path):
     assert agrees == [r["agrees"] for r in c8["data"]] == [True, True] and c8["verdict"] == "held"
     assert {r["seed"]: r["w8a8_pct_op_soap_matched"] for r in c8["data"]} == {0: 0.5, 1: 1.5}
     assert {r["run"].rsplit("/", 1)[-1] for r in doc["runs"]} == {"preln-adamw-0", "preln-adamw-1", "op-soap-0", "op-soap-1"}
+    assert [(t["arm"], t["lr"], t["seeds"], t["runner_up"]) for t in doc["lr_tuning"]] == [
+        ("pre-ln + adamw", 1e-2, [0, 1], None), ("op + soap", 1e-2, [0, 1], None)]  # one lr each: no margin
 
 
 def test_keep_weights_and_quantize_at_a_kept_step(tmp_path, small_corpus, capsys):

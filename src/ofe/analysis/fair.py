@@ -6,6 +6,11 @@ seeds that all its lrs were run with (a diverged seed counts as an infinite loss
 C8) use each arm's runs at its tuned lr only, so neither side is judged at an lr that suits the
 other.
 
+*Tuning margin.* How clearly the tuned lr beats the runner-up (the lr with the next-lowest mean):
+the mean over the shared seeds of the per-seed difference runner-up minus tuned, and its standard
+error. The choice is *clear* when the margin exceeds twice that standard error; with one seed, or a
+margin inside it, the two lrs tie within seed noise and the comparison rests on a tie-break.
+
 *Matched loss.* Two runs of one seed end at different validation losses. The *target* is the worse
 run's final validation loss; the better run is taken at the first evaluation step whose weights it
 kept (``keep_weights``) and whose validation loss is at most the target. Quantising those weights
@@ -56,8 +61,22 @@ def tuned_lrs(runs: Iterable[Run]) -> dict[tuple, dict[str, Any]]:
         seeds = common or set().union(*(set(by_seed) for by_seed in grid.values()))
         means = {lr: float(np.mean([v for s, v in by_seed.items() if s in seeds])) for lr, by_seed in sorted(grid.items())}
         best = min(means, key=lambda lr: (means[lr] if np.isfinite(means[lr]) else np.inf, lr))
-        out[arm] = {"lr": best, "grid": means, "seeds": sorted(seeds)}
+        out[arm] = {"lr": best, "grid": means, "seeds": sorted(seeds), **_margin(grid, means, best, seeds)}
     return out
+
+
+def _margin(grid: dict[float, dict[int, float]], means: dict[float, float], best: float, seeds: set[int]) -> dict[str, Any]:
+    """The tuning margin over the runner-up lr (module docs): ``runner_up``, ``margin`` (nats, mean
+    of the paired per-seed differences), ``margin_se`` (its standard error; None with one seed) and
+    ``clear`` (margin > 2 SE); all None when the arm has one lr, or no finite runner-up."""
+    others = [lr for lr in means if lr != best and np.isfinite(means[lr])]
+    if not others:
+        return {"runner_up": None, "margin": None, "margin_se": None, "clear": None}
+    runner = min(others, key=lambda lr: (means[lr], lr))
+    diffs = np.array([grid[runner][s] - grid[best][s] for s in sorted(seeds) if s in grid[runner] and s in grid[best]])
+    margin = float(diffs.mean()) if diffs.size else means[runner] - means[best]
+    se = float(diffs.std(ddof=1) / np.sqrt(diffs.size)) if diffs.size >= 2 else None
+    return {"runner_up": runner, "margin": margin, "margin_se": se, "clear": se is not None and margin > 2 * se}
 
 
 def at_tuned_lr(runs: list[Run]) -> list[Run]:

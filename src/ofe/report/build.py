@@ -67,7 +67,23 @@ def claims_json(claims: list[ClaimResult], runs: list[Run]) -> dict[str, Any]:
                     "data": c.data} for c in claims],
         "runs": [{"run": str(r.path), "configuration": r.label, "seed": r.seed, "lr": r.settings.get("optim.lr"),
                   "steps": r.steps, "val_loss": r.val_loss(), "diverged": r.diverged} for r in runs],
+        "lr_tuning": lr_tuning(runs),
     }
+
+
+def _arm_names(runs: list[Run]) -> dict[tuple, str]:
+    return {arm_key(r): f"{r.settings.get('model.block')} + {r.settings.get('optim.name')}" for r in runs}
+
+
+def lr_tuning(runs: list[Run]) -> list[dict[str, Any]]:
+    """Per arm: its tuned lr, the mean final val loss of every lr tried (over ``seeds``) and the tuning
+    margin over the runner-up (:mod:`ofe.analysis.fair`); infinite losses (diverged) as None."""
+    names = _arm_names(runs)
+    finite = lambda x: x if x is not None and math.isfinite(x) else None  # noqa: E731
+    return [{"arm": names[arm], "lr": t["lr"], "seeds": t["seeds"],
+             "grid": [{"lr": lr, "mean_val_loss": finite(v)} for lr, v in t["grid"].items()],
+             "runner_up": t["runner_up"], "margin": t["margin"], "margin_se": t["margin_se"], "clear": t["clear"]}
+            for arm, t in tuned_lrs(runs).items()]
 
 
 def lr_table(runs: list[Run]) -> str | None:
@@ -76,14 +92,25 @@ def lr_table(runs: list[Run]) -> str | None:
     tuned = tuned_lrs(runs)
     if all(len(t["grid"]) < 2 for t in tuned.values()):
         return None
-    names = {arm_key(r): f"{r.settings.get('model.block')} + {r.settings.get('optim.name')}" for r in runs}
+    names = _arm_names(runs)
     lrs = sorted({lr for t in tuned.values() for lr in t["grid"]})
-    lines = ["| arm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | seeds |", "|" + " --- |" * (len(lrs) + 2)]
+    lines = ["| arm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | seeds | margin over the runner-up (nats) |",
+             "|" + " --- |" * (len(lrs) + 3)]
     for arm, t in tuned.items():
-        cells = [("**" if lr == t["lr"] else "") + _fmt(t["grid"].get(lr), ".3f") + ("**" if lr == t["lr"] else "")
+        cells = [("**" if lr == t["lr"] else "") + _fmt(t["grid"].get(lr), ".4f") + ("**" if lr == t["lr"] else "")
                  if lr in t["grid"] else "" for lr in lrs]
-        lines.append(f"| {names[arm]} | " + " | ".join(cells) + f" | {', '.join(map(str, t['seeds']))} |")
+        lines.append(f"| {names[arm]} | " + " | ".join(cells) + f" | {', '.join(map(str, t['seeds']))} | {_margin_cell(t)} |")
     return "\n".join(lines)
+
+
+def _margin_cell(t: dict) -> str:
+    """'0.0041 +- 0.0008 over lr 0.01: clear', '... : tie', or '0.0002 over lr 0.01 (one seed)'."""
+    if t["margin"] is None:
+        return ""
+    head = f"{t['margin']:.4f}" + (f" +- {t['margin_se']:.4f}" if t["margin_se"] is not None else "") + f" over lr {t['runner_up']:g}"
+    if t["margin_se"] is None:
+        return head + " (one seed: no error bar)"
+    return head + (": clear" if t["clear"] else ": **tie** (within 2 standard errors)")
 
 
 def claims_table(claims: list[ClaimResult]) -> str:
@@ -199,8 +226,10 @@ def write_report(runs: list[Run], out_dir: str | Path, title: str = "Outlier fea
         md += [f"- **{c.id}**: {c.rule}." for c in claims] + [""]
         if (lrs := lr_table(runs)) is not None:
             md += ["## Learning rates", "", "Final validation loss (nats/token) per arm and lr, mean over the seeds that "
-                   "every lr of the arm was run with (last column); each arm is compared at its tuned lr (bold: the "
-                   "lowest loss).", "", lrs, ""]
+                   "every lr of the arm was run with (seeds column); each arm is compared at its tuned lr (bold: the "
+                   "lowest loss). Margin: the runner-up lr's loss minus the tuned lr's, mean of the per-seed "
+                   "differences +- its standard error; a **tie** means the choice of lr is within seed noise, and "
+                   "so is any claim that depends on it.", "", lrs, ""]
         md += ["## Figures", ""]
         for fig in made:
             md += [f"![{fig.caption}](figures/{fig.file})", "", f"*{fig.caption}*", ""]

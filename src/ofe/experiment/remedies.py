@@ -97,7 +97,7 @@ class RemediesConfig:
     steps: int = C.field(0, "updates per run; 0: the study's default")
     batch_size: int = C.field(0, "sequences per update; 0: the study's default")
     seed: int = C.field(0, "seed of every run")
-    corpus: str = C.field("", "corpus (see ofe train --data.corpus); empty: the Python standard library")
+    corpus: str = C.field("", "corpus (see ofe train --data.corpus); empty: the study's (see ofe reproduce --corpus)")
     eval_sequences: int = C.field(0, "validation windows per quantised evaluation; 0: the run's eval size")
     device: str = C.field("auto", "auto, cpu, cuda, cuda:N")
     progress: bool = C.field(True, "show a progress bar over the runs")

@@ -17,6 +17,8 @@ def test_the_study_spec_runs_every_remedy_at_every_lr_with_its_own_settings():
     osp = spec["variants"][2]
     assert osp["optim.name"] == "muon" and osp["model.block"] == "pre-srms" and osp["model.embed_proj"] is True
     assert spec["base"]["steps"] == 50 and spec["quantize"] is False and spec["base"]["keep_weights"] is False
+    # by default on the main job's study, where the tuned baseline has outlier features to remove
+    assert spec["base"]["data"] == {"corpus": "bigram-backcopy", "bos": True} and spec["base"]["optim"]["decay"] == "linear"
 
 
 @pytest.mark.parametrize("args,needle", [

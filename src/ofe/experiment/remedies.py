@@ -31,7 +31,7 @@ from ofe.analysis import load_runs
 from ofe.analysis.fair import arm_key, tuned_lrs
 from ofe.analysis.runs import Run
 from ofe.errors import OfeError
-from ofe.experiment.reproduce import STUDIES, ReproduceConfig, _base, study_of
+from ofe.experiment.reproduce import DEFAULT_STUDY, STUDIES, ReproduceConfig, _base, study_of
 from ofe.experiment.sweep import parse_spec, run_sweep
 from ofe.io import atomic_write
 from ofe.models import preset_fields
@@ -86,7 +86,7 @@ def _check_names(key: str, values: tuple[str, ...], known: dict[str, Any]) -> No
 class RemediesConfig:
     """Options of ``ofe remedies``."""
 
-    preset: str = C.field("study-cpu", f"model preset; the study's settings follow ofe reproduce ({', '.join(STUDIES)})")
+    preset: str = C.field(DEFAULT_STUDY, f"model preset; the study's settings follow ofe reproduce ({', '.join(STUDIES)})")
     out_dir: str = C.field("runs/remedies", "directory of the runs; remedies.md, remedies.json and remedies.png go there")
     remedies: tuple[str, ...] = C.field(tuple(TRAIN_REMEDIES), "comma-separated train-time remedies (the baseline "
                                         f"'{BASELINE}' is always run)")

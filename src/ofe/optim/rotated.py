@@ -51,10 +51,15 @@ class AdamRule:
     def directions(self, states: list[dict[str, Any]], g_rot: list[Tensor], moments: list[Tensor],
                    group: dict[str, Any], t: int) -> list[Tensor]:
         """``m / (sqrt(v) + eps)`` in the rotated basis, after updating ``v``."""
+        beta2 = group["betas"][1]
         second = [s["v"] for s in states]
-        torch._foreach_lerp_(second, torch._foreach_mul(g_rot, g_rot), 1.0 - group["betas"][1])
-        denom = torch._foreach_add(torch._foreach_sqrt(second), group["eps"])
-        return torch._foreach_div(moments, denom)
+        torch._foreach_mul_(second, beta2)  # in place throughout: fresh tensors cost more than the arithmetic
+        torch._foreach_addcmul_(second, g_rot, g_rot, value=1.0 - beta2)  # g_rot may be bf16: squared in float32
+        directions = torch._foreach_sqrt(second)
+        torch._foreach_add_(directions, group["eps"])
+        torch._foreach_div_(directions, moments)
+        torch._foreach_reciprocal_(directions)
+        return directions
 
     def second_moment_correction(self, beta2: float, t: int) -> float:
         """Factor of the step size that bias-corrects the second moment."""
@@ -200,8 +205,7 @@ class RotatedOptimizer(torch.optim.Optimizer):
             if group["bias_correction"]:
                 step_size /= 1.0 - beta1**t
                 step_size *= self.rule.second_moment_correction(beta2, t)
-            same_dtype = [u.to(p.dtype) for u, p in zip(updates, params)]
-            torch._foreach_add_(params, same_dtype, alpha=-step_size)
+            torch._foreach_add_(params, updates, alpha=-step_size)  # bf16 updates are added in float32
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
             self._update_factors(states, low_grads or grads, group)
@@ -215,14 +219,14 @@ class RotatedOptimizer(torch.optim.Optimizer):
         if low_grads is None:
             g_rot = [rotate(g, self._bases(s)) for g, s in zip(grads, states)]
         else:
-            g_rot = [rotate(x, self._cast_bases(s, x.dtype)).to(g.dtype) if self._rotated(s) else g
+            g_rot = [rotate(x, self._cast_bases(s, x.dtype)) if self._rotated(s) else g
                      for g, x, s in zip(grads, low_grads, states)]
         moments = [s["m"] for s in states]
-        torch._foreach_lerp_(moments, g_rot, 1.0 - group["betas"][0])
+        _ema_(moments, g_rot, 1.0 - group["betas"][0])
         directions = self.rule.directions(states, g_rot, moments, group, t)
         if low_grads is None:
             return [rotate_back(u, self._bases(s)) for u, s in zip(directions, states)]
-        return [rotate_back(u.to(x.dtype), self._cast_bases(s, x.dtype)).to(u.dtype) if self._rotated(s) else u
+        return [rotate_back(u.to(x.dtype), self._cast_bases(s, x.dtype)) if self._rotated(s) else u
                 for u, x, s in zip(directions, low_grads, states)]
 
     def _rotated(self, state: dict[str, Any]) -> bool:
@@ -242,9 +246,9 @@ class RotatedOptimizer(torch.optim.Optimizer):
         beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["betas"][1]
         for s, x in zip(states, grads):
             if "GG0" in s:
-                s["GG0"].lerp_((x @ x.mT).to(s["GG0"].dtype), 1.0 - beta)
+                _ema_([s["GG0"]], [x @ x.mT], 1.0 - beta)
             if "GG1" in s:
-                s["GG1"].lerp_((x.mT @ x).to(s["GG1"].dtype), 1.0 - beta)
+                _ema_([s["GG1"]], [x.mT @ x], 1.0 - beta)
 
     # ---- bases -------------------------------------------------------------------------------------
     def _factors_by_size(self, states) -> dict[int, list[tuple[dict[str, Any], int]]]:
@@ -273,21 +277,44 @@ class RotatedOptimizer(torch.optim.Optimizer):
 
     def _refresh_bases(self, states, group) -> None:
         """One QR power-iteration step from the old bases; re-order / re-rotate the moments to follow."""
-        for _size, members in self._factors_by_size(states).items():
-            gg = torch.stack([s[f"GG{side}"] for s, side in members])
-            q_old = torch.stack([s[f"Q{side}"] for s, side in members])
-            power = gg @ q_old
-            est_eig = torch.linalg.vecdot(q_old, power, dim=-2)  # diag(Q^T GG Q), shape (k, size)
-            order = est_eig.argsort(dim=-1, descending=True)
-            power = torch.gather(power, -1, order.unsqueeze(-2).expand_as(power))
-            q_new = torch.linalg.householder_product(*torch.geqrf(power))  # QR's Q, without forming R
+        for size, members in self._factors_by_size(states).items():
+            q_old = [s[f"Q{side}"] for s, side in members]
+            # (GG Q)^T = Q^T GG (GG is symmetric): written row-major, it is GG Q in LAPACK's column-major
+            # layout, and the eigenvalue estimates and the re-ordering read it along contiguous rows.
+            power_t = torch.empty(len(members), size, size, device=q_old[0].device, dtype=q_old[0].dtype)
+            for (s, side), q, out in zip(members, q_old, power_t):
+                torch.matmul(q.mT, s[f"GG{side}"], out=out)
+            est_eig = torch.stack([torch.linalg.vecdot(q.mT, p, dim=-1) for q, p in zip(q_old, power_t)])
+            order = est_eig.argsort(dim=-1, descending=True)  # diag(Q^T GG Q), by descending estimate
+            power_t = torch.gather(power_t, -2, order.unsqueeze(-1).expand_as(power_t))
+            q_new = torch.linalg.householder_product(*torch.geqrf(power_t.mT))  # QR's Q, without forming R
             q_new, order = _broadcast(q_new), _broadcast(order)  # Q stays in LAPACK's column-major layout
             for (s, side), qo, qn, idx in zip(members, q_old, q_new, order):
                 self.rule.reorder(s, side, idx)
-                change = qn.mT @ qo  # old basis coordinates -> new basis coordinates
-                s["m"] = change @ s["m"] if side == 0 else s["m"] @ change.mT
+                s["m"] = _change_basis(s["m"], side, qo, qn)
                 s[f"Q{side}"] = qn
                 self._low_bases.pop(id(s), None)
+
+
+def _change_basis(m: Tensor, side: int, q_old: Tensor, q_new: Tensor) -> Tensor:
+    """Re-express ``m`` (coordinates in ``q_old`` along ``side``) in ``q_new``: ``Q_new^T Q_old m`` for
+    side 0, ``m Q_old^T Q_new`` for side 1, in whichever order of products costs fewer FLOPs (through
+    the parameter's space when its other side is shorter than ``d``, else through ``Q_new^T Q_old``)."""
+    d, other = m.shape[side], m.shape[1 - side]
+    if other < d:
+        return q_new.mT @ (q_old @ m) if side == 0 else (m @ q_old.mT) @ q_new
+    change = q_new.mT @ q_old
+    return change @ m if side == 0 else m @ change.mT
+
+
+def _ema_(averages: list[Tensor], values: list[Tensor], weight: float) -> None:
+    """``a <- (1 - weight) a + weight v`` in place; ``v`` may be in a lower precision than ``a`` (read
+    as is, computed in ``a``'s dtype, without a converted copy)."""
+    if all(a.dtype == v.dtype for a, v in zip(averages, values)):
+        torch._foreach_lerp_(averages, values, weight)
+    else:
+        torch._foreach_mul_(averages, 1.0 - weight)
+        torch._foreach_add_(averages, values, alpha=weight)
 
 
 def _low_precision(group: dict[str, Any], grads: list[Tensor]) -> torch.dtype | None:

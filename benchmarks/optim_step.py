@@ -1,5 +1,5 @@
-"""Optimiser step time: ofe SOAP (float32 products, and bfloat16 products: ``optim.rotation.matmul_dtype``)
-vs pytorch-optimizer SOAP vs torch AdamW; and whole training steps SOAP vs AdamW, at
+"""Optimiser step time: ofe SOAP (float32 products, and bfloat16 products: ``optim.rotation.matmul_dtype``;
+each eager and with compiled element-wise kernels: ``optim.rotation.fused``) vs pytorch-optimizer SOAP vs torch AdamW; and whole training steps SOAP vs AdamW, at
 precondition_frequency 10, in one run. Prints ratios and the CPU model.
 
 Each optimiser owns an identical model copy; the timed steps are interleaved one by one (rotating
@@ -31,11 +31,12 @@ def make_optimizers(model_factory, lr: float, freq: int):
         return [g for g in param_groups(model, 0.01) if g["params"]]
 
     built = {}
-    m = model_factory()
-    built["ofe SOAP"] = (m, SOAP(groups(m), lr=lr, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=freq))
-    m = model_factory()
-    built["ofe SOAP bf16 products"] = (m, SOAP(groups(m), lr=lr, betas=(0.95, 0.95), weight_decay=0.01,
-                                               precondition_frequency=freq, matmul_dtype=torch.bfloat16))
+    for name, kwargs in (("ofe SOAP", {}), ("ofe SOAP fused", {"fused": True}),
+                         ("ofe SOAP bf16 products", {"matmul_dtype": torch.bfloat16}),
+                         ("ofe SOAP bf16 products fused", {"matmul_dtype": torch.bfloat16, "fused": True})):
+        m = model_factory()
+        built[name] = (m, SOAP(groups(m), lr=lr, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=freq,
+                               **kwargs))
     m = model_factory()
     built["pytorch-optimizer SOAP"] = (m, pytorch_optimizer.SOAP(groups(m), lr=lr, betas=(0.95, 0.95), weight_decay=0.01,
                                                                 precondition_frequency=freq))
@@ -90,7 +91,8 @@ def main() -> None:
         return run
 
     steppers = {name: step_only(m, o) for name, (m, o) in built.items()}
-    for run in steppers.values():  # SOAP's first step builds the bases (eigh); not timed
+    for run in steppers.values():  # SOAP's first step builds the bases (eigh), the second compiles the
+        run()                      # fused kernels (once per process: warm-up); neither is timed
         run()
     step_times = interleaved(steppers, args.steps)
 
@@ -102,28 +104,32 @@ def main() -> None:
             opt.step()
         return run
 
-    trainers = {name: train_step(*built[name]) for name in ("ofe SOAP", "ofe SOAP bf16 products", "AdamW")}
+    soaps = [name for name in built if name.startswith("ofe SOAP")]
+    trainers = {name: train_step(*built[name]) for name in (*soaps, "AdamW")}
     train_times = interleaved(trainers, args.steps)
 
     mean = {k: statistics.fmean(v) for k, v in step_times.items()}
     tmean = {k: statistics.fmean(v) for k, v in train_times.items()}
     peer, adamw = "pytorch-optimizer SOAP", "AdamW"
+    # Resample whole refresh periods (one QR refresh each) when there are enough of them.
+    block = args.freq if args.steps >= 2 * args.freq else 1
     ratios = {}
-    for ours in ("ofe SOAP", "ofe SOAP bf16 products"):
+    for ours in soaps:
         ratios[f"{ours} / {peer} (optimizer step; target <= 0.5)"] = (
-            mean[ours] / mean[peer], ratio_ci(step_times[ours], step_times[peer]))
+            mean[ours] / mean[peer], ratio_ci(step_times[ours], step_times[peer], block=block))
         ratios[f"{ours} / {adamw} (training step; target <= 1.3)"] = (
-            tmean[ours] / tmean[adamw], ratio_ci(train_times[ours], train_times[adamw]))
+            tmean[ours] / tmean[adamw], ratio_ci(train_times[ours], train_times[adamw], block=block))
     n_params = sum(p.numel() for p in ref_model.parameters())
     print(f"CPU: {cpu_name()}; preset {args.preset}{f' with {args.layers} layers' if args.layers else ''}: "
           f"{n_params / 1e6:.1f}M params, batch {args.batch_size} x {cfg.seq_len}; precondition_frequency {args.freq}; "
-          f"{args.steps} timed steps; torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"{args.steps} timed steps; torch {torch.__version__}, {torch.get_num_threads()} threads; intervals resample "
+          f"blocks of {block} interleaved rounds")
     for name, value in mean.items():
-        print(f"  optimizer step  {name:<24} {value * 1e3:9.1f} ms")
+        print(f"  optimizer step  {name:<30} {value * 1e3:9.1f} ms")
     for name, value in tmean.items():
-        print(f"  training step   {name:<24} {value * 1e3:9.1f} ms")
+        print(f"  training step   {name:<30} {value * 1e3:9.1f} ms")
     for name, (r, ci) in ratios.items():
-        print(f"{name:<72} {r:.3f}  (95% CI [{ci[0]:.3f}, {ci[1]:.3f}])")
+        print(f"{name:<80} {r:.3f}  (95% CI [{ci[0]:.3f}, {ci[1]:.3f}])")
     soap_model, soap_opt = built["ofe SOAP"]
     extra, step = soap_products_flops(soap_model, soap_opt), train_step_flops(soap_model, args.batch_size)
     print(f"SOAP's per-step products: {extra / 1e9:.2f} GFLOP = {extra / step:.2f} of a training step's "

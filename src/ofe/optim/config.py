@@ -51,6 +51,9 @@ class RotationOptions:
         "float32", "dtype of the rotations' and Kronecker factors' matrix products (the state stays float32): "
                    "bfloat16 is several times faster on CPUs with bf16 matrix units (AMX) and on GPUs, and rounds "
                    "the rotated gradient and the factors' increments to bf16")
+    fused: bool = field(False, "run the element-wise work (moments, update, factor EMAs) as one-pass kernels compiled "
+                               "with torch.compile (needs a C++ compiler on CPU; a few seconds' compile once per "
+                               "process; same results up to rounding; falls back to eager with a warning)")
 
     def __post_init__(self) -> None:
         if self.shampoo_beta is not None and not 0.0 <= self.shampoo_beta < 1.0:

@@ -27,7 +27,8 @@ Groups = list[dict[str, Any]]  # from ofe.optim.build.param_groups: matrices, em
 # and weight decay is set per parameter group.
 COMMON = frozenset({"name", "lr", "betas", "weight_decay", "grad_clip", "warmup_frac", "decay", "min_lr_frac"})
 ROTATION = frozenset({"rotation.shampoo_beta", "rotation.precondition_frequency", "rotation.max_precond_dim",
-                      "rotation.embedding_max_precond_dim", "rotation.matmul_dtype"})
+                      "rotation.embedding_max_precond_dim", "rotation.matmul_dtype",
+                      "rotation.fused"})
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def _rotation_kwargs(cfg: OptimConfig, groups: Groups) -> dict[str, Any]:
         g["max_precond_dim"] = embed_dim if g["kind"] == "embedding" else r.max_precond_dim
     return dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, shampoo_beta=r.shampoo_beta,
                 precondition_frequency=r.precondition_frequency, max_precond_dim=r.max_precond_dim,
-                bias_correction=cfg.bias_correction, matmul_dtype=getattr(torch, r.matmul_dtype))
+                bias_correction=cfg.bias_correction, matmul_dtype=getattr(torch, r.matmul_dtype), fused=r.fused)
 
 
 def _soap(cfg: OptimConfig, groups: Groups) -> torch.optim.Optimizer:

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ofe.optim import fused
 from ofe.optim.adafactor import (
     beta2_at,
     clip_update,
@@ -53,13 +54,18 @@ class AdamRule:
         """``m / (sqrt(v) + eps)`` in the rotated basis, after updating ``v``."""
         beta2 = group["betas"][1]
         second = [s["v"] for s in states]
-        torch._foreach_mul_(second, beta2)  # in place throughout: fresh tensors cost more than the arithmetic
-        torch._foreach_addcmul_(second, g_rot, g_rot, value=1.0 - beta2)  # g_rot may be bf16: squared in float32
-        directions = torch._foreach_sqrt(second)
-        torch._foreach_add_(directions, group["eps"])
-        torch._foreach_div_(directions, moments)
-        torch._foreach_reciprocal_(directions)
-        return directions
+        torch._foreach_mul_(second, beta2)
+        torch._foreach_addcmul_(second, g_rot, g_rot, value=1.0 - beta2)
+        denom = torch._foreach_sqrt(second)
+        torch._foreach_add_(denom, group["eps"])
+        return torch._foreach_div(moments, denom)
+
+    def fused_direction(self, state: dict[str, Any], g_rot: Tensor, group: dict[str, Any], t: int,
+                        scalars: dict[str, Tensor]) -> Tensor:
+        """Both moments and ``m / (sqrt(v) + eps)`` in one pass (:mod:`ofe.optim.fused`), returned in
+        ``g_rot``'s dtype (the products' dtype, ready to be rotated back)."""
+        return fused.run("adam_moments_and_direction", state["m"], state["v"], g_rot, scalars["beta1"],
+                         scalars["beta2"], scalars["eps"], out_dtype=g_rot.dtype)
 
     def second_moment_correction(self, beta2: float, t: int) -> float:
         """Factor of the step size that bias-corrects the second moment."""
@@ -87,6 +93,13 @@ class AdafactorRule:
                 v_hat.div_(1.0 - beta2**t)
             directions.append(clip_update(m / v_hat.sqrt().add_(group["eps"]), group["d"]))
         return directions
+
+    def fused_direction(self, state: dict[str, Any], g_rot: Tensor, group: dict[str, Any], t: int,
+                        scalars: dict[str, Tensor]) -> Tensor:
+        """The first moment in a compiled pass; the factored second moment eagerly."""
+        g = g_rot.to(state["m"].dtype)
+        fused.run("ema", state["m"], g, 1.0 - scalars["beta1"])
+        return self.directions([state], [g], [state["m"]], group, t)[0].to(g_rot.dtype)
 
     def second_moment_correction(self, beta2: float, t: int) -> float:
         return 1.0  # corrected inside directions(), or not at all with a decaying beta2
@@ -128,7 +141,8 @@ class RotatedOptimizer(torch.optim.Optimizer):
     update as in the reference), ``shampoo_beta`` (None: ``betas[1]``), ``precondition_frequency``,
     ``max_precond_dim``, ``bias_correction``, ``matmul_dtype`` (the dtype of the per-step matrix
     products: rotating the gradient and the update, and the factors' increments ``G G^T``, ``G^T G``;
-    float32 or bfloat16, the state and the eigh/QR refresh stay float32); rotated AdaFactor also
+    float32 or bfloat16, the state and the eigh/QR refresh stay float32), ``fused`` (run the element-wise
+    work as compiled one-pass kernels, :mod:`ofe.optim.fused`; same results up to rounding); rotated AdaFactor also
     ``beta2_decay``, ``eps1``, ``d``.
     """
 
@@ -136,7 +150,7 @@ class RotatedOptimizer(torch.optim.Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.01, shampoo_beta: float | None = None,
                  precondition_frequency: int = 10, max_precond_dim: int = 10000, bias_correction: bool = True,
                  beta2_decay: float | None = None, eps1: float = 1e-30, d: float = 1.0,
-                 matmul_dtype: torch.dtype = torch.float32) -> None:
+                 matmul_dtype: torch.dtype = torch.float32, fused: bool = False) -> None:
         if precondition_frequency < 1:
             raise ValueError(f"precondition_frequency must be >= 1, got {precondition_frequency}")
         if matmul_dtype not in (torch.float32, torch.bfloat16):
@@ -145,7 +159,7 @@ class RotatedOptimizer(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, shampoo_beta=shampoo_beta,
                         precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
                         bias_correction=bias_correction, beta2_decay=beta2_decay, eps1=eps1, d=d,
-                        matmul_dtype=matmul_dtype, step=0, eigh_fallbacks=0)
+                        matmul_dtype=matmul_dtype, fused=fused, step=0, eigh_fallbacks=0)
         super().__init__(params, defaults)
         # Low-precision copies of each state's bases for bf16 products, made once per refresh; kept out
         # of the state (and so of checkpoints). Keyed by id() of the state dict, cleared on load.
@@ -154,7 +168,10 @@ class RotatedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, keeping the saved float32 state (torch casts state to the parameter dtype)."""
         self._low_bases.clear()
+        how = [group["fused"] for group in self.param_groups]  # how to run is this optimiser's, not the file's
         super().load_state_dict(state_dict)
+        for group, fused_ in zip(self.param_groups, how):
+            group["fused"] = fused_
         saved = state_dict["state"]
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for index, p in zip(saved_group["params"], group["params"]):
@@ -199,16 +216,20 @@ class RotatedOptimizer(torch.optim.Optimizer):
                 continue
             states = [self.state[p] for p in params]
             t = group["step"] - 1
-            updates = self._directions(states, grads, low_grads, group, t)
             beta1, beta2 = group["betas"]
             step_size = group["lr"]
             if group["bias_correction"]:
                 step_size /= 1.0 - beta1**t
                 step_size *= self.rule.second_moment_correction(beta2, t)
-            torch._foreach_add_(params, updates, alpha=-step_size)  # bf16 updates are added in float32
-            if group["weight_decay"]:
-                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-            self._update_factors(states, low_grads or grads, group)
+            decay = 1.0 - group["lr"] * group["weight_decay"]
+            if group["fused"]:
+                self._fused_step(params, states, grads, low_grads, group, t, step_size, decay)
+            else:
+                updates = self._directions(states, grads, low_grads, group, t)
+                torch._foreach_add_(params, [u.to(p.dtype) for p, u in zip(params, updates)], alpha=-step_size)
+                if decay != 1.0:
+                    torch._foreach_mul_(params, decay)
+                self._update_factors(states, low_grads or grads, group)
             if t % group["precondition_frequency"] == 0:
                 self._refresh_bases(states, group)
         return loss
@@ -219,15 +240,37 @@ class RotatedOptimizer(torch.optim.Optimizer):
         if low_grads is None:
             g_rot = [rotate(g, self._bases(s)) for g, s in zip(grads, states)]
         else:
-            g_rot = [rotate(x, self._cast_bases(s, x.dtype)) if self._rotated(s) else g
+            g_rot = [rotate(x, self._cast_bases(s, x.dtype)).to(g.dtype) if self._rotated(s) else g
                      for g, x, s in zip(grads, low_grads, states)]
         moments = [s["m"] for s in states]
-        _ema_(moments, g_rot, 1.0 - group["betas"][0])
+        torch._foreach_lerp_(moments, g_rot, 1.0 - group["betas"][0])
         directions = self.rule.directions(states, g_rot, moments, group, t)
         if low_grads is None:
             return [rotate_back(u, self._bases(s)) for u, s in zip(directions, states)]
         return [rotate_back(u.to(x.dtype), self._cast_bases(s, x.dtype)) if self._rotated(s) else u
                 for u, x, s in zip(directions, low_grads, states)]
+
+    def _fused_step(self, params, states, grads, low_grads, group, t: int, step_size: float, decay: float) -> None:
+        """The step one parameter at a time, its element-wise work in compiled one-pass kernels
+        (:mod:`ofe.optim.fused`): rotate, moments and direction, rotate back, update, factor EMAs. Each
+        parameter's tensors are still in cache from one stage to the next; the arithmetic is the eager
+        path's (same order of updates, same dtypes), up to rounding."""
+        beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["betas"][1]
+        like = params[0]
+        scalars = {name: fused.scalar(value, like) for name, value in
+                   (("beta1", group["betas"][0]), ("beta2", group["betas"][1]), ("eps", group["eps"]),
+                    ("step", step_size), ("decay", decay), ("factor", 1.0 - beta))}
+        for p, s, g, x in zip(params, states, grads, low_grads or grads):
+            rotated = self._rotated(s)
+            bases = self._cast_bases(s, x.dtype) if low_grads is not None else self._bases(s)
+            g_rot = rotate(x, bases) if rotated else g  # in the products' dtype
+            u = self.rule.fused_direction(s, g_rot, group, t, scalars)
+            if rotated:
+                u = rotate_back(u, bases)
+            fused.run("apply_update", p, u, scalars["step"], scalars["decay"])
+            for side in (0, 1):
+                if f"GG{side}" in s:
+                    fused.run("ema", s[f"GG{side}"], x @ x.mT if side == 0 else x.mT @ x, scalars["factor"])
 
     def _rotated(self, state: dict[str, Any]) -> bool:
         return "Q0" in state or "Q1" in state
@@ -246,9 +289,9 @@ class RotatedOptimizer(torch.optim.Optimizer):
         beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["betas"][1]
         for s, x in zip(states, grads):
             if "GG0" in s:
-                _ema_([s["GG0"]], [x @ x.mT], 1.0 - beta)
+                s["GG0"].lerp_((x @ x.mT).to(s["GG0"].dtype), 1.0 - beta)
             if "GG1" in s:
-                _ema_([s["GG1"]], [x.mT @ x], 1.0 - beta)
+                s["GG1"].lerp_((x.mT @ x).to(s["GG1"].dtype), 1.0 - beta)
 
     # ---- bases -------------------------------------------------------------------------------------
     def _factors_by_size(self, states) -> dict[int, list[tuple[dict[str, Any], int]]]:
@@ -305,16 +348,6 @@ def _change_basis(m: Tensor, side: int, q_old: Tensor, q_new: Tensor) -> Tensor:
         return q_new.mT @ (q_old @ m) if side == 0 else (m @ q_old.mT) @ q_new
     change = q_new.mT @ q_old
     return change @ m if side == 0 else m @ change.mT
-
-
-def _ema_(averages: list[Tensor], values: list[Tensor], weight: float) -> None:
-    """``a <- (1 - weight) a + weight v`` in place; ``v`` may be in a lower precision than ``a`` (read
-    as is, computed in ``a``'s dtype, without a converted copy)."""
-    if all(a.dtype == v.dtype for a, v in zip(averages, values)):
-        torch._foreach_lerp_(averages, values, weight)
-    else:
-        torch._foreach_mul_(averages, 1.0 - weight)
-        torch._foreach_add_(averages, values, alpha=weight)
 
 
 def _low_precision(group: dict[str, Any], grads: list[Tensor]) -> torch.dtype | None:

@@ -329,8 +329,10 @@ class RotatedOptimizer(torch.optim.Optimizer):
                 torch.matmul(q.mT, s[f"GG{side}"], out=out)
             est_eig = torch.stack([torch.linalg.vecdot(q.mT, p, dim=-1) for q, p in zip(q_old, power_t)])
             order = est_eig.argsort(dim=-1, descending=True)  # diag(Q^T GG Q), by descending estimate
-            power_t = torch.gather(power_t, -2, order.unsqueeze(-1).expand_as(power_t))
-            q_new = torch.linalg.householder_product(*torch.geqrf(power_t.mT))  # QR's Q, without forming R
+            by_estimate = torch.empty_like(power_t)
+            for p, idx, out in zip(power_t, order, by_estimate):
+                torch.index_select(p, 0, idx, out=out)  # rows of (GG Q)^T: the columns of GG Q, re-ordered
+            q_new = torch.linalg.householder_product(*torch.geqrf(by_estimate.mT))  # QR's Q, without forming R
             q_new, order = _broadcast(q_new), _broadcast(order)  # Q stays in LAPACK's column-major layout
             for (s, side), qo, qn, idx in zip(members, q_old, q_new, order):
                 self.rule.reorder(s, side, idx)

@@ -19,6 +19,7 @@ when nobody is watching.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -46,6 +47,12 @@ class Tap(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_bias(T: int, device: torch.device) -> Tensor:
+    """``(T, T)`` float32: 0 on and below the diagonal, -inf above (made once per length and device)."""
+    return torch.full((T, T), float("-inf"), device=device).triu(1)
 
 
 def through(tap: Tap | None, x: Tensor) -> Tensor:
@@ -109,8 +116,7 @@ class Attention(nn.Module):
 
     @staticmethod
     def _softmax_causal(scores: Tensor) -> Tensor:
-        T = scores.shape[-1]
-        return (scores + torch.full((T, T), float("-inf"), device=scores.device).triu(1)).softmax(-1)
+        return (scores + _causal_bias(scores.shape[-1], scores.device)).softmax(-1)
 
     def _probs(self, q: Tensor, k: Tensor) -> Tensor:
         """Attention probabilities ``(B, H, T, T)`` in float32, computed explicitly."""

@@ -170,7 +170,7 @@ class RangeObserver:
     def update(self, x: Tensor) -> None:
         x = x.detach().float().reshape(-1)
         if self.percentile is None:
-            lo, hi = x.amin(), x.amax()
+            lo, hi = torch.aminmax(x)  # one pass over x
         else:
             if x.numel() > 1 << 20:
                 x = x[torch.linspace(0, x.numel() - 1, 1 << 20, device=x.device).long()]

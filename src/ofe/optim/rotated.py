@@ -161,9 +161,10 @@ class RotatedOptimizer(torch.optim.Optimizer):
                         bias_correction=bias_correction, beta2_decay=beta2_decay, eps1=eps1, d=d,
                         matmul_dtype=matmul_dtype, fused=fused, step=0, eigh_fallbacks=0)
         super().__init__(params, defaults)
-        # Low-precision copies of each state's bases for bf16 products, made once per refresh; kept out
-        # of the state (and so of checkpoints). Keyed by id() of the state dict, cleared on load.
-        self._low_bases: dict[int, list[Tensor | None]] = {}
+        # Low-precision copies of the bases for bf16 products, stacked over parameters of one shape and
+        # laid out for batched products; made once per refresh, kept out of the state (and so of
+        # checkpoints). Keyed by the members' state ids and the dtype; cleared at a refresh and on load.
+        self._low_bases: dict[tuple, tuple[Tensor | None, Tensor | None, Tensor | None]] = {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, keeping the saved float32 state (torch casts state to the parameter dtype)."""
@@ -222,70 +223,133 @@ class RotatedOptimizer(torch.optim.Optimizer):
                 step_size /= 1.0 - beta1**t
                 step_size *= self.rule.second_moment_correction(beta2, t)
             decay = 1.0 - group["lr"] * group["weight_decay"]
-            if group["fused"]:
-                self._fused_step(params, states, grads, low_grads, group, t, step_size, decay)
+            if low_grads is not None:
+                self._low_precision_step(params, states, grads, low_grads, group, t, step_size, decay)
+            elif group["fused"]:
+                self._fused_step(params, states, grads, group, t, step_size, decay)
             else:
-                updates = self._directions(states, grads, low_grads, group, t)
+                updates = self._directions(states, grads, group, t)
                 torch._foreach_add_(params, [u.to(p.dtype) for p, u in zip(params, updates)], alpha=-step_size)
                 if decay != 1.0:
                     torch._foreach_mul_(params, decay)
-                self._update_factors(states, low_grads or grads, group)
+                self._update_factors(states, grads, group)
             if t % group["precondition_frequency"] == 0:
                 self._refresh_bases(states, group)
         return loss
 
-    def _directions(self, states, grads, low_grads, group, t: int) -> list[Tensor]:
-        """Rotate the gradients, update the moments in the basis, return the rotated-back directions.
-        ``low_grads``: the gradients already in the products' low precision (None: float32 products)."""
-        if low_grads is None:
-            g_rot = [rotate(g, self._bases(s)) for g, s in zip(grads, states)]
-        else:
-            g_rot = [rotate(x, self._cast_bases(s, x.dtype)).to(g.dtype) if self._rotated(s) else g
-                     for g, x, s in zip(grads, low_grads, states)]
+    def _directions(self, states, grads, group, t: int) -> list[Tensor]:
+        """Rotate the gradients, update the moments in the basis, return the rotated-back directions
+        (float32 products)."""
+        g_rot = [rotate(g, self._bases(s)) for g, s in zip(grads, states)]
         moments = [s["m"] for s in states]
         torch._foreach_lerp_(moments, g_rot, 1.0 - group["betas"][0])
         directions = self.rule.directions(states, g_rot, moments, group, t)
-        if low_grads is None:
-            return [rotate_back(u, self._bases(s)) for u, s in zip(directions, states)]
-        return [rotate_back(u.to(x.dtype), self._cast_bases(s, x.dtype)) if self._rotated(s) else u
-                for u, x, s in zip(directions, low_grads, states)]
+        return [rotate_back(u, self._bases(s)) for u, s in zip(directions, states)]
 
-    def _fused_step(self, params, states, grads, low_grads, group, t: int, step_size: float, decay: float) -> None:
-        """The step one parameter at a time, its element-wise work in compiled one-pass kernels
-        (:mod:`ofe.optim.fused`): rotate, moments and direction, rotate back, update, factor EMAs. Each
-        parameter's tensors are still in cache from one stage to the next; the arithmetic is the eager
-        path's (same order of updates, same dtypes), up to rounding."""
+    def _scalars(self, group: dict[str, Any], like: Tensor, step_size: float, decay: float) -> dict[str, Tensor]:
         beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["betas"][1]
-        like = params[0]
-        scalars = {name: fused.scalar(value, like) for name, value in
-                   (("beta1", group["betas"][0]), ("beta2", group["betas"][1]), ("eps", group["eps"]),
-                    ("step", step_size), ("decay", decay), ("factor", 1.0 - beta))}
-        for p, s, g, x in zip(params, states, grads, low_grads or grads):
+        return {name: fused.scalar(value, like) for name, value in
+                (("beta1", group["betas"][0]), ("beta2", group["betas"][1]), ("eps", group["eps"]),
+                 ("step", step_size), ("decay", decay), ("factor", 1.0 - beta))}
+
+    def _fused_step(self, params, states, grads, group, t: int, step_size: float, decay: float) -> None:
+        """The float32-products step one parameter at a time, its element-wise work in compiled one-pass
+        kernels (:mod:`ofe.optim.fused`): rotate, moments and direction, rotate back, update, factor
+        EMAs. The arithmetic is the eager path's (same order of updates, same dtypes), up to rounding."""
+        scalars = self._scalars(group, params[0], step_size, decay)
+        for p, s, g in zip(params, states, grads):
             rotated = self._rotated(s)
-            bases = self._cast_bases(s, x.dtype) if low_grads is not None else self._bases(s)
-            g_rot = rotate(x, bases) if rotated else g  # in the products' dtype
+            g_rot = rotate(g, self._bases(s)) if rotated else g
             u = self.rule.fused_direction(s, g_rot, group, t, scalars)
             if rotated:
-                u = rotate_back(u, bases)
+                u = rotate_back(u, self._bases(s))
             fused.run("apply_update", p, u, scalars["step"], scalars["decay"])
             for side in (0, 1):
                 if f"GG{side}" in s:
-                    fused.run("ema", s[f"GG{side}"], x @ x.mT if side == 0 else x.mT @ x, scalars["factor"])
+                    fused.run("ema", s[f"GG{side}"], g @ g.mT if side == 0 else g.mT @ g, scalars["factor"])
+
+    def _low_precision_step(self, params, states, grads, low_grads, group, t: int, step_size: float,
+                            decay: float) -> None:
+        """The step with products in the low precision, batched over parameters of one shape (one
+        ``bmm`` per product for, e.g., every block's MLP input matrix: ~1.5-2.5x the throughput of
+        separate products in bf16 on a CPU with AMX); the element-wise work eager (``foreach``) or
+        fused. Same arithmetic as per-parameter products, up to the products' rounding."""
+        buckets = self._product_buckets(states, low_grads)
+        stacked = {key: torch.stack([low_grads[i] for i in idx]) for key, idx in buckets.items()}
+        g_rot: list[Tensor] = list(grads)  # unrotated parameters: the float32 gradient itself
+        for key, idx in buckets.items():
+            left_in, _, right = self._stacked_bases([states[i] for i in idx], stacked[key].dtype)
+            y = stacked[key]
+            y = left_in @ y if left_in is not None else y
+            y = y @ right if right is not None else y
+            for j, i in enumerate(idx):
+                g_rot[i] = y[j]
+        if group["fused"]:
+            scalars = self._scalars(group, params[0], step_size, decay)
+            directions = [self.rule.fused_direction(s, g, group, t, scalars) for s, g in zip(states, g_rot)]
+        else:
+            g32 = [g.to(s["m"].dtype) for g, s in zip(g_rot, states)]
+            moments = [s["m"] for s in states]
+            torch._foreach_lerp_(moments, g32, 1.0 - group["betas"][0])
+            directions = [u.to(g.dtype) for u, g in zip(self.rule.directions(states, g32, moments, group, t), g_rot)]
+        updates = list(directions)
+        for key, idx in buckets.items():
+            _, left_out, right = self._stacked_bases([states[i] for i in idx], stacked[key].dtype)
+            y = torch.stack([directions[i] for i in idx])
+            y = left_out @ y if left_out is not None else y
+            y = y @ right.mT if right is not None else y
+            for j, i in enumerate(idx):
+                updates[i] = y[j]
+        if group["fused"]:
+            for p, u in zip(params, updates):
+                fused.run("apply_update", p, u, scalars["step"], scalars["decay"])
+        else:
+            torch._foreach_add_(params, [u.to(p.dtype) for p, u in zip(params, updates)], alpha=-step_size)
+            if decay != 1.0:
+                torch._foreach_mul_(params, decay)
+        beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["betas"][1]
+        for key, idx in buckets.items():
+            x = stacked[key]
+            for side, increment in ((0, lambda: x @ x.mT), (1, lambda: x.mT @ x)):
+                if f"GG{side}" not in states[idx[0]]:
+                    continue
+                inc = increment()
+                for j, i in enumerate(idx):
+                    if group["fused"]:
+                        fused.run("ema", states[i][f"GG{side}"], inc[j], scalars["factor"])
+                    else:
+                        states[i][f"GG{side}"].lerp_(inc[j].to(states[i][f"GG{side}"].dtype), 1.0 - beta)
+
+    @staticmethod
+    def _product_buckets(states, low_grads) -> dict[tuple, list[int]]:
+        """Indices of the parameters with a basis, by (shape, sides with a factor): each bucket's
+        products run as one batched product."""
+        buckets: dict[tuple, list[int]] = defaultdict(list)
+        for i, (s, x) in enumerate(zip(states, low_grads)):
+            if "GG0" in s or "GG1" in s:
+                buckets[(tuple(x.shape), "GG0" in s, "GG1" in s)].append(i)
+        return buckets
+
+    def _stacked_bases(self, members: list[dict[str, Any]], dtype: torch.dtype):
+        """``(Q_L^T, Q_L, Q_R)`` of the members, stacked, in ``dtype``, each contiguous (None: side not
+        rotated): row-major left operands run ~1.5x faster than transposed ones in bf16. Cached until
+        the next refresh."""
+        key = (tuple(id(s) for s in members), dtype)
+        if key not in self._low_bases:
+            def stack(name: str, transpose: bool) -> Tensor | None:
+                if name not in members[0]:
+                    return None
+                return torch.stack([(s[name].mT if transpose else s[name]).to(dtype) for s in members]).contiguous()
+
+            self._low_bases[key] = (stack("Q0", True), stack("Q0", False), stack("Q1", False))
+        return self._low_bases[key]
 
     def _rotated(self, state: dict[str, Any]) -> bool:
         return "Q0" in state or "Q1" in state
 
-    def _cast_bases(self, state: dict[str, Any], dtype: torch.dtype) -> list[Tensor | None]:
-        """The state's bases in ``dtype``, cast once per refresh."""
-        cached = self._low_bases.get(id(state))
-        if cached is None or any(q is not None and q.dtype != dtype for q in cached):
-            cached = [q.to(dtype) if q is not None else None for q in self._bases(state)]
-            self._low_bases[id(state)] = cached
-        return cached
-
     @staticmethod
     def _update_factors(states, grads, group) -> None:
-        """EMA of ``G G^T`` and ``G^T G`` (``grads`` in the products' precision; the EMA in the state's)."""
+        """EMA of ``G G^T`` and ``G^T G`` (float32 products)."""
         beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["betas"][1]
         for s, x in zip(states, grads):
             if "GG0" in s:
@@ -304,6 +368,7 @@ class RotatedOptimizer(torch.optim.Optimizer):
 
     def _eigh_bases(self, states, group) -> None:
         """Initial bases: eigenvectors of the factors, by descending eigenvalue, batched by size."""
+        self._low_bases.clear()
         for size, members in self._factors_by_size(states).items():
             stacked = torch.stack([s[f"GG{side}"] for s, side in members])
             eye = torch.eye(size, device=stacked.device, dtype=stacked.dtype)
@@ -316,10 +381,10 @@ class RotatedOptimizer(torch.optim.Optimizer):
             q = _broadcast(q.flip(-1).contiguous())
             for (s, side), qi in zip(members, q):
                 s[f"Q{side}"] = qi
-                self._low_bases.pop(id(s), None)
 
     def _refresh_bases(self, states, group) -> None:
         """One QR power-iteration step from the old bases; re-order / re-rotate the moments to follow."""
+        self._low_bases.clear()
         for size, members in self._factors_by_size(states).items():
             q_old = [s[f"Q{side}"] for s, side in members]
             # (GG Q)^T = Q^T GG (GG is symmetric): written row-major, it is GG Q in LAPACK's column-major
@@ -338,7 +403,6 @@ class RotatedOptimizer(torch.optim.Optimizer):
                 self.rule.reorder(s, side, idx)
                 s["m"] = _change_basis(s["m"], side, qo, qn)
                 s[f"Q{side}"] = qn
-                self._low_bases.pop(id(s), None)
 
 
 def _change_basis(m: Tensor, side: int, q_old: Tensor, q_new: Tensor) -> Tensor:

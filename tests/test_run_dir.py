@@ -2,6 +2,7 @@
 and the kill windows around the first checkpoint and the final weights."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -145,23 +146,45 @@ def test_a_run_in_use_is_refused_naming_the_pid(tmp_path, small_corpus, capsys):
     assert main(args) == 0  # released when its holder exits
 
 
+def _close(resumed, reference, rel: float = 1e-3) -> bool:
+    """Every value of ``reference`` (nested dicts/lists) in ``resumed``, floats to ``rel``, the rest equal."""
+    if isinstance(reference, dict):
+        return all(k in resumed and _close(resumed[k], v, rel) for k, v in reference.items())
+    if isinstance(reference, list):
+        return len(resumed) == len(reference) and all(_close(a, b, rel) for a, b in zip(resumed, reference))
+    if isinstance(reference, float):
+        return math.isclose(resumed, reference, rel_tol=rel, abs_tol=1e-9)
+    return resumed == reference
+
+
+def close_weights(a: Path, b: Path, rel: float = 1e-3) -> bool:
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all((x[k] - y[k]).norm() <= rel * y[k].norm() for k in x)
+
+
 def test_a_run_from_ofe_0_1_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, capsys):
     """tests/fixtures/run_v0_1 was written by ofe 0.1.0 (flat optimiser options, its own checkpoint
     layout; see make.py there): a SOAP run stopped after its step-3 checkpoint, and the final weights
-    and metrics of the same run uninterrupted."""
+    and metrics of the same run uninterrupted.
+
+    Resumed today, steps 4-6 run today's SOAP, whose refresh orders its products differently from
+    0.1.0's (faster; the same arithmetic up to float32 rounding): weights and every logged value
+    agree with 0.1.0's uninterrupted run to 1e-3 relative (measured: 4e-5 for weights, 2e-4 for the
+    most sensitive logged value), not bitwise. Bitwise resumption with one version is tested below."""
     work = tmp_path / "old"
     shutil.copytree(FIXTURE, work)
     monkeypatch.chdir(work)
     assert RunDir("interrupted").state() is RunState.RESUMABLE
     assert main(["train", "--out_dir", "interrupted", "--resume", "true", "--progress", "false"]) == 0
-    assert same_weights(Path("interrupted/model.safetensors"), Path("reference/model.safetensors"))
+    assert close_weights(Path("interrupted/model.safetensors"), Path("reference/model.safetensors"))
     reference, resumed = RunDir("reference").read_metrics(), RunDir("interrupted").read_metrics()
     assert len(reference) == len(resumed)  # every value 0.1 logged is logged again (today's logs hold more keys)
-    assert all({k: a[k] for k in r if k not in TIMING} == strip_timing([r])[0] for r, a in zip(reference, resumed))
-    # a moved run resumes too (the output directory is where it is now, not where it was made)
+    assert all(_close(a, r) for r, a in zip(strip_timing(reference), strip_timing(resumed)))
+    # a moved run resumes too (the output directory is where it is now, not where it was made), to
+    # the very weights of the first resumption
     shutil.copytree(FIXTURE / "interrupted", work / "moved")
     assert main(["train", "--out_dir", "moved", "--resume", "true", "--progress", "false"]) == 0
-    assert same_weights(Path("moved/model.safetensors"), Path("reference/model.safetensors"))
+    assert same_weights(Path("moved/model.safetensors"), Path("interrupted/model.safetensors"))
     # and the old run loads for analysis with its options in today's groups
     runs = load_runs(["interrupted"])
     assert runs[0].settings["optim.rotation.precondition_frequency"] == 2

@@ -170,8 +170,9 @@ def _fresh_kernels(monkeypatch):
     return fresh
 
 
+@pytest.mark.parametrize("model", [{"block": "pre-rms"}, {"block": "op", "first_norm": False}])  # OP: 0-d betas
 @pytest.mark.parametrize("cls", [SOAP, RotatedAdafactor])
-def test_fused_step_matches_the_eager_step(cls, tmp_path):
+def test_fused_step_matches_the_eager_step(cls, model, tmp_path):
     """``fused=True`` runs the eager step's arithmetic as compiled one-pass kernels, one parameter at a
     time: in float64, in the matched setting of the reference test (full-rank factors, so no null
     direction where Adam amplifies rounding), parameters agree with the eager step's to 1e-9 at each
@@ -179,13 +180,13 @@ def test_fused_step_matches_the_eager_step(cls, tmp_path):
     checkpoint keeps the loading optimiser's choice (``fused`` says how to run, not what to compute)."""
     from ofe.optim import fused
 
-    a_model, b_model = (m.double() for m in _twin_models(block="pre-rms"))
+    a_model, b_model = (m.double() for m in _twin_models(**model))
     settings = dict(lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=4, max_precond_dim=32)
     eager, fast = cls(a_model.parameters(), **settings), cls(b_model.parameters(), fused=True, **settings)
     batches = _batches(12, T=33)
     for step, (a, b) in enumerate(zip(_run(a_model, eager, batches), _run(b_model, fast, batches))):
         assert _max_rel_diff(a, b) < 1e-9, step
-    start = [p.detach().double() for p in _twin_models(block="pre-rms")[0].parameters()]
+    start = [p.detach().double() for p in _twin_models(**model)[0].parameters()]
     assert _max_rel_diff(a, start) > 1e-3  # it did train
     assert all(k.failed is None and k._compiled is not None for k in fused.KERNELS.values())
     torch.save(fast.state_dict(), tmp_path / "opt.pt")
@@ -193,11 +194,12 @@ def test_fused_step_matches_the_eager_step(cls, tmp_path):
     assert not any(g["fused"] for g in eager.param_groups)
 
 
-def test_fused_step_with_bf16_products_tracks_the_eager_one():
+@pytest.mark.parametrize("model", [{"block": "pre-rms"}, {"block": "op", "first_norm": False}])
+def test_fused_step_with_bf16_products_tracks_the_eager_one(model):
     """With bf16 products the direction is rounded to bf16 before it is rotated back, so a float32
     rounding difference can flip a bf16 one: fused and eager agree at the loss level (held-out loss
     within 0.1% after 12 steps), in float32, in the matched setting."""
-    a_model, b_model = _twin_models(block="pre-rms")
+    a_model, b_model = _twin_models(**model)
     settings = dict(lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=4, max_precond_dim=32,
                     matmul_dtype=torch.bfloat16)
     eager, fast = SOAP(a_model.parameters(), **settings), SOAP(b_model.parameters(), fused=True, **settings)

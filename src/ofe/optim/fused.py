@@ -70,15 +70,15 @@ KERNELS = {fn.__name__: Kernel(fn) for fn in (adam_moments_and_direction, apply_
 
 def run(name: str, *args: Any, **kwargs: Any) -> Any:
     """Kernel ``name`` on ``args``: compiled, on 1-D views, when every array argument is contiguous and of
-    one shape (0-d tensors are scalars); else its eager version on the arrays as they are. A returned
-    tensor has the arrays' shape."""
+    one shape (0-d tensors are scalars); else (a non-contiguous array, or a 0-d parameter such as a
+    trainable branch scale, whose state is 0-d too) its eager version on the tensors as they are. A
+    returned tensor has the arrays' shape."""
     kernel = KERNELS[name]
     arrays = [a for a in args if isinstance(a, Tensor) and a.dim() > 0]
-    shape = arrays[0].shape
-    if not all(a.is_contiguous() and a.shape == shape for a in arrays):
+    if not arrays or not all(a.is_contiguous() and a.shape == arrays[0].shape for a in arrays):
         return kernel.fn(*args, **kwargs)
     out = kernel(*[a.view(-1) if isinstance(a, Tensor) and a.dim() > 0 else a for a in args], **kwargs)
-    return out.view(shape) if isinstance(out, Tensor) else out
+    return out.view(arrays[0].shape) if isinstance(out, Tensor) else out
 
 
 def scalar(value: float, like: Tensor) -> Tensor:

@@ -14,8 +14,11 @@ Diagonal rules are objects (:class:`AdamRule`: SOAP, Vyas et al. 2024; :class:`A
 second moments on the rotated gradient, with update clipping, the paper's "rotated AdaFactor"); the
 rotation never asks which rule it runs.
 
-Implementation: state in float32 whatever the parameter dtype (float64 for float64 parameters); element-wise work with ``torch._foreach``
-ops; the eigh/QR refresh batched over same-sized factors; no host syncs in a step. A failed float32
+Implementation: state in float32 whatever the parameter dtype (float64 for float64 parameters);
+element-wise work with ``torch._foreach`` ops, or (``fused``) as compiled one-pass kernels applied one
+parameter at a time (:mod:`ofe.optim.fused`); with bf16 products (``matmul_dtype``) the products of
+same-shaped parameters batched into one ``bmm`` each; the eigh/QR refresh batched over same-sized
+factors; no host syncs in a step. A failed float32
 ``eigh`` is retried in float64 and counted in the param group's ``eigh_fallbacks``. Under
 ``torch.distributed`` the refreshed bases are broadcast from rank 0, so every rank keeps identical
 parameters even where eigh/QR are not bitwise deterministic.

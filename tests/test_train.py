@@ -272,6 +272,12 @@ def test_bf16_on_a_cpu_without_bf16_units_trains_in_float32_with_a_warning(tmp_p
     train(tiny_cfg(tmp_path / "run", small_corpus, steps=2, dtype="bfloat16"), log=lambda *a, **k: lines.append(" ".join(map(str, a))))
     assert any("no bfloat16 matrix units" in line for line in lines)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["dtype"] == "float32"
+    lines.clear()
+    soap = {"optim.name": "soap", "optim.rotation.matmul_dtype": "bfloat16"}
+    train(tiny_cfg(tmp_path / "soap", small_corpus, steps=2, **soap), log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert any("matmul_dtype bfloat16 would be slower" in line for line in lines)
+    assert json.loads((tmp_path / "soap" / "config.json").read_text())["optim"]["rotation"]["matmul_dtype"] == "float32"
     monkeypatch.setattr(build_module, "cpu_has_bf16", lambda: True)
-    train(tiny_cfg(tmp_path / "bf16", small_corpus, steps=2, dtype="bfloat16"), log=quiet)
-    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    train(tiny_cfg(tmp_path / "bf16", small_corpus, steps=2, dtype="bfloat16", **soap), log=quiet)
+    saved = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert saved["dtype"] == "bfloat16" and saved["optim"]["rotation"]["matmul_dtype"] == "bfloat16"

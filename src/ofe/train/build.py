@@ -109,12 +109,19 @@ def cpu_has_bf16() -> bool:
 
 
 def check_precision(cfg: TrainConfig, env: D.DistEnv, log: Callable[..., None]) -> TrainConfig:
-    """bfloat16 autocast on a CPU without bf16 units is emulated and slower than float32: warn and
-    train in float32 (the run's saved config says so)."""
-    if cfg.dtype == "bfloat16" and env.device.type == "cpu" and not cpu_has_bf16():
+    """bfloat16 autocast, or SOAP's bf16 products, on a CPU without bf16 units are emulated and slower
+    than float32: warn and use float32 (the run's saved config says so)."""
+    if env.device.type != "cpu" or cpu_has_bf16():
+        return cfg
+    if cfg.dtype == "bfloat16":
         log("warning: this CPU has no bfloat16 matrix units (AVX512-BF16 / AMX): bf16 autocast would be slower "
             "than float32 here, so this run trains in float32")
-        return dataclasses.replace(cfg, dtype="float32")
+        cfg = dataclasses.replace(cfg, dtype="float32")
+    if cfg.optim.rotation.matmul_dtype == "bfloat16":
+        log("warning: this CPU has no bfloat16 matrix units (AVX512-BF16 / AMX): optim.rotation.matmul_dtype "
+            "bfloat16 would be slower than float32 here, so the rotation's products run in float32")
+        rotation = dataclasses.replace(cfg.optim.rotation, matmul_dtype="float32")
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, rotation=rotation))
     return cfg
 
 

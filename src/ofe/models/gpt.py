@@ -49,10 +49,13 @@ class Tap(nn.Module):
         return x
 
 
-@functools.lru_cache(maxsize=16)
-def _causal_bias(T: int, device: torch.device) -> Tensor:
-    """``(T, T)`` float32: 0 on and below the diagonal, -inf above (made once per length and device)."""
+def _causal_bias_uncached(T: int, device: torch.device) -> Tensor:
+    """``(T, T)`` float32: 0 on and below the diagonal, -inf above."""
     return torch.full((T, T), float("-inf"), device=device).triu(1)
+
+
+# Made once per length and device in eager mode (a compiled graph builds it inside the graph).
+_causal_bias = functools.lru_cache(maxsize=16)(_causal_bias_uncached)
 
 
 def through(tap: Tap | None, x: Tensor) -> Tensor:
@@ -116,7 +119,9 @@ class Attention(nn.Module):
 
     @staticmethod
     def _softmax_causal(scores: Tensor) -> Tensor:
-        return (scores + _causal_bias(scores.shape[-1], scores.device)).softmax(-1)
+        T = scores.shape[-1]
+        bias = _causal_bias_uncached(T, scores.device) if torch.compiler.is_compiling() else _causal_bias(T, scores.device)
+        return (scores + bias).softmax(-1)
 
     def _probs(self, q: Tensor, k: Tensor) -> Tensor:
         """Attention probabilities ``(B, H, T, T)`` in float32, computed explicitly."""

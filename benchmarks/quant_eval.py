@@ -42,10 +42,19 @@ def main() -> None:
     def float_eval() -> float:
         return perplexity(model, windows)
 
+    phases: dict[str, list[float]] = {"build": [], "calibrate": [], "evaluate": []}
+
     def quant_eval() -> float:
+        t0 = time.perf_counter()
         sim = SimulatedQuantModel(model, qcfg)
+        t1 = time.perf_counter()
         sim.calibrate(calib)
-        return perplexity(sim, windows)
+        t2 = time.perf_counter()
+        out = perplexity(sim, windows)
+        t3 = time.perf_counter()
+        for name, dt in (("build", t1 - t0), ("calibrate", t2 - t1), ("evaluate", t3 - t2)):
+            phases[name].append(dt)
+        return out
 
     times: dict[str, list[float]] = {"float": [], "W8A8": []}
     ppl = {}
@@ -55,15 +64,20 @@ def main() -> None:
             ppl[name] = fn()
             times[name].append(time.perf_counter() - t0)
     mean = {k: statistics.fmean(v) for k, v in times.items()}
+    phase_mean = {k: statistics.fmean(v) for k, v in phases.items()}
     ratio = mean["W8A8"] / mean["float"]
     print(f"preset {args.preset}, {args.eval_sequences} x {T} validation tokens, calibration "
           f"{qcfg.calib_batches} x {qcfg.calib_batch_size} x {T}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"float evaluation           {mean['float']:.2f} s   perplexity {ppl['float']:.3f}")
     print(f"W8A8 calibrate + evaluate  {mean['W8A8']:.2f} s   perplexity {ppl['W8A8']:.3f}")
+    print(f"  of which: build (copy + weight quantisation) {phase_mean['build']:.2f} s, calibrate "
+          f"{phase_mean['calibrate']:.2f} s, quantised evaluation {phase_mean['evaluate']:.2f} s")
     print(f"ratio: {ratio:.2f} (target <= 2); runs: {[round(t, 2) for t in times['W8A8']]} vs {[round(t, 2) for t in times['float']]}")
+    print(f"quantised evaluation alone / float evaluation: {phase_mean['evaluate'] / mean['float']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "seconds": mean, "ratio": ratio, "ppl": ppl, "runs": times}, f, indent=1)
+            json.dump({"args": vars(args), "seconds": mean, "ratio": ratio, "ppl": ppl, "runs": times,
+                       "phases_s": phase_mean, "evaluate_ratio": phase_mean["evaluate"] / mean["float"]}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -409,7 +409,8 @@ dist.init_process_group("gloo", init_method="file://" + os.environ["OFE_TEST_STO
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
 model = torch.nn.parallel.DistributedDataParallel(GPT(preset("tiny")))
-opt = SOAP(model.parameters(), lr=3e-3, precondition_frequency=2)
+fast = {"matmul_dtype": torch.bfloat16, "fused": True} if os.environ.get("OFE_TEST_FAST") == "1" else {}
+opt = SOAP(model.parameters(), lr=3e-3, precondition_frequency=2, **fast)
 g = torch.Generator().manual_seed(3)
 batches = [torch.randint(0, 256, (4, 17), generator=g) for _ in range(steps * world)]
 identical = []
@@ -431,8 +432,10 @@ gc.collect()  # as ofe.train.distributed.teardown: free the group before interpr
 """
 
 
-def test_soap_keeps_ranks_identical_under_ddp(tmp_path):
-    """Two gloo processes, each its own data; SOAP's broadcast bases keep the parameters identical.
+@pytest.mark.parametrize("fast", [False, True], ids=["float32", "bf16-products-fused"])
+def test_soap_keeps_ranks_identical_under_ddp(tmp_path, fast):
+    """Two gloo processes, each its own data; SOAP's broadcast bases keep the parameters identical
+    (also with batched bf16 products and compiled element-wise kernels).
 
     Launched directly with a FileStore rather than through torchrun's port rendezvous (the
     training test covers torchrun). It failed once in a loaded full run: under two concurrent runs
@@ -445,7 +448,8 @@ def test_soap_keeps_ranks_identical_under_ddp(tmp_path):
 
     script, result, steps = tmp_path / "worker.py", tmp_path / "identical.txt", 6
     script.write_text(DDP_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "OFE_TEST_STORE": str(tmp_path / "store")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "OFE_TEST_STORE": str(tmp_path / "store"),
+           "OFE_TEST_FAST": str(int(fast))}
     procs = [subprocess.Popen([sys.executable, str(script), str(steps), str(result)], env={**env, "RANK": str(rank)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]

@@ -279,49 +279,59 @@ class RotatedOptimizer(torch.optim.Optimizer):
         fused. Same arithmetic as per-parameter products, up to the products' rounding."""
         buckets = self._product_buckets(states, low_grads)
         stacked = {key: torch.stack([low_grads[i] for i in idx]) for key, idx in buckets.items()}
-        g_rot: list[Tensor] = list(grads)  # unrotated parameters: the float32 gradient itself
-        for key, idx in buckets.items():
-            left_in, _, right = self._stacked_bases([states[i] for i in idx], stacked[key].dtype)
-            y = stacked[key]
-            y = left_in @ y if left_in is not None else y
-            y = y @ right if right is not None else y
-            for j, i in enumerate(idx):
-                g_rot[i] = y[j]
-        if group["fused"]:
-            scalars = self._scalars(group, params[0], step_size, decay)
+        scalars = self._scalars(group, params[0], step_size, decay) if group["fused"] else None
+        low = low_grads[0].dtype
+        g_rot = self._batched_products(buckets, stacked, states, list(grads), low, back=False)
+        if scalars is not None:
             directions = [self.rule.fused_direction(s, g, group, t, scalars) for s, g in zip(states, g_rot)]
         else:
             g32 = [g.to(s["m"].dtype) for g, s in zip(g_rot, states)]
             moments = [s["m"] for s in states]
             torch._foreach_lerp_(moments, g32, 1.0 - group["betas"][0])
             directions = [u.to(g.dtype) for u, g in zip(self.rule.directions(states, g32, moments, group, t), g_rot)]
-        updates = list(directions)
-        for key, idx in buckets.items():
-            _, left_out, right = self._stacked_bases([states[i] for i in idx], stacked[key].dtype)
-            y = torch.stack([directions[i] for i in idx])
-            y = left_out @ y if left_out is not None else y
-            y = y @ right.mT if right is not None else y
-            for j, i in enumerate(idx):
-                updates[i] = y[j]
-        if group["fused"]:
+        updates = self._batched_products(buckets, None, states, directions, low, back=True)
+        if scalars is not None:
             for p, u in zip(params, updates):
                 fused.run("apply_update", p, u, scalars["step"], scalars["decay"])
         else:
             torch._foreach_add_(params, [u.to(p.dtype) for p, u in zip(params, updates)], alpha=-step_size)
             if decay != 1.0:
                 torch._foreach_mul_(params, decay)
+        self._batched_factor_update(buckets, stacked, states, group, scalars)
+
+    def _batched_products(self, buckets, stacked, states, tensors: list[Tensor], dtype: torch.dtype,
+                          back: bool) -> list[Tensor]:
+        """``tensors`` with each bucket's members rotated in (``Q_L^T x Q_R``, from the ``stacked``
+        low-precision gradients) or back (``Q_L u Q_R^T``, stacking the members' directions, already in
+        ``dtype``) by one batched product per side in ``dtype``; the others as they are."""
+        out = list(tensors)
+        for key, idx in buckets.items():
+            left_in, left_out, right = self._stacked_bases([states[i] for i in idx], dtype)
+            left = left_out if back else left_in
+            y = torch.stack([tensors[i] for i in idx]) if back else stacked[key]
+            y = left @ y if left is not None else y
+            y = (y @ right.mT if back else y @ right) if right is not None else y
+            for j, i in enumerate(idx):
+                out[i] = y[j]
+        return out
+
+    @staticmethod
+    def _batched_factor_update(buckets, stacked, states, group, scalars) -> None:
+        """EMA of ``G G^T`` and ``G^T G`` from each bucket's stacked low-precision gradients (one batched
+        product per side; the EMA in the state's precision, fused when ``scalars`` are given)."""
         beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["betas"][1]
         for key, idx in buckets.items():
             x = stacked[key]
-            for side, increment in ((0, lambda: x @ x.mT), (1, lambda: x.mT @ x)):
+            for side in (0, 1):
                 if f"GG{side}" not in states[idx[0]]:
                     continue
-                inc = increment()
+                increments = x @ x.mT if side == 0 else x.mT @ x
                 for j, i in enumerate(idx):
-                    if group["fused"]:
-                        fused.run("ema", states[i][f"GG{side}"], inc[j], scalars["factor"])
+                    average = states[i][f"GG{side}"]
+                    if scalars is not None:
+                        fused.run("ema", average, increments[j], scalars["factor"])
                     else:
-                        states[i][f"GG{side}"].lerp_(inc[j].to(states[i][f"GG{side}"].dtype), 1.0 - beta)
+                        average.lerp_(increments[j].to(average.dtype), 1.0 - beta)
 
     @staticmethod
     def _product_buckets(states, low_grads) -> dict[tuple, list[int]]:

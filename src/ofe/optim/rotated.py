@@ -231,10 +231,7 @@ class RotatedOptimizer(torch.optim.Optimizer):
             elif group["fused"]:
                 self._fused_step(params, states, grads, group, t, step_size, decay)
             else:
-                updates = self._directions(states, grads, group, t)
-                torch._foreach_add_(params, [u.to(p.dtype) for p, u in zip(params, updates)], alpha=-step_size)
-                if decay != 1.0:
-                    torch._foreach_mul_(params, decay)
+                _apply_updates(params, self._directions(states, grads, group, t), step_size, decay, None)
                 self._update_factors(states, grads, group)
             if t % group["precondition_frequency"] == 0:
                 self._refresh_bases(states, group)
@@ -244,16 +241,19 @@ class RotatedOptimizer(torch.optim.Optimizer):
         """Rotate the gradients, update the moments in the basis, return the rotated-back directions
         (float32 products)."""
         g_rot = [rotate(g, self._bases(s)) for g, s in zip(grads, states)]
-        moments = [s["m"] for s in states]
-        torch._foreach_lerp_(moments, g_rot, 1.0 - group["betas"][0])
-        directions = self.rule.directions(states, g_rot, moments, group, t)
+        directions = self._eager_directions(states, g_rot, group, t)
         return [rotate_back(u, self._bases(s)) for u, s in zip(directions, states)]
 
+    def _eager_directions(self, states, g_rot: list[Tensor], group, t: int) -> list[Tensor]:
+        """Update the first moments (``foreach``) and return the rule's directions, in the basis."""
+        moments = [s["m"] for s in states]
+        torch._foreach_lerp_(moments, g_rot, 1.0 - group["betas"][0])
+        return self.rule.directions(states, g_rot, moments, group, t)
+
     def _scalars(self, group: dict[str, Any], like: Tensor, step_size: float, decay: float) -> dict[str, Tensor]:
-        beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["betas"][1]
         return {name: fused.scalar(value, like) for name, value in
                 (("beta1", group["betas"][0]), ("beta2", group["betas"][1]), ("eps", group["eps"]),
-                 ("step", step_size), ("decay", decay), ("factor", 1.0 - beta))}
+                 ("step", step_size), ("decay", decay), ("factor", _factor_weight(group)))}
 
     def _fused_step(self, params, states, grads, group, t: int, step_size: float, decay: float) -> None:
         """The float32-products step one parameter at a time, its element-wise work in compiled one-pass
@@ -269,7 +269,7 @@ class RotatedOptimizer(torch.optim.Optimizer):
             fused.run("apply_update", p, u, scalars["step"], scalars["decay"])
             for side in (0, 1):
                 if f"GG{side}" in s:
-                    fused.run("ema", s[f"GG{side}"], g @ g.mT if side == 0 else g.mT @ g, scalars["factor"])
+                    fused.run("ema", s[f"GG{side}"], _factor_increment(g, side), scalars["factor"])
 
     def _low_precision_step(self, params, states, grads, low_grads, group, t: int, step_size: float,
                             decay: float) -> None:
@@ -286,17 +286,9 @@ class RotatedOptimizer(torch.optim.Optimizer):
             directions = [self.rule.fused_direction(s, g, group, t, scalars) for s, g in zip(states, g_rot)]
         else:
             g32 = [g.to(s["m"].dtype) for g, s in zip(g_rot, states)]
-            moments = [s["m"] for s in states]
-            torch._foreach_lerp_(moments, g32, 1.0 - group["betas"][0])
-            directions = [u.to(g.dtype) for u, g in zip(self.rule.directions(states, g32, moments, group, t), g_rot)]
+            directions = [u.to(g.dtype) for u, g in zip(self._eager_directions(states, g32, group, t), g_rot)]
         updates = self._batched_products(buckets, None, states, directions, low, back=True)
-        if scalars is not None:
-            for p, u in zip(params, updates):
-                fused.run("apply_update", p, u, scalars["step"], scalars["decay"])
-        else:
-            torch._foreach_add_(params, [u.to(p.dtype) for p, u in zip(params, updates)], alpha=-step_size)
-            if decay != 1.0:
-                torch._foreach_mul_(params, decay)
+        _apply_updates(params, updates, step_size, decay, scalars)
         self._batched_factor_update(buckets, stacked, states, group, scalars)
 
     def _batched_products(self, buckets, stacked, states, tensors: list[Tensor], dtype: torch.dtype,
@@ -319,19 +311,18 @@ class RotatedOptimizer(torch.optim.Optimizer):
     def _batched_factor_update(buckets, stacked, states, group, scalars) -> None:
         """EMA of ``G G^T`` and ``G^T G`` from each bucket's stacked low-precision gradients (one batched
         product per side; the EMA in the state's precision, fused when ``scalars`` are given)."""
-        beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["betas"][1]
+        weight = _factor_weight(group)
         for key, idx in buckets.items():
-            x = stacked[key]
             for side in (0, 1):
                 if f"GG{side}" not in states[idx[0]]:
                     continue
-                increments = x @ x.mT if side == 0 else x.mT @ x
+                increments = _factor_increment(stacked[key], side)
                 for j, i in enumerate(idx):
                     average = states[i][f"GG{side}"]
                     if scalars is not None:
                         fused.run("ema", average, increments[j], scalars["factor"])
                     else:
-                        average.lerp_(increments[j].to(average.dtype), 1.0 - beta)
+                        average.lerp_(increments[j].to(average.dtype), weight)
 
     @staticmethod
     def _product_buckets(states, low_grads) -> dict[tuple, list[int]]:
@@ -363,12 +354,11 @@ class RotatedOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _update_factors(states, grads, group) -> None:
         """EMA of ``G G^T`` and ``G^T G`` (float32 products)."""
-        beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["betas"][1]
+        weight = _factor_weight(group)
         for s, x in zip(states, grads):
-            if "GG0" in s:
-                s["GG0"].lerp_((x @ x.mT).to(s["GG0"].dtype), 1.0 - beta)
-            if "GG1" in s:
-                s["GG1"].lerp_((x.mT @ x).to(s["GG1"].dtype), 1.0 - beta)
+            for side in (0, 1):
+                if f"GG{side}" in s:
+                    s[f"GG{side}"].lerp_(_factor_increment(x, side).to(s[f"GG{side}"].dtype), weight)
 
     # ---- bases -------------------------------------------------------------------------------------
     def _factors_by_size(self, states) -> dict[int, list[tuple[dict[str, Any], int]]]:
@@ -427,6 +417,30 @@ def _change_basis(m: Tensor, side: int, q_old: Tensor, q_new: Tensor) -> Tensor:
         return q_new.mT @ (q_old @ m) if side == 0 else (m @ q_old.mT) @ q_new
     change = q_new.mT @ q_old
     return change @ m if side == 0 else m @ change.mT
+
+
+def _factor_weight(group: dict[str, Any]) -> float:
+    """Weight of a new increment in the Kronecker factors' EMA: ``1 - shampoo_beta`` (default ``betas[1]``)."""
+    beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["betas"][1]
+    return 1.0 - beta
+
+
+def _factor_increment(x: Tensor, side: int) -> Tensor:
+    """``x x^T`` (side 0, rows) or ``x^T x`` (side 1, columns), batched over leading dimensions."""
+    return x @ x.mT if side == 0 else x.mT @ x
+
+
+def _apply_updates(params: list[Tensor], updates: list[Tensor], step_size: float, decay: float,
+                   scalars: dict[str, Tensor] | None) -> None:
+    """``p <- (p - step_size u) decay`` (decoupled weight decay after the update, as in the reference):
+    with ``foreach`` ops, or per parameter in the fused kernel when its ``scalars`` are given."""
+    if scalars is not None:
+        for p, u in zip(params, updates):
+            fused.run("apply_update", p, u, scalars["step"], scalars["decay"])
+        return
+    torch._foreach_add_(params, [u.to(p.dtype) for p, u in zip(params, updates)], alpha=-step_size)
+    if decay != 1.0:
+        torch._foreach_mul_(params, decay)
 
 
 def _low_precision(group: dict[str, Any], grads: list[Tensor]) -> torch.dtype | None:

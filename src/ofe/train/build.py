@@ -111,7 +111,8 @@ def cpu_has_bf16() -> bool:
 def check_precision(cfg: TrainConfig, env: D.DistEnv, log: Callable[..., None]) -> TrainConfig:
     """bfloat16 autocast, or SOAP's bf16 products, on a CPU without bf16 units are emulated and slower
     than float32: warn and use float32 (the run's saved config says so)."""
-    if env.device.type != "cpu" or cpu_has_bf16():
+    wants_bf16 = cfg.dtype == "bfloat16" or cfg.optim.rotation.matmul_dtype == "bfloat16"
+    if not wants_bf16 or env.device.type != "cpu" or cpu_has_bf16():
         return cfg
     if cfg.dtype == "bfloat16":
         log("warning: this CPU has no bfloat16 matrix units (AVX512-BF16 / AMX): bf16 autocast would be slower "

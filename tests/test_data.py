@@ -162,4 +162,4 @@ def test_bos_grows_the_vocabulary_and_trains(tmp_path, small_corpus):
     cfg = build_train_config({"out_dir": str(tmp_path / "run"), "preset": "tiny", "steps": 2, "batch_size": 4,
                               "eval_batches": 1, "progress": False, "data": {"corpus": str(small_corpus), "bos": True}})
     train(cfg, log=lambda *a: None)
-    assert RunDir(tmp_path / "run").read_config()["model"]["vocab_size"] == 257
+    assert RunDir(tmp_path / "run").config().model.vocab_size == 257

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from ofe.analysis import load_runs
 from ofe.cli import main
 from ofe.run_dir import CheckpointError, RunDir, RunDirError, RunState, find_runs
+from ofe.run_config import TrainConfig
 from ofe.train import build_train_config, train
 from ofe.train import loop as loop_module
 
@@ -61,8 +62,8 @@ def test_state_follows_what_the_directory_holds(tmp_path):
     assert run.state() is RunState.NEW  # does not exist
     run.create()
     assert run.state() is RunState.NEW
-    run.write_config({"seed": 0})
-    assert run.state() is RunState.RESUMABLE and run.read_config() == {"seed": 0}
+    run.write_config(TrainConfig(preset="tiny", seed=3))
+    assert run.state() is RunState.RESUMABLE and run.config().seed == 3
     run.weights_path.write_bytes(b"")
     assert run.state() is RunState.FINISHED
     run.write_diverged("loss became nan at step 3")
@@ -79,10 +80,13 @@ def test_state_follows_what_the_directory_holds(tmp_path):
 def test_missing_or_malformed_files_are_errors_naming_the_file(tmp_path):
     run = RunDir(tmp_path)
     with pytest.raises(RunDirError, match="not an ofe run directory"):
-        run.read_config()
+        run.config()
     run.config_path.write_text("[1, 2]")
     with pytest.raises(RunDirError, match=str(run.config_path)):
-        run.read_config()
+        run.config()
+    run.config_path.write_text('{"seed": 0, "stpes": 3}')
+    with pytest.raises(RunDirError, match="config.json is not a valid run config: unknown config key 'stpes'"):
+        run.config()
     run.quant_path().write_text("{")
     with pytest.raises(RunDirError, match="quant.json is not valid JSON"):
         run.read_quant()
@@ -111,7 +115,7 @@ def test_torn_last_metrics_line_is_dropped_and_a_torn_middle_line_is_an_error(tm
 def test_find_runs(tmp_path):
     for name in ("b", "a"):
         RunDir(tmp_path / name).create()
-        RunDir(tmp_path / name).write_config({})
+        RunDir(tmp_path / name).write_config(TrainConfig(preset="tiny"))
     (tmp_path / "not-a-run").mkdir()
     assert [r.path.name for r in find_runs(tmp_path)] == ["a", "b"]
     assert find_runs(tmp_path / "a") == [RunDir(tmp_path / "a")]
@@ -334,3 +338,23 @@ def test_training_logs_where_the_largest_activations_sit(tmp_path, small_corpus)
     assert len(last["abs_max_median"]) == len(last["position0_share"]) == len(last["attention_sink"]) == 2
     assert all(r > 1 for r in last["abs_max_median"]) and all(0 <= s <= 1 for s in last["position0_share"])
     assert all(0 < s <= 1 for s in last["attention_sink"])
+
+
+def test_a_diverging_run_records_its_state_and_resume_refuses_it(tmp_path, capsys):
+    """A real divergence (OP without entropy regulation at lr 10, no clipping): ``ofe train`` itself
+    writes the diverged state, ``--resume`` is refused in one line, and the report counts it as diverged."""
+    out = tmp_path / "run"
+    args = ["train", "--out_dir", str(out), "--preset", "tiny", "--steps", "20", "--batch_size", "4", "--eval_batches",
+            "1", "--progress", "false", "--optim.lr", "10", "--optim.grad_clip", "0", "--optim.warmup_frac", "0",
+            "--model.block", "op", "--model.qk_norm", "none", "--data.corpus", "bigram-backcopy"]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "loss became nan" in err and "marked diverged" in err
+    run = RunDir(out)
+    assert run.state() is RunState.DIVERGED and run.read_diverged().startswith("loss became nan")
+    assert main(["train", "--out_dir", str(out), "--resume", "true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot resume" in err and "diverged (loss became nan" in err
+    assert run.state() is RunState.DIVERGED  # the refusal wrote nothing
+    [loaded] = load_runs([out])
+    assert loaded.diverged.startswith("loss became nan")

@@ -5,7 +5,7 @@ A run directory (``ofe train --out_dir DIR``) holds:
 ============================  ====================================================================
 ``run.json``                  the run's identity: a random ``run_id`` (a copied run keeps it, so a report
                               counts it once) and the fingerprint of the corpus it trains on
-``config.json``               the resolved :class:`~ofe.train.TrainConfig`; its presence makes DIR a run
+``config.json``               the resolved :class:`~ofe.run_config.TrainConfig`; its presence makes DIR a run
 ``tokenizer.json``            the tokenizer the run trained with
 ``metrics.jsonl``             one JSON record per logged step (``docs/training.md`` lists the keys)
 ``tb/``                       the same scalars as TensorBoard events
@@ -16,7 +16,7 @@ A run directory (``ofe train --out_dir DIR``) holds:
 ``weights/step_NNNNNN.st``    the weights after NNNNNN updates, kept at every evaluation step when the
                               run trains with ``keep_weights`` (safetensors; for matched-loss comparisons)
 ``quant.step_NNNNNN.json``    ``ofe quantize --step NNNNNN``'s result for those weights (optional)
-``DIVERGED``                  why training stopped on a non-finite loss (a sweep's result, optional)
+``DIVERGED``                  why training stopped on a non-finite loss (written by training: a state)
 ``sweep_run.json``            the unresolved settings a sweep gave the run (sweeps only)
 ``.lock``                     held (``flock``) by the process that trains in DIR; holds its pid
 ============================  ====================================================================
@@ -46,8 +46,10 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
+from ofe.config import ConfigError, to_dict
 from ofe.errors import OfeError
 from ofe.io import LockHeld, atomic_write, exclusive_lock, pause_point
+from ofe.run_config import TrainConfig, from_saved
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -200,8 +202,23 @@ class RunDir:
             raise RunDirError(f"run {self.path} is in use by pid {e.pid}") from None
 
     # ---- config and tokenizer -------------------------------------------------------------------
-    def read_config(self) -> dict[str, Any]:
-        """The saved config as a dict (turning it into a typed config is the caller's job)."""
+    def config(self) -> TrainConfig:
+        """The run's saved config, typed: read, migrated from older ofe versions and validated
+        (:func:`ofe.run_config.from_saved`). The one reader of a saved config; a missing, malformed
+        or invalid file is a :class:`RunDirError` naming it."""
+        return self._typed(self._saved_settings(), self.config_path)
+
+    def checkpoint_config(self, state: dict[str, Any]) -> TrainConfig:
+        """The config a loaded checkpoint was written with, read as :meth:`config` reads the file."""
+        try:
+            saved = json.loads(state["config"])
+        except (KeyError, TypeError, ValueError):
+            saved = None
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"checkpoint in {self.path} holds no readable config")
+        return self._typed(saved, self.checkpoint_path)
+
+    def _saved_settings(self) -> dict[str, Any]:
         if not self.config_path.is_file():
             raise RunDirError(f"{self.path} is not an ofe run directory ({CONFIG} missing)")
         config = _read_json(self.config_path)
@@ -209,8 +226,15 @@ class RunDir:
             raise RunDirError(f"{self.config_path} does not hold a table of settings")
         return config
 
-    def write_config(self, config: dict[str, Any]) -> None:
-        _write_json(self.config_path, config)
+    @staticmethod
+    def _typed(saved: dict[str, Any], where: Path) -> TrainConfig:
+        try:
+            return from_saved(saved)
+        except ConfigError as e:
+            raise RunDirError(f"{where} is not a valid run config: {e}") from None
+
+    def write_config(self, config: TrainConfig) -> None:
+        _write_json(self.config_path, to_dict(config))
 
     def read_identity(self) -> dict[str, Any] | None:
         """``{"run_id", "corpus"}``, or None for a run made before ofe wrote it."""
@@ -373,8 +397,9 @@ class RunDir:
         return [s for s in self.kept_steps() if self.quant_path(s).is_file()]
 
     def read_diverged(self) -> str | None:
+        """Why training stopped on a non-finite loss; None for a run that did not diverge."""
         path = self.path / DIVERGED
-        return path.read_text().strip() if path.is_file() else None
+        return path.read_bytes().decode("utf-8", errors="replace").strip() if path.is_file() else None
 
     def write_diverged(self, reason: str) -> None:
         atomic_write(self.path / DIVERGED, lambda tmp: tmp.write_text(reason.strip() + "\n"))

@@ -22,7 +22,7 @@ from ofe.models import BLOCKS, GPTConfig
 from ofe.monitor import kurtosis_change_contributions
 from ofe.optim import OPTIMIZERS
 from ofe.run_dir import RunDir, RunDirError, find_runs
-from ofe.train.config import RESUME_MUTABLE, saved_config
+from ofe.run_config import RESUME_MUTABLE
 
 # Settings that never define a configuration: how a run executed (RESUME_MUTABLE), where it wrote,
 # what it logged, and the seed (runs that differ only in it are one configuration).
@@ -177,14 +177,12 @@ def load_run(path: str | Path) -> Run:
     """One run: its config (in today's layout), metrics, quantisation result and divergence note."""
     run = RunDir(path)
     try:
-        config = saved_config(run.read_config())
+        config = C.to_dict(run.config())
         records = run.read_metrics()
         quant = run.read_quant()
         kept = tuple(run.kept_steps())
         quant_at = {step: run.read_quant(step) for step in run.quantised_steps()}
         identity = run.read_identity()
-    except C.ConfigError as e:
-        raise RunError(f"{run.config_path} is not a valid run config: {e}") from None
     except RunDirError as e:
         raise RunError(str(e)) from None
     diverged = run.read_diverged()

@@ -18,8 +18,8 @@ A spec (TOML or JSON)::
 Every run's config is built (and checked) before the first one starts, so a bad key fails at once.
 A finished run (final weights written, and quantised when the spec asks) is skipped; an interrupted
 one is resumed (from its checkpoint, or from step 0 if it stopped before the first); a directory made
-by a different spec is an error. A run stopped by a non-finite loss is a result (its run directory
-records why), and the sweep goes on. What a run directory holds is :mod:`ofe.run_dir`'s business.
+by a different spec is an error. A run stopped by a non-finite loss is a result (training records
+why in its run directory; the sweep only reads that state), and the sweep goes on. What a run directory holds is :mod:`ofe.run_dir`'s business.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from ofe.config import ConfigError
 from ofe.io import LockHeld, exclusive_lock
 from ofe.quant import quantize_run
 from ofe.run_dir import RunDir, RunState, check_name
-from ofe.train import NonFiniteLoss, TrainConfig, build_train_config, train
-from ofe.train.config import RESUME_MUTABLE
+from ofe.run_config import RESUME_MUTABLE, TrainConfig, build_train_config
+from ofe.train import NonFiniteLoss, train
 
 SPEC_KEYS = {"out_dir", "base", "grid", "variants", "quantize"}
 SWEEP_LOCK = ".sweep.lock"
@@ -187,8 +187,7 @@ def _run_locked(sweep: Sweep, progress: bool, log: Callable[[str], None]) -> lis
                 out.write_sweep_settings(run.settings)
                 try:
                     train(dataclasses.replace(run.config, resume=state == "resume", progress=False), log=write)
-                except NonFiniteLoss as e:  # a result, not a failure of the sweep (e.g. OP without QK-norm)
-                    out.write_diverged(str(e))
+                except NonFiniteLoss as e:  # a result (training recorded it in the run), not a failure of the sweep
                     write(f"{run.name}: diverged: {e}")
                     bar.update(1)
                     continue

@@ -17,7 +17,7 @@ from ofe.metrics import abs_max_median, kurtosis, position0_share
 from ofe.models import GPT
 from ofe.quant.simulate import SITE_FAMILIES, QuantConfig, SimulatedQuantModel, block_outputs, perplexity, sqnr_db
 from ofe.run_dir import RunDir
-from ofe.train.config import TrainConfig, load_saved
+from ofe.run_config import TrainConfig
 
 class QuantError(OfeError):
     """A user-facing problem with the run directory to quantise."""
@@ -27,10 +27,7 @@ def load_trained(run_dir: str | Path, step: int | None = None) -> tuple[TrainCon
     """``(TrainConfig, GPT)`` of an ``ofe train`` run, with its final weights (``step`` None, the run
     must have finished) or those it kept at ``step``."""
     run = RunDir(run_dir)
-    try:
-        cfg = load_saved(run.read_config())
-    except C.ConfigError as e:
-        raise QuantError(f"{run.config_path} is not a valid run config: {e}") from None
+    cfg = run.config()
     model = run.load_weights(GPT(cfg.model), step)
     return cfg, model.eval()
 

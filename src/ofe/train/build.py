@@ -9,7 +9,6 @@ kurtosis-update tracker, and restores them from the checkpoint when resuming. Th
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import platform
 import random
@@ -29,7 +28,7 @@ from ofe.monitor import TRAIN_METRICS, KurtosisUpdateTracker, OutlierMonitor
 from ofe.optim import build_optimizer
 from ofe.run_dir import CheckpointError, RunDir, RunState
 from ofe.train import distributed as D
-from ofe.train.config import TrainConfig, incompatible_keys, saved_config
+from ofe.run_config import TrainConfig, incompatible_keys
 
 
 class TrainError(OfeError):
@@ -72,6 +71,10 @@ def check_run_dir(cfg: TrainConfig, run: RunDir) -> None:
             raise TrainError(f"cannot resume: {run} holds no run")
         if state is RunState.BROKEN:
             raise TrainError(f"cannot resume {run}: its saved config is missing or unreadable")
+        if state is RunState.DIVERGED:
+            reason = (run.read_diverged() or "no reason recorded").split(";")[0].strip()
+            raise TrainError(f"cannot resume {run}: its training diverged ({reason}) and would diverge again; start a "
+                             "new run in another --out_dir (e.g. with a smaller --optim.lr)")
         return
     if state is not RunState.NEW:
         raise TrainError(f"{run} already holds a run; pass --resume to continue it or choose another --out_dir")
@@ -152,7 +155,7 @@ def start_run(cfg: TrainConfig, run: RunDir, data: TokenData) -> None:
     """A new run: its identity, the tokenizer, then the config (whose presence makes the directory a run)."""
     run.write_identity(corpus_fingerprint(data), description=describe_corpus(data))
     run.write_tokenizer(data.tokenizer_file)
-    run.write_config(C.to_dict(cfg))
+    run.write_config(cfg)
 
 
 def check_corpus(run: RunDir, data: TokenData) -> None:
@@ -169,7 +172,7 @@ def check_corpus(run: RunDir, data: TokenData) -> None:
 def load_resume_state(cfg: TrainConfig, run: RunDir, data: TokenData) -> dict[str, Any] | None:
     """Check that ``cfg`` continues the saved run; its checkpoint, or None (start again at step 0)
     when the run was stopped before its first checkpoint."""
-    saved = saved_config(run.read_config())
+    saved = C.to_dict(run.config())
     bad = incompatible_keys(saved, C.to_dict(cfg))
     if bad:
         raise TrainError(f"cannot resume {run}: the config differs from the saved run in {', '.join(bad)}")
@@ -179,19 +182,9 @@ def load_resume_state(cfg: TrainConfig, run: RunDir, data: TokenData) -> dict[st
     if not run.has_checkpoint():
         return None
     state = run.load_checkpoint()
-    if incompatible_keys(saved_config(_checkpoint_config(state, run)), saved):
+    if incompatible_keys(C.to_dict(run.checkpoint_config(state)), saved):
         raise CheckpointError(f"checkpoint in {run} belongs to a different config")
     return state
-
-
-def _checkpoint_config(state: dict[str, Any], run: RunDir) -> dict[str, Any]:
-    try:
-        config = json.loads(state["config"])
-    except (TypeError, ValueError):
-        config = None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"checkpoint in {run} holds no readable config")
-    return config
 
 
 def seed_everything(seed: int) -> None:

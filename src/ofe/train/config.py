@@ -1,106 +1,19 @@
-"""`TrainConfig`: everything a run needs, typed; loading with presets, files and overrides."""
+"""``ofe train``'s config: a file and flags, or, with ``--resume``, the saved run with what was given on top.
+
+The config type itself, its validation and the reading of a saved run live below training
+(:mod:`ofe.run_config`, :meth:`ofe.run_dir.RunDir.config`); this module only decides which of the
+two is the base.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from ofe import config as C
-from ofe.config import ConfigError, field
-from ofe.data import DataConfig
-from ofe.models import PRESETS, GPTConfig, preset_fields
-from ofe.optim import OptimConfig
-from ofe.optim.config import MOVED, drop_unread, upgrade_optim
+from ofe.run_config import RESUME_MUTABLE, TrainConfig, build_train_config, incompatible_keys, upgrade, upgrade_key
 from ofe.run_dir import RunDir
 
-# Keys that may differ when resuming: they change how or where a run executes, not what it computes.
-RESUME_MUTABLE = frozenset({"resume", "progress", "compile", "device", "out_dir"})
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    out_dir: str = field("runs/default", "output directory of the run")
-    preset: str = field("small-cpu", f"model preset ({', '.join(PRESETS)}) the model.* settings start from; "
-                                      "a saved config keeps it as provenance, its model.* fields are the model")
-    model: GPTConfig = GPTConfig()  # the small-cpu preset; model.vocab_size is set from the tokenizer
-    data: DataConfig = DataConfig()
-    optim: OptimConfig = OptimConfig()
-    steps: int = field(600, "optimizer updates")
-    batch_size: int = field(32, "sequences per update, over all processes and micro-batches")
-    grad_accum: int = field(1, "micro-batches per update")
-    eval_interval: int = field(100, "evaluate validation loss every this many updates (and at the end)")
-    eval_batches: int = field(4, "validation batches of batch_size sequences")
-    monitor_interval: int = field(10, "log outlier metrics every this many updates")
-    decomposition_sequences: int = field(8, "validation sequences on which the kurtosis-update terms are "
-                                            "computed at monitor steps (fixed inputs); 0 disables")
-    ckpt_interval: int = field(100, "write the resumable checkpoint every this many updates (and at the end)")
-    keep_weights: bool = field(False, "also keep the weights at every evaluation step (weights/step_NNNNNN.st), "
-                                      "so that ofe quantize --step can compare runs at matched loss")
-    seed: int = field(0, "seed for initialisation and data order")
-    device: str = field("auto", "auto (cuda if available), cpu, cuda, cuda:N")
-    dtype: Literal["float32", "bfloat16"] = field("float32", "compute dtype (bfloat16: autocast on GPU)")
-    compile: bool = field(False, "torch.compile the model (the monitor keeps working)")
-    resume: bool = field(False, "continue the run in out_dir from its checkpoint")
-    progress: bool = field(True, "show a progress bar")
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "monitor_interval", "ckpt_interval"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"config key '{name}' must be positive, got {getattr(self, name)}")
-        if self.decomposition_sequences < 0:
-            raise ConfigError(f"config key 'decomposition_sequences' must be >= 0, got {self.decomposition_sequences}")
-        if self.batch_size % self.grad_accum:
-            raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
-        preset_model = preset_fields(self.preset)
-        if self.model == GPTConfig():  # left at its default: the preset's model, so the two agree
-            object.__setattr__(self, "model", GPTConfig(**preset_model))
-        if not self.out_dir.strip():
-            raise ConfigError("config key 'out_dir' is empty; name the run's directory")
-
-
-def upgrade(data: dict[str, Any]) -> dict[str, Any]:
-    """A config dict in today's layout: ofe 0.1's flat ``optim`` options move into their groups."""
-    optim = data.get("optim")
-    return {**data, "optim": upgrade_optim(optim)} if isinstance(optim, dict) else data
-
-
-def _upgrade_key(key: str) -> str:
-    head, _, leaf = key.partition(".")
-    return f"optim.{MOVED[leaf]}" if head == "optim" and leaf in MOVED else key
-
-
-def build_train_config(data: dict[str, Any], overrides: dict[str, str] | None = None) -> TrainConfig:
-    """File dict + ``--key value`` overrides -> config; the model is the preset's with ``model.*`` on
-    top, so a saved config (whose model table is complete) loads back unchanged."""
-    overrides = {_upgrade_key(k): v for k, v in (overrides or {}).items()}
-    data = C.apply_overrides(TrainConfig, upgrade(data), overrides)
-    model = data.get("model", {})
-    if not isinstance(model, dict):
-        raise ConfigError("config key 'model' must be a table of model settings")
-    data["model"] = {**preset_fields(data.get("preset", TrainConfig.preset)), **model}
-    return C.from_dict(TrainConfig, data)
-
-
-def load_saved(saved: dict[str, Any]) -> TrainConfig:
-    """A saved config (any ofe version) as a config with the block's defaults resolved (``ofe
-    train`` saves them resolved); optimiser options that the run's optimiser never read are reset
-    to their defaults (ofe 0.1 did not refuse them)."""
-    saved = upgrade(saved)
-    if isinstance(saved.get("optim"), dict):
-        saved = {**saved, "optim": drop_unread(saved["optim"])}
-    cfg = build_train_config(saved)
-    return dataclasses.replace(cfg, model=cfg.model.resolved())
-
-
-def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
-    """:func:`load_saved` as a complete dict in today's layout."""
-    return C.to_dict(load_saved(saved))
-
-
-def resume_settings(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    """Settings to resume with: the saved run's, with what was given (file or flags) on top."""
-    return _deep_merge(saved_config(saved), upgrade(given))
+__all__ = ["RESUME_MUTABLE", "TrainConfig", "build_train_config", "incompatible_keys", "load_train_config"]
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -110,26 +23,23 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def incompatible_keys(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts, ignoring :data:`RESUME_MUTABLE`."""
-    keys = []
-    for key in sorted(set(saved) | set(new)):
-        if not prefix and key in RESUME_MUTABLE:
-            continue
-        a, b = saved.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += incompatible_keys(a, b, prefix + key + ".")
-        elif a != b:
-            keys.append(prefix + key)
-    return keys
-
+def _resuming(data: dict[str, Any], overrides: dict[str, str]) -> RunDir | None:
+    """The run to resume, when the file and flags ask for ``resume`` into a directory holding one
+    (their types are checked when the config is built)."""
+    given = C.apply_overrides(TrainConfig, upgrade(data), {upgrade_key(k): v for k, v in overrides.items()})
+    out_dir = given.get("out_dir", TrainConfig.out_dir)
+    if given.get("resume") is not True or not isinstance(out_dir, str) or not out_dir.strip():
+        return None
+    run = RunDir(out_dir)
+    return run if run.holds_run() else None
 
 
 def load_train_config(data: dict[str, Any], overrides: dict[str, str] | None = None) -> TrainConfig:
-    """``ofe train``'s config: file + flags; when resuming a run, the saved run is the base and what
-    was given goes on top (so ``--resume`` alone continues a run as it was)."""
-    probe = build_train_config(data, overrides)
-    run = RunDir(probe.out_dir)
-    if probe.resume and run.holds_run():
-        data = resume_settings(run.read_config(), data)
+    """``ofe train``'s config: file + flags; when resuming a run, the saved run (read once, through
+    :meth:`RunDir.config`) is the base and what was given goes on top, so ``--resume`` alone continues
+    a run as it was."""
+    overrides = overrides or {}
+    run = _resuming(data, overrides)
+    if run is not None:
+        data = _deep_merge(C.to_dict(run.config()), upgrade(data))
     return build_train_config(data, overrides)

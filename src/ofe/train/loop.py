@@ -29,7 +29,7 @@ from ofe.optim import lr_at
 from ofe.run_dir import RunDir
 from ofe.train import distributed as D
 from ofe.train.build import Parts, TrainError, build, check_run_dir, rng_state
-from ofe.train.config import TrainConfig
+from ofe.run_config import TrainConfig
 from ofe.train.logger import RunLogger
 
 
@@ -117,7 +117,8 @@ class Trainer:
         loss_value, norm_value = D.mean_across_ranks(torch.stack([loss_sum, grad_norm.float()])).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             raise NonFiniteLoss(f"loss became {loss_value} (gradient norm {norm_value}) at step {step}; "
-                                f"stopped before the update; {self._keep_last_finite(step)}")
+                                f"stopped before the update; {self._keep_last_finite(step)}; the run is marked "
+                                "diverged (--resume refuses it)")
         self._checkpoint_verified(step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -135,7 +136,7 @@ class Trainer:
         """After a non-finite loss at ``step``: drop the newest checkpoint if it holds the weights that
         gave it, keeping the last one whose loss was finite; say which step that is."""
         if self.last_checkpoint is None:
-            return f"no checkpoint was written yet; --resume of {self.parts.run} starts again at step 0"
+            return "no checkpoint was written yet"
         if step != self.unverified_checkpoint:
             return f"the checkpoint of step {self.last_checkpoint} in {self.parts.run} is kept (its loss was finite)"
         if self.env.is_main and self.parts.run.revert_checkpoint():
@@ -143,7 +144,7 @@ class Trainer:
             return (f"the newest checkpoint (step {step}) gave it and was dropped; {kept} in {self.parts.run} is kept "
                     "(its loss was finite)")
         if self.env.is_main:
-            return f"the only checkpoint (step {step}) gave it and was dropped; --resume starts again at step 0"
+            return f"the only checkpoint (step {step}) gave it and was dropped"
         return "rank 0 keeps the last checkpoint whose loss was finite"
 
     def _save(self, step: int) -> None:
@@ -189,44 +190,54 @@ class Trainer:
                    desc=f"{cfg.model.block}", dynamic_ncols=True)
         self.log(f"training {self.model.num_params() / 1e6:.2f}M parameters ({cfg.model.block}) on {self.env.device}"
                  f" x{self.env.world_size}, steps {self.start}..{cfg.steps}, output {run_dir}")
-        last_kurtosis = float("nan")
         try:
-            for step in range(self.start, cfg.steps):
-                pause_point(f"step-{step}")
-                t0 = time.perf_counter()
-                lr = lr_at(cfg.optim, step, cfg.steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                record: dict[str, Any] = {"step": step, "lr": lr, "tokens": step * tokens_per_step}
-                if step % cfg.eval_interval == 0:
-                    record["val_loss"] = self.evaluate()
-                    if cfg.keep_weights and self.env.is_main and step > 0:
-                        run_dir.keep_weights(step, self.model)
-                if self.monitor.due(step):
-                    record.update(self._decomposition_record())
-                loss, stats = self._train_step(step)
-                record["train_loss"] = loss
-                record.update(monitor_record(stats))
-                if "kurtosis" in record:
-                    last_kurtosis = max(record["kurtosis"])
-                record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
-                logger.log(record)
-                if (step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.steps:
-                    self._save(step + 1)
-                    pause_point(f"after-checkpoint-{step + 1}")
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", max_kurt=f"{last_kurtosis:.2f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            final = self._final_record(tokens_per_step)
-            logger.log(final)
+            final = self._steps(run_dir, logger, bar, tokens_per_step)
+        except NonFiniteLoss as e:
             if self.env.is_main:
-                pause_point("before-weights")
-                run_dir.save_weights(self.model)
+                run_dir.write_diverged(str(e))  # a run state: --resume refuses it, reports count it as diverged
+            raise
         finally:
             bar.close()
             logger.close()
             self.monitor.close()
         self.log(f"done: val_loss {final['val_loss']:.4f}, max kurtosis {max(final.get('kurtosis', [float('nan')])):.3f}; "
                  f"wrote {run_dir}")
+        return final
+
+    def _steps(self, run_dir: RunDir, logger: RunLogger, bar: tqdm, tokens_per_step: int) -> dict[str, Any]:
+        """The updates from ``start`` to ``cfg.steps``, the final record and the final weights."""
+        cfg = self.cfg
+        last_kurtosis = float("nan")
+        for step in range(self.start, cfg.steps):
+            pause_point(f"step-{step}")
+            t0 = time.perf_counter()
+            lr = lr_at(cfg.optim, step, cfg.steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            record: dict[str, Any] = {"step": step, "lr": lr, "tokens": step * tokens_per_step}
+            if step % cfg.eval_interval == 0:
+                record["val_loss"] = self.evaluate()
+                if cfg.keep_weights and self.env.is_main and step > 0:
+                    run_dir.keep_weights(step, self.model)
+            if self.monitor.due(step):
+                record.update(self._decomposition_record())
+            loss, stats = self._train_step(step)
+            record["train_loss"] = loss
+            record.update(monitor_record(stats))
+            if "kurtosis" in record:
+                last_kurtosis = max(record["kurtosis"])
+            record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
+            logger.log(record)
+            if (step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.steps:
+                self._save(step + 1)
+                pause_point(f"after-checkpoint-{step + 1}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", max_kurt=f"{last_kurtosis:.2f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        final = self._final_record(tokens_per_step)
+        logger.log(final)
+        if self.env.is_main:
+            pause_point("before-weights")
+            run_dir.save_weights(self.model)
         return final
 
 

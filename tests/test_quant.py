@@ -325,7 +325,7 @@ def test_smoothquant_leaves_the_float_model_unchanged_and_moves_outliers_into_th
     model = _outlier_model()
     windows = _windows()
     calib = [_windows(4, seed=i + 1)[:, :-1] for i in range(3)]
-    float_cfg = QuantConfig(sites="linear-inputs", weight_bits=0, act_bits=0, smooth_alpha=0.5)
+    float_cfg = QuantConfig(sites="linear-inputs", weight_bits=0, act_bits=0, transforms=("smoothquant",))
     sim = SimulatedQuantModel(model, float_cfg)
     sim.calibrate(calib)
     with torch.no_grad():
@@ -350,15 +350,15 @@ def test_smoothquant_leaves_the_float_model_unchanged_and_moves_outliers_into_th
             return (q(windows[:, :-1]) - model(windows[:, :-1])).norm().item()
 
     plain = logit_error(QuantConfig(sites="linear-inputs"))
-    smooth = logit_error(QuantConfig(sites="linear-inputs", smooth_alpha=0.5))
+    smooth = logit_error(QuantConfig(sites="linear-inputs", transforms=("smoothquant",)))
     assert smooth < 0.7 * plain, (smooth, plain)
-    assert QuantConfig(sites="linear-inputs", smooth_alpha=0.5).label == "W8A8-smooth0.5"
+    assert QuantConfig(sites="linear-inputs", transforms=("smoothquant",), smooth_alpha=0.4).label == "W8A8-smooth0.4"
 
 
 def test_smoothquant_needs_linear_input_sites():
     from ofe.config import ConfigError
-    with pytest.raises(ConfigError, match="smooth_alpha .* needs quant.sites = linear-inputs"):
-        QuantConfig(smooth_alpha=0.5)
+    with pytest.raises(ConfigError, match="smoothquant needs quant.sites = linear-inputs"):
+        QuantConfig(transforms=("smoothquant",))
 
 
 
@@ -445,10 +445,10 @@ def test_hadamard_rotation_spreads_a_residual_outlier_and_cuts_the_int8_error():
     plain_error = sqnr_db(plain[..., others], int8(plain)[..., others])
     rotated_error = sqnr_db(plain[..., others], (int8(turned) @ q.T)[..., others])
     assert rotated_error > plain_error + 5, (rotated_error, plain_error)  # dB: over 3x less error power
-    sim = SimulatedQuantModel(model, QuantConfig(sites="linear-inputs", rotate=True, weight_bits=0, act_bits=0))
+    sim = SimulatedQuantModel(model, QuantConfig(sites="linear-inputs", transforms=("hadamard",), weight_bits=0, act_bits=0))
     with torch.no_grad():
         assert torch.allclose(sim(x), model(x), atol=1e-4)
-    assert QuantConfig(sites="linear-inputs", rotate=True).label == "W8A8-rot"
+    assert QuantConfig(sites="linear-inputs", transforms=("hadamard",)).label == "W8A8-rot"
 
 
 @pytest.mark.parametrize("half_range,divisor", [(False, 127.0), (True, 127.5)])

@@ -36,7 +36,7 @@ from ofe.experiment.sweep import parse_spec, run_sweep
 from ofe.io import atomic_write
 from ofe.models import preset_fields
 from ofe.quant.evaluate import evaluation_data, load_trained
-from ofe.quant.rotate import RotationError
+from ofe.quant.transforms import TRANSFORMS, TransformError
 from ofe.quant.simulate import QuantConfig, SimulatedQuantModel, perplexity
 
 BASELINE = "pre-ln + adamw"
@@ -58,14 +58,11 @@ TRAIN_REMEDIES: dict[str, tuple[dict[str, Any], str]] = {
                         "(Qwen, arXiv 2505.06708)"),
 }
 
-# name -> (QuantConfig overrides on the linear-input sites, what the literature expects)
-POSTHOC_REMEDIES: dict[str, tuple[dict[str, Any], str]] = {
-    "per-token": ({"act_granularity": "token", "weight_granularity": "channel"},
-                  "per-token dynamic activation ranges confine an outlier token to its own range"),
-    "smoothquant": ({"smooth_alpha": 0.5}, "migrates activation outliers into the weights (Xiao et al. 2023)"),
-    "hadamard": ({"rotate": True}, "a rotation spreads outlier channels over all channels (QuaRot)"),
-    "hadamard + per-token": ({"rotate": True, "act_granularity": "token", "weight_granularity": "channel"},
-                             "QuaRot's deployment: rotation plus per-token activations"),
+# name -> (the post-hoc transforms applied in order, what the literature expects): every registered
+# transform alone (ofe.quant.transforms.TRANSFORMS), then QuaRot's deployment, rotation plus per-token ranges
+POSTHOC_REMEDIES: dict[str, tuple[tuple[str, ...], str]] = {
+    **{name: ((name,), t.expected) for name, t in TRANSFORMS.items()},
+    "hadamard + per-token": (("hadamard", "per-token"), "QuaRot's deployment: rotation plus per-token activations"),
 }
 
 LINEAR_INPUTS = QuantConfig(sites="linear-inputs")
@@ -171,15 +168,15 @@ class QuantCosts:
     def _cost(model, qcfg: QuantConfig, windows, calib, fp: float) -> dict[str, Any]:
         try:
             sim = SimulatedQuantModel(model, qcfg)
-        except RotationError as e:  # e.g. an OP block: no norm to fold the rotation through
+        except TransformError as e:  # a transform out of its scope, e.g. a rotation of the OP block (no norm to fold it through)
             return {"not_applicable": str(e)}
         sim.calibrate(calib)
         ppl = perplexity(sim, windows)
         return {"ppl": ppl, "increase_pct": 100.0 * (ppl / fp - 1.0)}
 
 
-def _configs(posthoc: dict[str, Any] | None, protocol: bool) -> dict[str, QuantConfig]:
-    base = dataclasses.replace(LINEAR_INPUTS, **(posthoc or {}))
+def _configs(transforms: tuple[str, ...], protocol: bool) -> dict[str, QuantConfig]:
+    base = dataclasses.replace(LINEAR_INPUTS, transforms=transforms)
     out = {fmt: dataclasses.replace(base, weight_bits=w, act_bits=a) for fmt, (w, a) in FORMATS.items()}
     if protocol:
         out |= {f"{fmt} protocol": QuantConfig(weight_bits=w, act_bits=a) for fmt, (w, a) in FORMATS.items()}
@@ -225,7 +222,7 @@ def compare(runs: list[Run], cfg: RemediesConfig, costs: QuantCosts, lr: float |
             rows.append({"kind": "train-time", "remedy": name, "run": str(run.path), "diverged": run.diverged})
             continue
         log(f"quantising {name} (lr {run.settings['optim.lr']:g})")
-        rows.append(_row("train-time", name, run, costs(run, _configs(None, True)), arm_step[_slug(name)] / base_step, TRAIN_REMEDIES[name][1]))
+        rows.append(_row("train-time", name, run, costs(run, _configs((), True)), arm_step[_slug(name)] / base_step, TRAIN_REMEDIES[name][1]))
     for name in cfg.posthoc:
         log(f"post-hoc {name} on the baseline")
         rows.append(_row("post-hoc", name, baseline, costs(baseline, _configs(POSTHOC_REMEDIES[name][0], False)),

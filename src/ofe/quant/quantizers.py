@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 FP8_E4M3_MAX = 448.0
 
@@ -185,3 +185,8 @@ class RangeObserver:
     @property
     def ready(self) -> bool:
         return self.lo is not None
+
+
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or transformers' ``Conv1D`` (GPT-2's linear layer, weight ``(in, out)``)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"

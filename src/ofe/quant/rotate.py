@@ -65,7 +65,8 @@ def rotation(n: int, seed: int) -> Tensor:
     return q * torch.sign(torch.diagonal(r))
 
 
-def _check(model: nn.Module) -> None:
+def check_rotatable(model: nn.Module) -> None:
+    """Raise :class:`RotationError` naming why ``model`` cannot be rotated (see the module docstring's scope)."""
     cfg = getattr(model, "cfg", None)
     if cfg is None or not hasattr(model, "blocks"):
         raise RotationError("the Hadamard rotation needs an ofe GPT")
@@ -84,7 +85,7 @@ def _check(model: nn.Module) -> None:
 @torch.no_grad()
 def rotate_model(model: nn.Module, seed: int = 0) -> nn.Module:
     """A rotated copy of ``model`` (see the module docstring); ``model`` is left untouched."""
-    _check(model)
+    check_rotatable(model)
     m = copy.deepcopy(model).eval()
     cfg = m.cfg
     d, dtype = cfg.d_model, m.tok_emb.weight.dtype

@@ -9,13 +9,15 @@ hidden activation and output, both residual sums and the final norm (every :meth
 the LM head and everything inside softmax/norm/nonlinearities stay in float.
 
 Variants: bit widths, per-channel weights, min-max weight ranges, percentile activation ranges,
-FP8 (E4M3) weights and activations, weight-only quantisation (``act_bits = 0``), and quantising only
-the inputs of linear layers (``sites = "linear-inputs"``).
+FP8 (E4M3) weights and activations, weight-only quantisation (``act_bits = 0``), quantising only
+the inputs of linear layers (``sites = "linear-inputs"``), and post-hoc transforms applied first
+(``transforms``: SmoothQuant, Hadamard rotation, per-token ranges; :mod:`ofe.quant.transforms`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -31,9 +33,11 @@ from ofe.quant.quantizers import (
     fake_fp8,
     fast_fake_quant,
     int_grid,
+    is_linear,
     quantize_weight,
     symmetric_scale,
 )
+from ofe.quant.transforms import TRANSFORMS, TransformContext
 
 
 @dataclass(frozen=True)
@@ -57,12 +61,10 @@ class QuantConfig:
     act_percentile: float = field(99.99, "percentile for act_range = percentile")
     momentum: float = field(0.9, "running range: new = momentum * old + (1 - momentum) * batch")
     sites: Literal["all", "linear-inputs"] = field("all", "quantised activations: the protocol's full list, or only linear-layer inputs")
-    smooth_alpha: float = field(0.0, "SmoothQuant migration strength alpha in (0, 1]: each linear's input is divided "
-                                     "and its weight multiplied per input channel by max|x|^a / max|w|^(1-a) "
-                                     "(calibrated); 0: off. Needs sites = linear-inputs")
-    rotate: bool = field(False, "first rotate the residual stream and the MLP hidden activation by randomised "
-                                "Hadamard matrices (QuaRot-style; same function in float; pre-norm blocks without "
-                                "biases). Needs sites = linear-inputs")
+    transforms: tuple[str, ...] = field((), "comma-separated post-hoc transforms applied in this order before "
+                                            f"quantising ({', '.join(TRANSFORMS)}; see ofe.quant.transforms)")
+    smooth_alpha: float = field(0.5, "SmoothQuant's migration strength alpha in (0, 1] (read by the smoothquant "
+                                     "transform)")
     calib_batches: int = field(4, "calibration batches from the training split")
     calib_batch_size: int = field(8, "sequences per calibration batch")
     seed: int = field(1234, "seed of the calibration batches")
@@ -78,25 +80,40 @@ class QuantConfig:
             raise ConfigError(f"quant.momentum must be in [0, 1), got {self.momentum}")
         if not 50.0 < self.act_percentile <= 100.0:
             raise ConfigError(f"quant.act_percentile must be in (50, 100], got {self.act_percentile}")
-        if not 0.0 <= self.smooth_alpha <= 1.0:
-            raise ConfigError(f"quant.smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
-        if self.rotate and self.sites != "linear-inputs":
-            raise ConfigError("quant.rotate (Hadamard rotation) needs quant.sites = linear-inputs: the rotated "
-                              "activations are the inputs of linear layers")
-        if self.smooth_alpha and self.sites != "linear-inputs":
-            raise ConfigError("quant.smooth_alpha (SmoothQuant) needs quant.sites = linear-inputs: it rescales the "
-                              "inputs of linear layers")
+        if not 0.0 < self.smooth_alpha <= 1.0:
+            raise ConfigError(f"quant.smooth_alpha must be in (0, 1], got {self.smooth_alpha}")
+        for name in self.transforms:
+            self._apply_transform(name)
+        if len(set(self.transforms)) != len(self.transforms):
+            raise ConfigError(f"quant.transforms lists a transform twice: {', '.join(self.transforms)}")
+
+    def _apply_transform(self, name: str) -> None:
+        """Check that transform ``name`` exists and fits these settings; set the options it implies."""
+        transform = TRANSFORMS.get(name)
+        if transform is None:
+            raise ConfigError(f"config key 'quant.transforms': unknown transform {name!r} (known: {', '.join(TRANSFORMS)})")
+        if transform.linear_inputs and self.sites != "linear-inputs":
+            raise ConfigError(f"quant.transforms {name} needs quant.sites = linear-inputs: it acts on the inputs of "
+                              "linear layers")
+        before = self.transforms[: self.transforms.index(name)]
+        if transform.needs_plain_model and any(TRANSFORMS[b].prepare is not None for b in before if b in TRANSFORMS):
+            raise ConfigError(f"quant.transforms: {name} must come before {', '.join(before)}: it rewrites the weights "
+                              "of a plain model")
+        for key, value in transform.settings.items():
+            default = next(f.default for f in dataclasses.fields(self) if f.name == key)
+            if getattr(self, key) not in (default, value):
+                raise ConfigError(f"quant.transforms {name} sets quant.{key} = {value}, but {getattr(self, key)} was given")
+            object.__setattr__(self, key, value)
 
     @property
     def label(self) -> str:
-        """``W8A8``, ``WFP8AFP8``, ``W4A16``...; ``-token`` marks per-token dynamic activations."""
+        """``W8A8``, ``WFP8AFP8``, ``W4A16``...; ``-token`` marks per-token dynamic activations, then each
+        transform its own suffix (``-smooth0.5``, ``-rot``) in the order they apply."""
         w = "W" + ("16" if self.weight_bits == 0 else f"{self.weight_bits}" if self.weight_format == "int" else "FP8")
         a = "A" + ("16" if self.act_bits == 0 else f"{self.act_bits}" if self.act_format == "int" else "FP8")
-        smooth = f"-smooth{self.smooth_alpha:g}" if self.smooth_alpha else ""
-        rot = "-rot" if self.rotate else ""
         sym = "-sym" if self.act_bits and self.act_format == "int" and self.act_scheme == "symmetric" else ""
-        return w + a + ("-token" if self.act_bits and self.act_granularity == "token" else "") + sym + smooth + rot
-
+        steps = "".join(TRANSFORMS[name].label(self) for name in self.transforms)
+        return w + a + ("-token" if self.act_bits and self.act_granularity == "token" else "") + sym + steps
 
 class ActQuantizer:
     """One activation site: observes its range while calibrating, fake-quantises once frozen (per
@@ -107,11 +124,7 @@ class ActQuantizer:
         self.observer = RangeObserver(cfg.momentum, cfg.act_percentile if cfg.act_range == "percentile" else None)
         self.frozen = False
 
-    bypass = False  # leave activations untouched (SmoothQuant's first calibration pass)
-
     def __call__(self, x: Tensor) -> Tensor | None:
-        if self.bypass:
-            return None
         if self.cfg.act_granularity == "token":
             return _per_token_quant(x, self.cfg) if self.frozen else None
         if not self.frozen:
@@ -152,55 +165,11 @@ def _per_token_quant(x: Tensor, cfg: QuantConfig) -> Tensor:
     return _fake_quant_range(xf, xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True), cfg).to(x.dtype)
 
 
-class Smoother:
-    """SmoothQuant for one linear layer (Xiao et al. 2023): per input channel j,
-    ``s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)``; the layer then computes ``(x / s) (W diag(s))^T``,
-    the same function in float, with the activation outliers moved into the weights.
-
-    Until :meth:`fold` it only records ``max|x_j|`` over the calibration inputs; after, its pre-hook
-    divides the input by ``s`` (before the activation quantiser sees it)."""
-
-    def __init__(self, module: nn.Module, alpha: float) -> None:
-        self.module, self.alpha = module, alpha
-        self.in_axis = 0 if type(module).__name__ == "Conv1D" else 1  # Conv1D stores (in, out)
-        self.act_max: Tensor | None = None
-        self.scale: Tensor | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self.scale is not None
-
-    def hook(self, _m: nn.Module, args: tuple) -> tuple | None:
-        x = args[0]
-        if self.scale is None:
-            amax = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
-            self.act_max = amax if self.act_max is None else torch.maximum(self.act_max, amax)
-            return None
-        return (x / self.scale.to(x.dtype), *args[1:])
-
-    @torch.no_grad()
-    def fold(self) -> None:
-        """Compute ``s`` from the recorded maxima and scale the weight's input channels by it."""
-        w = self.module.weight
-        w_max = w.detach().abs().float().amax(dim=1 - self.in_axis)
-        act_max = self.act_max if self.act_max is not None else torch.ones_like(w_max)
-        scale = act_max.clamp(min=1e-5).pow(self.alpha) / w_max.clamp(min=1e-5).pow(1 - self.alpha)
-        scale = torch.where(act_max > 0, scale, torch.ones_like(scale)).clamp(min=1e-5)
-        shape = (1, -1) if self.in_axis == 1 else (-1, 1)
-        w.mul_(scale.view(shape).to(w.dtype))
-        self.scale = scale
-
-
-def _is_linear(module: nn.Module) -> bool:
-    """``nn.Linear`` or transformers' ``Conv1D`` (GPT-2's linear layer, weight ``(in, out)``)."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
 def _quantize_weights(model: nn.Module, cfg: QuantConfig, skip: set[int]) -> int:
     """Fake-quantise every linear weight except those in ``skip`` (ids of tensors), in place."""
     count = 0
     for module in model.modules():
-        if not _is_linear(module) or id(module.weight) in skip:
+        if not is_linear(module) or id(module.weight) in skip:
             continue
         w = module.weight
         if cfg.weight_format == "fp8":
@@ -218,7 +187,10 @@ def _quantize_weights(model: nn.Module, cfg: QuantConfig, skip: set[int]) -> int
 class SimulatedQuantModel:
     """A quantised copy of a model. Calibrate with :meth:`calibrate`, then call it like the model.
 
-    The float model is left untouched. With ``sites = "all"`` (``ofe`` models) every activation site
+    The float model is left untouched. The copy is first prepared by the config's post-hoc
+    transforms (``quant.transforms``, :data:`ofe.quant.transforms.TRANSFORMS`, in order; those that
+    read calibration data run in :meth:`calibrate`), then its weights are quantised and its
+    activation quantisers attached. With ``sites = "all"`` (``ofe`` models) every activation site
     of :meth:`GPT.taps` is quantised (attention then runs through an explicit softmax so scores and
     probabilities can be quantised); ``"linear-inputs"`` quantises the input of every linear layer
     (any model), plus the outputs of the modules named in ``output_modules`` (e.g. the blocks of a
@@ -229,35 +201,48 @@ class SimulatedQuantModel:
     def __init__(self, model: nn.Module, cfg: QuantConfig, float_modules: tuple[str, ...] = ("lm_head",),
                  output_modules: tuple[str, ...] = (), only_sites: tuple[str, ...] | None = None) -> None:
         """``only_sites``: with ``sites = "all"``, quantise only the activations at these
-        :meth:`GPT.taps` sites (e.g. one of :data:`SITE_FAMILIES`); None: every site."""
+        :meth:`GPT.taps` sites (e.g. one of :data:`SITE_FAMILIES`); None: every site. A transform
+        that does not apply to ``model`` raises its error here."""
         self.cfg = cfg
         self.only_sites = only_sites
-        if cfg.rotate:
-            from ofe.quant.rotate import rotate_model
-            self.model = rotate_model(model, cfg.seed)
-        else:
-            self.model = copy.deepcopy(model).eval()
-        named = dict(self.model.named_modules())
-        unknown = [n for n in (*float_modules, *output_modules) if n and n not in named]
+        self.float_modules, self.output_modules = tuple(n for n in float_modules if n), output_modules
+        named = dict(model.named_modules())
+        unknown = [n for n in (*self.float_modules, *output_modules) if n not in named]
         if unknown:
             raise ValueError(f"no module named {unknown[0]!r} in {type(model).__name__}")
-        skip = {id(getattr(named[n], "weight", None)) for n in float_modules if n}
-        self.skip = skip
-        # SmoothQuant: weights are quantised once the smoothing scales are calibrated
-        self.smoothed: dict[str, Smoother] = self._attach_smoothing(skip) if cfg.smooth_alpha else {}
-        self.n_weights = _quantize_weights(self.model, cfg, skip) if cfg.weight_bits and not self.smoothed else 0
+        self.pending = [TRANSFORMS[name] for name in cfg.transforms]
+        for transform in self.pending:
+            if transform.check is not None:
+                transform.check(model)
+        self.model = copy.deepcopy(model).eval()
+        self.notes: dict[str, object] = {}  # what the transforms computed, by name (e.g. SmoothQuant's scales)
+        self.n_weights = 0
         self.quantizers: dict[tuple[str, int], ActQuantizer] = {}
-        if cfg.act_bits:
-            self._attach(skip, [named[n] for n in output_modules])
+        if not any(t.needs_calibration for t in self.pending):
+            self._prepare([])
 
-    def _attach_smoothing(self, skip: set[int]) -> dict[str, Smoother]:
-        """A :class:`Smoother` before every linear but the float ones (its pre-hook runs first)."""
-        smoothed = {}
-        for name, module in self.model.named_modules():
-            if _is_linear(module) and id(module.weight) not in skip:
-                smoother = smoothed[name] = Smoother(module, self.cfg.smooth_alpha)
-                module.register_forward_pre_hook(smoother.hook)
-        return smoothed
+    @property
+    def smoothed(self) -> dict:
+        """SmoothQuant's smoother per layer name (empty without the smoothquant transform)."""
+        return self.notes.get("smoothquant", {})
+
+    def _keep_float(self) -> set[int]:
+        named = dict(self.model.named_modules())
+        return {id(getattr(named[n], "weight", None)) for n in self.float_modules}
+
+    @torch.no_grad()
+    def _prepare(self, calib: list[Tensor]) -> None:
+        """Run the pending transforms, quantise the weights and attach the activation quantisers."""
+        for transform in self.pending:
+            if transform.prepare is not None:
+                ctx = TransformContext(self.cfg, frozenset(self._keep_float()), self.notes)
+                self.model = transform.prepare(self.model, calib, ctx)
+        self.pending = []
+        skip = self._keep_float()
+        self.n_weights = _quantize_weights(self.model, self.cfg, skip) if self.cfg.weight_bits else 0
+        if self.cfg.act_bits:
+            named = dict(self.model.named_modules())
+            self._attach(skip, [named[n] for n in self.output_modules])
 
     def _attach(self, skip: set[int], outputs: list[nn.Module]) -> None:
         def output_hook(q: ActQuantizer):
@@ -287,7 +272,7 @@ class SimulatedQuantModel:
                     tap.transform = True
             return
         for name, module in self.model.named_modules():
-            if _is_linear(module) and id(module.weight) not in skip:
+            if is_linear(module) and id(module.weight) not in skip:
                 q = self.quantizers[(name, 0)] = ActQuantizer(self.cfg)
                 module.register_forward_pre_hook(input_hook(q))
         for layer, module in enumerate(outputs):
@@ -296,21 +281,10 @@ class SimulatedQuantModel:
 
     @torch.no_grad()
     def calibrate(self, batches: list[Tensor]) -> None:
-        """Running-range estimation over ``batches`` (token ids ``(B, T)``) in float, then freeze.
-        With SmoothQuant, a first pass over the batches measures each linear input's per-channel
-        max |x|, the weights are scaled and quantised, and the ranges are then taken of ``x / s``."""
-        if self.smoothed and not all(s.ready for s in self.smoothed.values()):
-            for q in self.quantizers.values():
-                q.frozen = True  # not observed during the smoothing pass
-                q.bypass = True
-            for idx in batches:
-                self.model(idx)
-            for smoother in self.smoothed.values():
-                smoother.fold()
-            if self.cfg.weight_bits:
-                self.n_weights = _quantize_weights(self.model, self.cfg, self.skip)
-            for q in self.quantizers.values():
-                q.bypass = False
+        """Transforms that read calibration data first (e.g. SmoothQuant's pass over ``batches``),
+        then running-range estimation over ``batches`` (token ids ``(B, T)``) in float, then freeze."""
+        if self.pending:
+            self._prepare(batches)
         for q in self.quantizers.values():
             q.frozen = False
         for idx in batches:
@@ -320,6 +294,8 @@ class SimulatedQuantModel:
 
     @torch.no_grad()
     def __call__(self, idx: Tensor) -> Tensor:
+        if self.pending:
+            raise RuntimeError("calibrate the quantised model first: a transform needs calibration data")
         return self.model(idx)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ofe.analysis import load_runs
-from ofe.analysis.claims import RULES, evaluate_claims
+from ofe.analysis.claims import CLAIMS, evaluate_claims
 from ofe.analysis.fair import arm_key, at_tuned_lr, matched_point, tuned_lrs
 from ofe.cli import main
 from ofe.train import build_train_config, train
@@ -162,10 +162,11 @@ def test_claims_json_carries_each_verdict_its_rule_and_its_numbers(tmp_path):
     out = tmp_path / "report"
     assert main(["report", str(root), "--out_dir", str(out)]) == 0
     doc = json.loads((out / "claims.json").read_text())
-    assert doc["schema"] == 1 and [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 10)]
+    assert doc["schema"] == 2 and [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 10)]
     for c in doc["claims"]:
         assert set(c) == {"id", "statement", "verdict", "rule", "evidence", "data"}
-        assert c["verdict"] in {"held", "not held", "partly held", "untested"} and c["rule"] == RULES[c["id"]]
+        assert c["verdict"] in {"held", "not held", "partly held", "untested"} and c["rule"] == CLAIMS[c["id"]].rule
+        assert c["rule_version"] == CLAIMS[c["id"]].version >= 1
     c8 = next(c for c in doc["claims"] if c["id"] == "C8")
     # the verdict follows from the saved numbers alone: AdamW's cost >= 0.3% and ratio >= 2, at equal steps
     # and at matched loss, every seed

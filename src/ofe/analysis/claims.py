@@ -18,19 +18,9 @@ import numpy as np
 
 from ofe.analysis.fair import LR, at_tuned_lr, matched_point
 from ofe.analysis.runs import BLOCK_DEFAULTS, Run, at_block_defaults
+from ofe.models import BLOCKS
 
-CLAIMS = {
-    "C1": "OFs (kurtosis well above 1, growing) emerge in Pre-LN + AdamW training",
-    "C2": "normalised blocks show OFs; OP shows far less at matched loss",
-    "C3": "OP without entropy regulation diverges; tanh soft-cap trains but slower",
-    "C4": "smaller lr gives smaller OFs",
-    "C5": "larger Adam eps gives smaller OFs",
-    "C6": "SOAP / rotated AdaFactor give far smaller OFs than AdamW / AdaFactor on the same block",
-    "C7": "high kurtosis goes with high input correlation; the final norm makes both worse",
-    "C8": "W8A8 perplexity degrades much more for Pre-LN + AdamW than for OP + SOAP",
-    "C9": "u4,2 dominates kurtosis growth in Pre-LN; small lr, big eps and SOAP shrink it",
-}
-NORMALISED = ("pre-ln", "post-ln", "pre-rms", "pre-srms")
+NORMALISED = tuple(name for name, spec in BLOCKS.items() if spec.normalised)  # the paper's "normalised blocks"
 FLOOR = 1.0  # kurtosis of perfectly even neurons; effect sizes are ratios of the excess over it
 
 
@@ -38,34 +28,6 @@ C8_RATIO = 2.0  # "much more": Pre-LN + AdamW's W8A8 cost at least this many tim
 # "degrades": a W8A8 cost under this (% perplexity) counts as quantising well (issue 12's bar for OP + SOAP),
 # so a ratio of two noise-level costs (e.g. +0.08% vs +0.02%) is no evidence either way
 C8_MIN_PCT = 0.3
-RULES = {
-    "C1": "on the reference Pre-LN + AdamW configuration at its tuned lr, mean-over-layers kurtosis peaks at >= 3 and ends at "
-          ">= 2x its step-0 value: held in every seed, partly held in some, not held in none",
-    "C2": "each normalised block against OP (same optimiser and settings, each block at its tuned lr, same seed): "
-          "the normalised block's final mean kurtosis is larger, and also at matched training loss where both reach "
-          "it: held in every pair, partly held in some, not held in none",
-    "C3": "every OP run without QK-norm or soft-cap diverges, and soft-capped runs train to a worse val loss than "
-          "QK-normed ones: held; partly held when only the divergence part holds",
-    "C4": "in every pair that differs only in the lr, the larger lr ends with the larger final mean kurtosis: held "
-          "in every pair, partly held in some, not held in none",
-    "C5": "in every pair that differs only in Adam eps, the smaller eps ends with the larger final mean kurtosis: "
-          "held in every pair, partly held in some, not held in none",
-    "C6": "AdamW against SOAP and AdaFactor against rotated AdaFactor (same block and settings, each at its tuned lr, "
-          "same seed): the diagonal optimiser's final mean kurtosis is larger, and also at matched training loss: "
-          "held in every pair, partly held in some, not held in none",
-    "C7": "Spearman rho between final input correlation and kurtosis over (run, layer) points >= 0.5, and the final "
-          "norm raises kurtosis in every pair differing only in it: held; partly held when one part holds",
-    "C8": f"per seed, Pre-LN + AdamW and OP + SOAP each at its tuned lr: Pre-LN + AdamW's W8A8 perplexity increase "
-          f"is >= {C8_MIN_PCT:g}% and >= {C8_RATIO:g}x OP + SOAP's, both at equal steps (final weights) and at matched "
-          f"validation loss (the better run's kept weights at the worse run's final val loss; equal steps only when "
-          f"none were kept): held in every seed, partly held in some, not held in none",
-    "C9": "u4,2 dominates a Pre-LN + AdamW run when it is positive and at least as large in magnitude as every other "
-          "u4 term (cumulative contribution to the kurtosis change, mean over layers); held when it dominates in "
-          "every such run and SOAP, a smaller lr and a larger eps each shrink it in every pair isolating them; "
-          "partly held when some of these hold; not held when none does",
-}
-
-
 @dataclass
 class ClaimResult:
     id: str
@@ -74,6 +36,7 @@ class ClaimResult:
     evidence: str
     rule: str = ""
     data: list[dict[str, Any]] = field(default_factory=list)  # the numbers behind the verdict, per seed / pair
+    rule_version: int = 0  # the version of the rule that decided it (Claim.version)
 
 
 def mean_kurtosis(run: Run) -> float:
@@ -281,7 +244,7 @@ def c8_pairs(runs: list[Run]) -> list[tuple[Run, Run]]:
 
 
 def claim_c8(runs: list[Run]) -> Verdict:
-    """See RULES["C8"]. Pairs are Pre-LN + AdamW and OP + SOAP of one seed, each at its tuned lr."""
+    """Pairs are Pre-LN + AdamW and OP + SOAP of one seed, each at its tuned lr (the rule: CLAIMS["C8"])."""
     pairs = [(a, b) for a, b in c8_pairs(runs) if a.quant is not None and b.quant is not None]
     if not pairs:
         return "untested", "no quantised Pre-LN + AdamW and OP + SOAP runs with the same seed and other settings", []
@@ -345,10 +308,8 @@ def _describe(terms: dict[str, float]) -> str:
 
 
 def claim_c9(runs: list[Run]) -> Verdict:
-    """Rule: u4,2 dominates a run when it is positive and at least as large in magnitude as every
-    other u4 term (cumulative contribution to the kurtosis change, mean over layers). Held when it
-    dominates in every Pre-LN + AdamW run and SOAP, a smaller lr and a larger eps each shrink it in
-    every pair that isolates them; partly held when some of these hold; not held when none does."""
+    """u4,2's dominance in Pre-LN + AdamW runs, and its shrinking under SOAP, a smaller lr and a larger
+    eps (the rule: CLAIMS["C9"])."""
     pre = [(r, t) for r in _of(runs, "pre-ln", "adamw") if (t := _u4_terms(r)) is not None]
     if not pre:
         return "untested", "no Pre-LN + AdamW run with kurtosis_update records"
@@ -385,15 +346,62 @@ def claim_c9(runs: list[Run]) -> Verdict:
     return status, "; ".join(parts), data
 
 
-CHECKS = {"C1": claim_c1, "C2": claim_c2, "C3": claim_c3, "C4": claim_c4, "C5": claim_c5,
-          "C6": claim_c6, "C7": claim_c7, "C8": claim_c8, "C9": claim_c9}
+@dataclass(frozen=True)
+class Claim:
+    """One claim of the paper: what it says, the rule that decides it, the rule's version (a new
+    version for any change of the rule; docs/claims-protocol.md keeps the changelog) and the check
+    that applies the rule to runs."""
+
+    id: str
+    statement: str
+    rule: str
+    version: int
+    check: Callable[[list[Run]], Verdict]
+
+
+CLAIMS: dict[str, Claim] = {c.id: c for c in (
+    Claim("C1", "OFs (kurtosis well above 1, growing) emerge in Pre-LN + AdamW training",
+          "on the reference Pre-LN + AdamW configuration at its tuned lr, mean-over-layers kurtosis peaks at >= 3 and "
+          "ends at >= 2x its step-0 value: held in every seed, partly held in some, not held in none", 2, claim_c1),
+    Claim("C2", "normalised blocks show OFs; OP shows far less at matched loss",
+          "each normalised block against OP (same optimiser and settings, each block at its tuned lr, same seed): "
+          "the normalised block's final mean kurtosis is larger, and also at matched training loss where both reach "
+          "it: held in every pair, partly held in some, not held in none", 2, claim_c2),
+    Claim("C3", "OP without entropy regulation diverges; tanh soft-cap trains but slower",
+          "every OP run without QK-norm or soft-cap diverges, and soft-capped runs train to a worse val loss than "
+          "QK-normed ones: held; partly held when only the divergence part holds", 1, claim_c3),
+    Claim("C4", "smaller lr gives smaller OFs",
+          "in every pair that differs only in the lr, the larger lr ends with the larger final mean kurtosis: held "
+          "in every pair, partly held in some, not held in none", 1, claim_c4),
+    Claim("C5", "larger Adam eps gives smaller OFs",
+          "in every pair that differs only in Adam eps, the smaller eps ends with the larger final mean kurtosis: "
+          "held in every pair, partly held in some, not held in none", 1, claim_c5),
+    Claim("C6", "SOAP / rotated AdaFactor give far smaller OFs than AdamW / AdaFactor on the same block",
+          "AdamW against SOAP and AdaFactor against rotated AdaFactor (same block and settings, each at its tuned "
+          "lr, same seed): the diagonal optimiser's final mean kurtosis is larger, and also at matched training "
+          "loss: held in every pair, partly held in some, not held in none", 2, claim_c6),
+    Claim("C7", "high kurtosis goes with high input correlation; the final norm makes both worse",
+          "Spearman rho between final input correlation and kurtosis over (run, layer) points >= 0.5, and the final "
+          "norm raises kurtosis in every pair differing only in it: held; partly held when one part holds", 1, claim_c7),
+    Claim("C8", "W8A8 perplexity degrades much more for Pre-LN + AdamW than for OP + SOAP",
+          f"per seed, Pre-LN + AdamW and OP + SOAP each at its tuned lr: Pre-LN + AdamW's W8A8 perplexity increase "
+          f"is >= {C8_MIN_PCT:g}% and >= {C8_RATIO:g}x OP + SOAP's, both at equal steps (final weights) and at "
+          f"matched validation loss (the better run's kept weights at the worse run's final val loss; equal steps "
+          f"only when none were kept): held in every seed, partly held in some, not held in none", 3, claim_c8),
+    Claim("C9", "u4,2 dominates kurtosis growth in Pre-LN; small lr, big eps and SOAP shrink it",
+          "u4,2 dominates a Pre-LN + AdamW run when it is positive and at least as large in magnitude as every other "
+          "u4 term (cumulative contribution to the kurtosis change, mean over layers); held when it dominates in "
+          "every such run and SOAP, a smaller lr and a larger eps each shrink it in every pair isolating them; "
+          "partly held when some of these hold; not held when none does", 2, claim_c9),
+)}
 
 
 def evaluate_claims(runs: list[Run]) -> list[ClaimResult]:
     results = []
-    for cid, check in CHECKS.items():
-        status, evidence, *data = check(runs)
-        results.append(ClaimResult(cid, CLAIMS[cid], status, evidence, RULES[cid], data[0] if data else []))
+    for claim in CLAIMS.values():
+        status, evidence, *data = claim.check(runs)
+        results.append(ClaimResult(claim.id, claim.statement, status, evidence, claim.rule, data[0] if data else [],
+                                   claim.version))
     return results
 
 

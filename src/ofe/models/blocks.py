@@ -1,5 +1,8 @@
 """The table of block variants: name -> where its norms act, which norm, and the defaults it resolves.
 
+The facts other modules ask about a block (is it normalised? can a rotation be folded through it?)
+are properties of its :class:`BlockSpec`, never lists of names kept elsewhere.
+
 Adding a block variant is one entry here (plus, if it needs a new norm placement, a branch in
 :class:`ofe.models.gpt.Block`); ``--model.block``'s choices, its ``--help`` and the error for an unknown
 name come from this table.
@@ -24,6 +27,17 @@ class BlockSpec:
     beta_trainable: bool = False  # default for model.beta_trainable
     first_norm: bool = False  # default: a norm on block 0's attention input only
     final_norm: bool = False  # default: a norm before the unembedding
+
+    @property
+    def normalised(self) -> bool:
+        """Whether the block normalises (the paper's "normalised blocks", C2): every block with a norm."""
+        return self.placement != "none"
+
+    @property
+    def rotatable(self) -> bool:
+        """Whether a post-hoc rotation of the residual stream can be folded through the block: its
+        norm reads the stream (pre-norm), so the rotation commutes with it (QuaRot)."""
+        return self.placement == "pre"
 
 
 BLOCKS: dict[str, BlockSpec] = {

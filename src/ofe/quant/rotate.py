@@ -32,8 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from ofe.errors import OfeError
+from ofe.models.blocks import BLOCKS
 
-ROTATABLE = ("pre-ln", "pre-rms", "pre-srms")
+ROTATABLE = tuple(name for name, spec in BLOCKS.items() if spec.rotatable)
 
 
 class RotationError(OfeError, ValueError):

@@ -63,8 +63,8 @@ def claims_json(claims: list[ClaimResult], runs: list[Run]) -> dict[str, Any]:
     behind it (per seed or pair), so every verdict can be re-derived without the runs."""
     return {
         "schema": CLAIMS_SCHEMA,
-        "claims": [{"id": c.id, "statement": c.claim, "verdict": c.status, "rule": c.rule, "evidence": c.evidence,
-                    "data": c.data} for c in claims],
+        "claims": [{"id": c.id, "statement": c.claim, "verdict": c.status, "rule": c.rule,
+                    "rule_version": c.rule_version, "evidence": c.evidence, "data": c.data} for c in claims],
         "runs": [{"run": str(r.path), "configuration": r.label, "seed": r.seed, "lr": r.settings.get("optim.lr"),
                   "steps": r.steps, "val_loss": r.val_loss(), "diverged": r.diverged} for r in runs],
         "lr_tuning": lr_tuning(runs),
@@ -164,7 +164,7 @@ class ReportError(OfeError, ValueError):
 
 
 REPORT_FILES = ("report.md", "summary.json", "claims.json")
-CLAIMS_SCHEMA = 1  # with figures/<FIGURES files>: all a report writes
+CLAIMS_SCHEMA = 2  # 2: each claim carries its rule_version. With figures/<FIGURES files>: all a report writes
 
 
 def _check_report_dir(out: Path) -> None:
@@ -223,7 +223,7 @@ def write_report(runs: list[Run], out_dir: str | Path, title: str = "Outlier fea
               "block at the last step, averaged / maximised over layers.", "", runs_table(rows), "",
               "## Claims", "", "Tested on these runs only; `untested` means no pair of runs isolates the setting.", "",
               claims_table(claims), "", "How each verdict is decided (the numbers behind it are in `claims.json`):", ""]
-        md += [f"- **{c.id}**: {c.rule}." for c in claims] + [""]
+        md += [f"- **{c.id}** (rule v{c.rule_version}, docs/claims-protocol.md): {c.rule}." for c in claims] + [""]
         if (lrs := lr_table(runs)) is not None:
             md += ["## Learning rates", "", "Final validation loss (nats/token) per arm and lr, mean over the seeds that "
                    "every lr of the arm was run with (seeds column); each arm is compared at its tuned lr (bold: the "

@@ -164,7 +164,7 @@ def test_claims_json_carries_each_verdict_its_rule_and_its_numbers(tmp_path):
     doc = json.loads((out / "claims.json").read_text())
     assert doc["schema"] == 2 and [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 10)]
     for c in doc["claims"]:
-        assert set(c) == {"id", "statement", "verdict", "rule", "evidence", "data"}
+        assert set(c) == {"id", "statement", "verdict", "rule", "rule_version", "evidence", "data"}
         assert c["verdict"] in {"held", "not held", "partly held", "untested"} and c["rule"] == CLAIMS[c["id"]].rule
         assert c["rule_version"] == CLAIMS[c["id"]].version >= 1
     c8 = next(c for c in doc["claims"] if c["id"] == "C8")

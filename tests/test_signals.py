@@ -2,6 +2,7 @@
 ``SIGKILL`` or ``SIGINT`` anywhere leaves a run directory that ``--resume`` finishes with the same
 weights and metrics as a run that was never interrupted."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,6 +19,23 @@ from ofe.run_dir import RunDir
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="signals at pause points are tested on Linux")
 
 TIMING = {"tokens_per_s"}
+THREADS = 1  # every part of a compared run computes on one thread: a 2-thread matmul may round differently
+             # (seen on AMD EPYC), so a run resumed on another thread count is not bitwise the same run
+
+
+@contextlib.contextmanager
+def threads(n: int = THREADS):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_in_process(argv: list[str]) -> int:
+    with threads():
+        return main(argv)
 
 
 def args(out: Path, corpus: Path) -> list[str]:
@@ -28,7 +46,7 @@ def args(out: Path, corpus: Path) -> list[str]:
 
 def start_paused(out: Path, corpus: Path, point: str) -> subprocess.Popen:
     """``ofe train`` in a subprocess, stopped (SIGSTOP) at ``point``."""
-    env = {**os.environ, "OFE_PAUSE_AT": point, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OFE_PAUSE_AT": point, "OMP_NUM_THREADS": str(THREADS)}
     proc = subprocess.Popen([sys.executable, "-m", "ofe", *args(out, corpus)], env=env, stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, text=True)
     for line in proc.stderr:
@@ -41,7 +59,7 @@ def start_paused(out: Path, corpus: Path, point: str) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory, small_corpus_module):
     out = tmp_path_factory.mktemp("whole") / "run"
-    assert main(args(out, small_corpus_module)) == 0
+    assert train_in_process(args(out, small_corpus_module)) == 0
     return out
 
 
@@ -68,7 +86,7 @@ def test_sigkill_at_a_named_point_then_resume(tmp_path, whole, small_corpus_modu
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     assert not RunDir(out).is_finished()
-    assert main([*args(out, small_corpus_module), "--resume", "true"]) == 0
+    assert train_in_process([*args(out, small_corpus_module), "--resume", "true"]) == 0
     assert_same_run(whole, out)
 
 
@@ -80,5 +98,5 @@ def test_sigint_stops_with_one_line_and_resume_finishes(tmp_path, whole, small_c
     assert proc.wait(timeout=60) == 130
     err = proc.stderr.read().strip().splitlines()
     assert err == ["ofe train: interrupted"]
-    assert main([*args(out, small_corpus_module), "--resume", "true"]) == 0
+    assert train_in_process([*args(out, small_corpus_module), "--resume", "true"]) == 0
     assert_same_run(whole, out)

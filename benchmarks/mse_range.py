@@ -139,7 +139,7 @@ def tensors(repeats: int) -> None:
 def audit_time(repeats: int) -> None:
     from transformers import BertConfig, BertModel
 
-    from ofe.audit import AuditConfig, audit
+    from ofe.audit import AuditOptions, audit
 
     assert stdlib_files_by_walking_everything() == corpus.stdlib_files()
     torch.manual_seed(0)
@@ -153,11 +153,11 @@ def audit_time(repeats: int) -> None:
 
         def before():
             with as_before():
-                return audit(d, AuditConfig(), log=quiet)
+                return audit(d, AuditOptions(), log=quiet)
 
-        a, b = before(), audit(d, AuditConfig(), log=quiet)  # warm-up, and the same W8A8 result
+        a, b = before(), audit(d, AuditOptions(), log=quiet)  # warm-up, and the same W8A8 result
         assert a["w8a8"] == b["w8a8"], (a["w8a8"], b["w8a8"])
-        times = interleaved({"before": before, "now": lambda: audit(d, AuditConfig(), log=quiet)}, repeats)
+        times = interleaved({"before": before, "now": lambda: audit(d, AuditOptions(), log=quiet)}, repeats)
     print(f"\n2. ofe audit of a random {n / 1e6:.1f}M-parameter BERT (MiniLM-L6 shapes), W8A8 with MSE weight "
           f"ranges: seconds per audit")
     print(f"{'':<44} {'before':>8} {'now':>8} {'speed-up':>10} {'95% interval':>14}")

@@ -108,7 +108,7 @@ def test_audit_finds_a_planted_position0_spike_and_names_its_token(tmp_path):
     """A massive activation planted on the first position (GPT-2's position embedding 0, channel 5):
     in every layer the largest |x| of each of the 4 sequences sits at position 0 in that channel;
     max/median and the position-0 share of the top 50 agree with a float64 computation."""
-    from ofe.audit import AuditConfig, audit
+    from ofe.audit import AuditOptions, audit
     from ofe.quant import QuantConfig
 
     model = _build("gpt2")
@@ -117,7 +117,7 @@ def test_audit_finds_a_planted_position0_spike_and_names_its_token(tmp_path):
     model_dir = tmp_path / "spiky"
     model.save_pretrained(model_dir)
     _save_tokenizer(model_dir)
-    cfg = AuditConfig(sequences=4, seq_len=32, quant=QuantConfig(sites="linear-inputs", calib_batches=1, calib_batch_size=2))
+    cfg = AuditOptions(sequences=4, seq_len=32, quant=QuantConfig(sites="linear-inputs", calib_batches=1, calib_batch_size=2))
     result = audit(model_dir, cfg, log=lambda *a: None)
     reloaded = tf.GPT2LMHeadModel.from_pretrained(model_dir).double().eval()
     from ofe.audit import corpus_windows, load_model, split_files

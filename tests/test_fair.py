@@ -109,7 +109,7 @@ def test_quantize_matched_to_picks_the_matched_step_and_refuses_the_worse_run(tm
     """``ofe quantize RUN --matched_to OTHER``: the step is the matched point's (the final weights when
     no earlier kept weights reach the loss); the worse run, a missing run, and giving both --step and
     --matched_to are one-line errors (exit 2)."""
-    from ofe.quant.evaluate import QuantError, matched_step
+    from ofe.quant.quantize import QuantError, matched_step
 
     _pair(tmp_path / "r", {50: 0.2, 80: 0.25, 90: 0.3})
     preln, op = tmp_path / "r" / "preln-adamw-0", tmp_path / "r" / "op-soap-0"

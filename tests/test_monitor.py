@@ -239,3 +239,26 @@ def test_monitor_works_under_torch_compile():
     assert results[1] is None and results[0] is not None and results[2] is not None
     eager = [M.kurtosis(h).item() for h in capture_block_outputs(model, idx[:, :-1])]
     assert results[0]["resid"]["kurtosis"] == pytest.approx(eager, rel=1e-5)
+
+
+def test_capture_records_outputs_and_inputs_and_removes_its_hooks_even_on_error():
+    from ofe.monitor import capture
+
+    class Block(torch.nn.Module):
+        def forward(self, hidden_states, scale=1.0):
+            return (hidden_states * scale + 1.0, "extra")  # a Hugging Face style tuple
+
+    a, b, unused = Block(), Block(), Block()
+    x = torch.randn(2, 3, 4)
+    with capture([a, b, unused]) as outs, capture([a], inputs=True) as ins:
+        h, _ = a(x)
+        b(hidden_states=h, scale=2.0)  # keyword input
+    assert torch.equal(outs[0], x + 1.0) and torch.equal(outs[1], (x + 1.0) * 2.0 + 1.0) and outs[2] is None
+    assert torch.equal(ins[0], x)
+    with capture([b], inputs=True) as kw:
+        b(hidden_states=x)
+    assert torch.equal(kw[0], x)
+    with pytest.raises(ZeroDivisionError), capture([a]):
+        a(x)
+        1 / 0
+    assert not a._forward_hooks and not a._forward_pre_hooks and not b._forward_hooks and not b._forward_pre_hooks

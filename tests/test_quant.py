@@ -256,7 +256,7 @@ def test_site_families_cover_every_protocol_site_once():
 def test_the_residual_spike_costs_int8_through_the_residual_family():
     """A planted outlier channel in the residual stream: quantising the residual sites alone costs
     far more than quantising the MLP sites alone, and every family's sites are the only ones hooked."""
-    from ofe.quant.evaluate import site_family_costs
+    from ofe.quant.quantize import site_family_costs
     spiky = _model("pre-ln")
     with torch.no_grad():
         spiky.tok_emb.weight[:, 7] *= 300.0

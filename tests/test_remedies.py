@@ -6,11 +6,11 @@ import math
 import pytest
 
 from ofe.cli import main
-from ofe.experiment.remedies import BASELINE, POSTHOC_REMEDIES, TRAIN_REMEDIES, RemediesConfig, markdown, study_spec
+from ofe.experiment.remedies import BASELINE, POSTHOC_REMEDIES, TRAIN_REMEDIES, RemediesOptions, markdown, study_spec
 
 
 def test_the_study_spec_runs_every_remedy_at_every_lr_with_its_own_settings():
-    spec = study_spec(RemediesConfig(remedies=("osp", "swiglu"), lrs=(1e-3, 3e-3), steps=50))
+    spec = study_spec(RemediesOptions(remedies=("osp", "swiglu"), lrs=(1e-3, 3e-3), steps=50))
     names = [v["name"] for v in spec["variants"]]
     assert names == ["pre-ln+adamw_lr0.001", "pre-ln+adamw_lr0.003", "osp_lr0.001", "osp_lr0.003",
                      "swiglu_lr0.001", "swiglu_lr0.003"]  # the baseline is always there, first

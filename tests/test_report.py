@@ -230,14 +230,14 @@ def test_c3_needs_bare_op_to_diverge_and_the_soft_cap_to_train_slower(tmp_path):
 
 def test_reproduce_gpu_preset_builds_the_codeparrot_study(tmp_path):
     from ofe.experiment import parse_spec
-    from ofe.experiment.reproduce import ReproduceConfig, study_spec
-    sweep = parse_spec(study_spec(ReproduceConfig(preset="codeparrot-130m", out_dir=str(tmp_path), seeds=(0,))))
+    from ofe.experiment.reproduce import ReproduceOptions, study_spec
+    sweep = parse_spec(study_spec(ReproduceOptions(preset="codeparrot-130m", out_dir=str(tmp_path), seeds=(0,))))
     assert [r.name for r in sweep.runs] == ["pre-ln_adamw_lr0.001_seed0", "pre-ln_soap_lr0.001_seed0",
                                             "op_adamw_lr0.001_seed0", "op_soap_lr0.001_seed0"]
     cfg = sweep.runs[0].config
     assert (cfg.model.n_layer, cfg.model.d_model, cfg.dtype, cfg.compile) == (12, 768, "bfloat16", True)
     assert cfg.data.tokenizer == "bpe" and cfg.optim.lr == 1e-3 and cfg.steps == 10000 and sweep.quantize
-    small = parse_spec(study_spec(ReproduceConfig(steps=50, lr=3e-3, out_dir=str(tmp_path))))
+    small = parse_spec(study_spec(ReproduceOptions(steps=50, lr=3e-3, out_dir=str(tmp_path))))
     c = small.runs[0].config
     assert (c.steps, c.optim.lr, c.optim.betas, c.eval_interval, c.monitor_interval) == (50, 3e-3, (0.9, 0.95), 5, 5)
 
@@ -247,18 +247,18 @@ def test_reproduce_runs_the_c8_pair_on_every_seed_and_each_arm_at_its_lr(tmp_pat
     from ofe.experiment import reproduce as R
     study = {**R.STUDIES["small-cpu"], "lrs": {"pre-ln+adamw": 1e-3, "op+soap": 1e-2}}
     monkeypatch.setitem(R.STUDIES, "small-cpu", study)
-    sweep = parse_spec(R.study_spec(R.ReproduceConfig(preset="small-cpu", out_dir=str(tmp_path))))
+    sweep = parse_spec(R.study_spec(R.ReproduceOptions(preset="small-cpu", out_dir=str(tmp_path))))
     lrs = {(r.config.model.block, r.config.optim.name, r.config.seed): r.config.optim.lr for r in sweep.runs}
     assert lrs == {("pre-ln", "adamw", 0): 1e-3, ("pre-ln", "adamw", 1): 1e-3, ("pre-ln", "adamw", 2): 1e-3,
                    ("pre-ln", "soap", 0): 3e-3, ("op", "adamw", 0): 3e-3,  # untuned arms: the study's lr
                    ("op", "soap", 0): 1e-2, ("op", "soap", 1): 1e-2, ("op", "soap", 2): 1e-2}
     c = sweep.runs[0].config
     assert (c.model.seq_len, c.batch_size, c.optim.decay, c.optim.weight_decay, c.keep_weights) == (128, 32, "constant", 0.0, True)
-    tuning = parse_spec(R.tuning_spec(R.ReproduceConfig(preset="study-cpu", out_dir=str(tmp_path), blocks=("pre-ln",),
+    tuning = parse_spec(R.tuning_spec(R.ReproduceOptions(preset="study-cpu", out_dir=str(tmp_path), blocks=("pre-ln",),
                                                         optimizers=("adamw",))))
     assert [r.name for r in tuning.runs] == ["pre-ln_adamw_lr0.001_seed0", "pre-ln_adamw_lr0.003_seed0",
                                              "pre-ln_adamw_lr0.01_seed0", "pre-ln_adamw_lr0.03_seed0"] and not tuning.quantize
-    only_pair = R.ReproduceConfig(preset="small-cpu", out_dir=str(tmp_path), other_seeds=(), seeds=(0,))
+    only_pair = R.ReproduceOptions(preset="small-cpu", out_dir=str(tmp_path), other_seeds=(), seeds=(0,))
     assert R.arms(only_pair) == [("pre-ln", "adamw"), ("op", "soap")]
     assert [r.name for r in parse_spec(R.tuning_spec(only_pair)).runs][-1] == "op_soap_lr0.003_seed0"
 
@@ -267,7 +267,7 @@ def test_reproduce_runs_the_c8_pair_on_every_seed_and_each_arm_at_its_lr(tmp_pat
 def test_the_small_cpu_study_runs_adamw_at_its_measured_lr(tmp_path):
     from ofe.experiment import parse_spec
     from ofe.experiment import reproduce as R
-    committed = parse_spec(R.study_spec(R.ReproduceConfig(preset="small-cpu", out_dir=str(tmp_path))))
+    committed = parse_spec(R.study_spec(R.ReproduceOptions(preset="small-cpu", out_dir=str(tmp_path))))
     assert {(r.config.model.block, r.config.optim.name): r.config.optim.lr for r in committed.runs} == {
         ("pre-ln", "adamw"): 1e-3, ("pre-ln", "soap"): 3e-3, ("op", "adamw"): 3e-3, ("op", "soap"): 3e-3}
 
@@ -275,8 +275,8 @@ def test_the_small_cpu_study_runs_adamw_at_its_measured_lr(tmp_path):
 def test_the_backcopy_study_trains_on_the_synthetic_task_with_bos_windows(tmp_path):
     from ofe.experiment import parse_spec
     from ofe.experiment import reproduce as R
-    assert R.ReproduceConfig().preset == "backcopy-cpu"  # the main job
-    sweep = parse_spec(R.study_spec(R.ReproduceConfig(out_dir=str(tmp_path))))
+    assert R.ReproduceOptions().preset == "backcopy-cpu"  # the main job
+    sweep = parse_spec(R.study_spec(R.ReproduceOptions(out_dir=str(tmp_path))))
     c = sweep.runs[0].config
     assert (c.data.corpus, c.data.bos, c.model.n_layer, c.model.seq_len, c.steps, c.dtype) == (
         "bigram-backcopy", True, 2, 64, 2000, "bfloat16")
@@ -290,7 +290,7 @@ def test_the_backcopy_study_trains_on_the_synthetic_task_with_bos_windows(tmp_pa
     for r in sweep.runs:
         seeds[(r.config.model.block, r.config.optim.name)].add(r.config.seed)
     assert seeds == {("pre-ln", "adamw"): {0, 1, 2}, ("op", "soap"): {0, 1, 2}, ("pre-ln", "soap"): {0}, ("op", "adamw"): {0}}
-    other = parse_spec(R.study_spec(R.ReproduceConfig(preset="backcopy-cpu", corpus="bigram-backcopy:triggers=8",
+    other = parse_spec(R.study_spec(R.ReproduceOptions(preset="backcopy-cpu", corpus="bigram-backcopy:triggers=8",
                                                       out_dir=str(tmp_path))))
     assert other.runs[0].config.data.corpus == "bigram-backcopy:triggers=8" and other.runs[0].config.data.bos
 

@@ -8,7 +8,7 @@ from ofe import config as C
 from ofe.config import ConfigError
 from ofe.experiment.remedies import POSTHOC_REMEDIES
 from ofe.models import GPT, preset
-from ofe.quant import QuantConfig, QuantizeConfig, SimulatedQuantModel, perplexity
+from ofe.quant import QuantConfig, QuantizeOptions, SimulatedQuantModel, perplexity
 from ofe.quant import transforms as T
 
 
@@ -56,7 +56,7 @@ def test_unknown_or_repeated_transforms_are_config_errors_naming_them():
         QuantConfig(sites="linear-inputs", transforms=("hadamard", "hadamard"))
     with pytest.raises(ConfigError, match="hadamard needs quant.sites = linear-inputs"):
         QuantConfig(transforms=("hadamard",))
-    parsed = C.from_dict(QuantizeConfig, C.apply_overrides(QuantizeConfig, {}, {
+    parsed = C.from_dict(QuantizeOptions, C.apply_overrides(QuantizeOptions, {}, {
         "quant.sites": "linear-inputs", "quant.transforms": "hadamard,per-token"}))
     assert parsed.quant.transforms == ("hadamard", "per-token") and parsed.quant.label == "W8A8-token-rot"
 

@@ -26,8 +26,8 @@ from ofe.data import ByteTokenizer, stdlib_files
 from ofe.data.corpus import read_bytes_sample
 from ofe.errors import OfeError
 from ofe.io import atomic_write
-from ofe.monitor import find_block_stack
-from ofe.monitor.reduce import Costs, site_metrics
+from ofe.monitor import capture, find_block_stack
+from ofe.monitor.measure import Costs, site_metrics
 from ofe.quant import QuantConfig, SimulatedQuantModel
 
 SUPPORTED: dict[str, str] = {
@@ -43,7 +43,7 @@ class AuditError(OfeError):
 
 
 @dataclass(frozen=True)
-class AuditConfig:
+class AuditOptions:
     out_dir: str = C.field("", "output directory; empty: audit-<model directory name> in the current directory")
     seq_len: int = C.field(128, "tokens per sequence (at most the model's maximum)")
     sequences: int = C.field(16, "evaluation sequences")
@@ -151,22 +151,9 @@ def hidden_states(model, stack, windows: torch.Tensor, tokenizer,
     """The hidden states of ``hidden_states`` indexing (0: the embedding output, the first block's
     input; i: block i-1's output) on ``windows`` ``(B, T)``, and for each the ``k`` largest ``|x|``
     as ``{"position", "token", "channel", "value"}`` (largest first; a position may repeat)."""
-    outputs: list[torch.Tensor] = []
-
-    def keep_input(_m, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        outputs.append(x.detach().float())
-
-    def keep(_m, _i, out):
-        outputs.append((out[0] if isinstance(out, tuple) else out).detach().float())
-
-    handles = [stack[0].register_forward_pre_hook(keep_input, with_kwargs=True)]
-    handles += [block.register_forward_hook(keep) for block in stack]
-    try:
+    with capture([stack[0]], inputs=True) as first, capture(list(stack)) as blocks:
         model(input_ids=windows)
-    finally:
-        for h in handles:
-            h.remove()
+    outputs = [*first, *blocks]
     return outputs, [_largest(hidden, windows, tokenizer, k) for hidden in outputs]
 
 
@@ -187,7 +174,7 @@ def _final_hidden(model, windows: torch.Tensor) -> torch.Tensor:
     return model(input_ids=windows).last_hidden_state.float()
 
 
-def audit(model_dir: str | Path, cfg: AuditConfig, log=print) -> dict[str, Any]:
+def audit(model_dir: str | Path, cfg: AuditOptions, log=print) -> dict[str, Any]:
     model_dir = Path(model_dir)
     model, kind, tokenizer = load_model(model_dir)
     config = model.config
@@ -235,7 +222,7 @@ def audit(model_dir: str | Path, cfg: AuditConfig, log=print) -> dict[str, Any]:
     }
 
 
-def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
+def write_audit(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """``audit.json``, ``audit.md`` and ``audit.png`` in ``out_dir``; returns their paths."""
     import matplotlib
 
@@ -300,10 +287,10 @@ def _tops(rows: list[dict[str, Any]]) -> str:
     return ", ".join(f"{r['position']}: {json.dumps(r['token'])[1:-1]!s}".replace("|", "\\|") for r in rows)
 
 
-def run_audit(model_dir: str | Path, cfg: AuditConfig, log=print) -> list[Path]:
+def run_audit(model_dir: str | Path, cfg: AuditOptions, log=print) -> list[Path]:
     """``ofe audit``: audit, write the report (default ``audit-<model directory name>``), print the summary."""
     result = audit(model_dir, cfg, log=log)
-    paths = write_report(result, Path(cfg.out_dir or f"audit-{Path(model_dir).resolve().name}"))
+    paths = write_audit(result, Path(cfg.out_dir or f"audit-{Path(model_dir).resolve().name}"))
     log(format_summary(result))
     log(f"\nwrote {', '.join(str(p) for p in paths)}")
     return paths

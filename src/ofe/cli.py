@@ -14,17 +14,17 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ofe import config as C
-from ofe.audit import AuditConfig, run_audit
+from ofe.audit import AuditOptions, run_audit
 from ofe.errors import OfeError
 from ofe.experiment import SweepOptions, sweep_spec_file
-from ofe.experiment.remedies import RemediesConfig, remedies
-from ofe.experiment.reproduce import ReproduceConfig, reproduce
+from ofe.experiment.remedies import RemediesOptions, remedies
+from ofe.experiment.reproduce import ReproduceOptions, reproduce
 from ofe.models import presets_table
-from ofe.quant import QuantizeConfig, format_table, quantize_run
+from ofe.quant import QuantizeOptions, format_table, quantize_run
 from ofe.report import ReportOptions, report
 from ofe.train import TrainConfig, train
 from ofe.train.config import load_train_config
-from ofe.zoo import ZooConfig, zoo
+from ofe.experiment.survey import ZooOptions, zoo
 
 T = TypeVar("T")
 
@@ -41,7 +41,7 @@ def _cmd_train(ns: argparse.Namespace) -> None:
 
 
 def _cmd_quantize(ns: argparse.Namespace) -> None:
-    print(format_table(quantize_run(ns.run_dir, load_config(QuantizeConfig, ns))))
+    print(format_table(quantize_run(ns.run_dir, load_config(QuantizeOptions, ns))))
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,9 @@ COMMANDS: dict[str, Command] = {
     "train": Command("train a model on a corpus (the embedded default: the Python standard library)", _cmd_train,
                      TrainConfig),
     "quantize": Command("simulate W8A8 (and other formats) on a trained run; saves the result in RUN_DIR",
-                        _cmd_quantize, QuantizeConfig, ("run_dir", "RUN_DIR", "directory of a finished `ofe train` run")),
+                        _cmd_quantize, QuantizeOptions, ("run_dir", "RUN_DIR", "directory of a finished `ofe train` run")),
     "audit": Command("outlier features and W8A8 cost of a Hugging Face checkpoint on disk",
-                     lambda ns: run_audit(ns.model_dir, load_config(AuditConfig, ns)), AuditConfig,
+                     lambda ns: run_audit(ns.model_dir, load_config(AuditOptions, ns)), AuditOptions,
                      ("model_dir", "MODEL_DIR", "a local Hugging Face model directory")),
     "sweep": Command("train (and quantise) a grid of runs described by a spec file; resumable",
                      lambda ns: sweep_spec_file(ns.spec, load_config(SweepOptions, ns)), SweepOptions,
@@ -68,12 +68,12 @@ COMMANDS: dict[str, Command] = {
                       lambda ns: report(ns.run_dirs, load_config(ReportOptions, ns)), ReportOptions,
                       ("run_dirs", "RUN_DIR", "run directories, or directories holding runs (a sweep)"), nargs="+"),
     "reproduce": Command("the paper's study end to end: train Pre-LN/OP x AdamW/SOAP, quantise, report the claims",
-                         lambda ns: reproduce(load_config(ReproduceConfig, ns)), ReproduceConfig),
+                         lambda ns: reproduce(load_config(ReproduceOptions, ns)), ReproduceOptions),
     "remedies": Command("every remedy for outlier features side by side: train-time ones at their tuned lr, "
                         "post-hoc ones on the baseline, W8A8 / W4A4 costs, a table and a plot",
-                        lambda ns: remedies(load_config(RemediesConfig, ns)), RemediesConfig),
+                        lambda ns: remedies(load_config(RemediesOptions, ns)), RemediesOptions),
     "zoo": Command("build every block variant and print per-layer outlier metrics",
-                   lambda ns: zoo(load_config(ZooConfig, ns)), ZooConfig),
+                   lambda ns: zoo(load_config(ZooOptions, ns)), ZooOptions),
     "presets": Command("list the model presets with their parameter counts", lambda ns: print(presets_table())),
 }
 

@@ -31,11 +31,11 @@ from ofe.analysis import load_runs
 from ofe.analysis.fair import arm_key, tuned_lrs
 from ofe.analysis.runs import Run
 from ofe.errors import OfeError
-from ofe.experiment.reproduce import DEFAULT_STUDY, STUDIES, ReproduceConfig, _base, study_of
+from ofe.experiment.reproduce import DEFAULT_STUDY, STUDIES, ReproduceOptions, _base, study_of
 from ofe.experiment.sweep import parse_spec, run_sweep
 from ofe.io import atomic_write
 from ofe.models import preset_fields
-from ofe.quant.evaluate import evaluation_data, load_trained
+from ofe.quant.quantize import evaluation_data, load_trained
 from ofe.quant.transforms import TRANSFORMS, TransformError
 from ofe.quant.simulate import QuantConfig, SimulatedQuantModel, perplexity
 
@@ -80,7 +80,7 @@ def _check_names(key: str, values: tuple[str, ...], known: dict[str, Any]) -> No
 
 
 @dataclass(frozen=True)
-class RemediesConfig:
+class RemediesOptions:
     """Options of ``ofe remedies``."""
 
     preset: str = C.field(DEFAULT_STUDY, f"model preset; the study's settings follow ofe reproduce ({', '.join(STUDIES)})")
@@ -117,9 +117,9 @@ def _slug(name: str) -> str:
     return name.replace(" + ", "+").replace(" ", "-")
 
 
-def study_spec(cfg: RemediesConfig) -> dict[str, Any]:
+def study_spec(cfg: RemediesOptions) -> dict[str, Any]:
     """One variant per (train-time remedy, lr) on one seed; quantisation is done here, not by the sweep."""
-    base = _base(ReproduceConfig(preset=cfg.preset, out_dir=cfg.out_dir, steps=cfg.steps, batch_size=cfg.batch_size,
+    base = _base(ReproduceOptions(preset=cfg.preset, out_dir=cfg.out_dir, steps=cfg.steps, batch_size=cfg.batch_size,
                                  corpus=cfg.corpus, device=cfg.device, progress=cfg.progress))
     base["keep_weights"] = False  # only final weights are compared
     grid = cfg.lrs or tuple(study_of(cfg.preset)["tune"])
@@ -198,7 +198,7 @@ def _increase(row: dict[str, Any], fmt: str) -> float:
     return value.get("increase_pct", math.inf) if isinstance(value, dict) else math.inf
 
 
-def compare(runs: list[Run], cfg: RemediesConfig, costs: QuantCosts, lr: float | None = None, log=print) -> dict[str, Any]:
+def compare(runs: list[Run], cfg: RemediesOptions, costs: QuantCosts, lr: float | None = None, log=print) -> dict[str, Any]:
     """One comparison table (as rows) from the trained runs of :func:`study_spec`: every remedy at
     its tuned lr (``lr`` None), or every remedy at ``lr``."""
     tuned = tuned_lrs(runs)
@@ -320,7 +320,7 @@ def write_outputs(result: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
-def remedies(cfg: RemediesConfig, log=print) -> dict[str, Any]:
+def remedies(cfg: RemediesOptions, log=print) -> dict[str, Any]:
     t0 = time.perf_counter()
     paths = run_sweep(parse_spec(study_spec(cfg)), progress=cfg.progress, log=log)
     t1 = time.perf_counter()

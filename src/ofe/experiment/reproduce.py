@@ -30,13 +30,13 @@ from ofe.analysis.runs import Run
 from ofe.experiment.sweep import parse_spec, run_sweep
 from ofe.models import BLOCK_TYPES, preset_fields
 from ofe.optim import OPTIMIZERS
-from ofe.quant import QuantizeConfig, quantize_run
+from ofe.quant import QuantizeOptions, quantize_run
 from ofe.report import run_row, write_report
-from ofe.report.build import runs_table
+from ofe.report.write import runs_table
 
 C8_PAIR = (("pre-ln", "adamw"), ("op", "soap"))
 
-# Settings per study scale (by preset); every one can be overridden by ReproduceConfig's options.
+# Settings per study scale (by preset); every one can be overridden by ReproduceOptions's options.
 # "lrs": the tuned lr of each arm ("block+optimiser"); "lr": the lr of any other arm; "tune": the grid.
 STUDIES: dict[str, dict[str, Any]] = {
     # The quick study (0.84M parameters, 7.5 min on 2 cores). lrs: each arm's best final val loss over
@@ -81,7 +81,7 @@ FALLBACK_STUDY = "study-cpu"  # the settings of a preset without its own study (
 
 
 @dataclass(frozen=True)
-class ReproduceConfig:
+class ReproduceOptions:
     """Options of ``ofe reproduce``."""
 
     preset: str = C.field(DEFAULT_STUDY, f"model preset; studies are tuned for {', '.join(STUDIES)} "
@@ -130,7 +130,7 @@ def study_of(preset: str) -> dict[str, Any]:
     return STUDIES.get(preset, STUDIES[FALLBACK_STUDY])
 
 
-def _base(cfg: ReproduceConfig) -> dict[str, Any]:
+def _base(cfg: ReproduceOptions) -> dict[str, Any]:
     """The `ofe train` settings every run shares."""
     study = study_of(cfg.preset)
     base: dict[str, Any] = {"preset": cfg.preset, "device": cfg.device, **copy.deepcopy(study["train"])}
@@ -149,13 +149,13 @@ def _base(cfg: ReproduceConfig) -> dict[str, Any]:
     return base
 
 
-def arms(cfg: ReproduceConfig) -> list[tuple[str, str]]:
+def arms(cfg: ReproduceOptions) -> list[tuple[str, str]]:
     """The (block, optimiser) pairs the study trains: the C8 pair always, the others when
     ``other_seeds`` is not empty."""
     return [(b, o) for b in cfg.blocks for o in cfg.optimizers if (b, o) in C8_PAIR or cfg.other_seeds]
 
 
-def arm_lr(cfg: ReproduceConfig, arm: tuple[str, str], tuned: dict[tuple[str, str], float] | None = None) -> float:
+def arm_lr(cfg: ReproduceOptions, arm: tuple[str, str], tuned: dict[tuple[str, str], float] | None = None) -> float:
     """The lr an arm trains at: --lr, else what --tune found, else the study's table, else its default."""
     study = study_of(cfg.preset)
     if cfg.lr:
@@ -171,7 +171,7 @@ def _variant(arm: tuple[str, str], lr: float, seed: int) -> dict[str, Any]:
             "optim.lr": lr, "seed": seed}
 
 
-def study_spec(cfg: ReproduceConfig, tuned: dict[tuple[str, str], float] | None = None) -> dict[str, Any]:
+def study_spec(cfg: ReproduceOptions, tuned: dict[tuple[str, str], float] | None = None) -> dict[str, Any]:
     """The sweep spec of the study: one variant per (arm, seed), seed by seed (so that a study cut
     short has whole pairs)."""
     variants = []
@@ -181,14 +181,14 @@ def study_spec(cfg: ReproduceConfig, tuned: dict[tuple[str, str], float] | None 
     return {"out_dir": cfg.out_dir, "quantize": cfg.quantize, "base": _base(cfg), "variants": variants}
 
 
-def tuning_spec(cfg: ReproduceConfig) -> dict[str, Any]:
+def tuning_spec(cfg: ReproduceOptions) -> dict[str, Any]:
     """The lr grid of every arm on its first seed (no quantisation: only the losses decide)."""
     grid = study_of(cfg.preset)["tune"]
     variants = [_variant(arm, lr, (cfg.seeds if arm in C8_PAIR else cfg.other_seeds)[0]) for arm in arms(cfg) for lr in grid]
     return {"out_dir": cfg.out_dir, "quantize": False, "base": _base(cfg), "variants": variants}
 
 
-def tune(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> tuple[dict[tuple[str, str], float], list[Path]]:
+def tune(cfg: ReproduceOptions, log: Callable[[str], None] = print) -> tuple[dict[tuple[str, str], float], list[Path]]:
     """Run the lr grid; returns each arm's lr with the lowest final validation loss, and the grid's runs."""
     paths = run_sweep(parse_spec(tuning_spec(cfg)), progress=cfg.progress, log=log)
     runs = load_runs(paths)
@@ -212,12 +212,12 @@ def quantise_matched(runs: list[Run], log: Callable[[str], None] = print) -> int
             continue
         log(f"{point.better.path.name}: quantising the weights of step {step} (val loss {point.better_loss:.4f}, "
             f"matched to {point.worse.path.name}'s {point.target:.4f})")
-        quantize_run(point.better.path, QuantizeConfig(step=step), log=log)
+        quantize_run(point.better.path, QuantizeOptions(step=step), log=log)
         done += 1
     return done
 
 
-def reproduce(cfg: ReproduceConfig, log=print) -> list[ClaimResult]:
+def reproduce(cfg: ReproduceOptions, log=print) -> list[ClaimResult]:
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
     tuned, grid = tune(cfg, log=log) if cfg.tune else (None, [])

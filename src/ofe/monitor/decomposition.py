@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ofe import metrics as M
+from ofe.monitor.capture import capture
 from ofe.monitor.sites import layer_modules
 
 TERMS = ("u2_1", "u2_2", "u4_1", "u4_2", "u4_3", "u4_4")
@@ -45,32 +46,25 @@ class KurtosisUpdateTracker:
     @torch.no_grad()
     def capture(self) -> list[Tensor]:
         """The per-layer activations on the fixed batch now, as float32 ``(n, d)`` matrices."""
-        captured: dict[int, Tensor] = {}
-        handles = []
-        for layer, module in enumerate(self.modules):
-            def hook(_m: nn.Module, _i: Any, out: Any, layer: int = layer) -> None:
-                out = out[0] if isinstance(out, (tuple, list)) else out
-                captured[layer] = out.detach().float().reshape(-1, out.shape[-1]).clone()
-            handles.append(module.register_forward_hook(hook))
         was_training = self.model.training
         enabled = [getattr(m, "enabled", None) for m in self.modules]
+        matrix = lambda out: out.detach().float().reshape(-1, out.shape[-1]).clone()  # noqa: E731
         try:
             for m in self.modules:
                 if hasattr(m, "enabled"):
                     m.enabled = True
             self.model.eval()
-            self.model(self.batch)
+            with capture(self.modules, keep=matrix) as captured:
+                self.model(self.batch)
         finally:
-            for handle in handles:
-                handle.remove()
             for m, flag in zip(self.modules, enabled):
                 if flag is not None:
                     m.enabled = flag
             self.model.train(was_training)
-        missing = [layer for layer in range(len(self.modules)) if layer not in captured]
+        missing = [layer for layer, x in enumerate(captured) if x is None]
         if missing:
             raise RuntimeError(f"layers {missing} produced no activation on the fixed batch")
-        return [captured[layer] for layer in range(len(self.modules))]
+        return captured
 
     def update(self) -> dict[str, list[float]] | None:
         current = self.capture()

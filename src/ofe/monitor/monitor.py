@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ofe.monitor.reduce import DEFAULT_METRICS, PROBS_SITE, Costs, Pending, Results, check_metrics, combine, site_metrics
+from ofe.monitor.measure import DEFAULT_METRICS, PROBS_SITE, Costs, Pending, Results, check_metrics, combine, site_metrics
 from ofe.monitor.sites import Target, find_targets
 
 

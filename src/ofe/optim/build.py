@@ -1,8 +1,6 @@
-"""Build the optimiser named by the config over weight-decay groups (matrices and embeddings only); the lr schedule."""
+"""Build the optimiser named by the config over weight-decay groups (matrices and embeddings only)."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -34,16 +32,3 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     """The optimiser named by ``cfg`` (:data:`~ofe.optim.registry.OPTIMIZERS`) over :func:`param_groups`."""
     groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
     return OPTIMIZERS[cfg.name].build(cfg, groups)
-
-
-def lr_at(cfg: OptimConfig, step: int, total_steps: int) -> float:
-    """Learning rate for update ``step`` (0-based) of ``total_steps``: linear warmup, then decay."""
-    warmup = int(cfg.warmup_frac * total_steps)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    if cfg.decay == "constant" or total_steps <= warmup:
-        return cfg.lr
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    floor = cfg.min_lr_frac
-    shape = 1.0 - progress if cfg.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.lr * (floor + (1.0 - floor) * shape)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -18,8 +18,20 @@ from ofe.optim.adafactor import Adafactor
 from ofe.optim.muon import MuonAdamW
 from ofe.optim.rotated import SOAP, RotatedAdafactor
 
-if TYPE_CHECKING:
-    from ofe.optim.config import OptimConfig
+
+
+class OptimSettings(Protocol):
+    """What a builder reads of :class:`ofe.optim.config.OptimConfig` (that module imports this table;
+    this one does not import it back)."""
+
+    name: str
+    lr: float
+    betas: tuple[float, ...]
+    eps: float
+    bias_correction: bool
+    adafactor: Any
+    rotation: Any
+    muon: Any
 
 Groups = list[dict[str, Any]]  # from ofe.optim.build.param_groups: matrices, embeddings, the rest
 
@@ -33,17 +45,17 @@ ROTATION = frozenset({"rotation.shampoo_beta", "rotation.precondition_frequency"
 
 @dataclass(frozen=True)
 class OptimizerEntry:
-    build: Callable[[OptimConfig, Groups], torch.optim.Optimizer]
+    build: Callable[[OptimSettings, Groups], torch.optim.Optimizer]
     reads: frozenset[str]  # options beyond COMMON, dotted below ``optim.``
     help: str
 
 
-def _adamw(cfg: OptimConfig, groups: Groups) -> torch.optim.Optimizer:
+def _adamw(cfg: OptimSettings, groups: Groups) -> torch.optim.Optimizer:
     fused = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
-def _adafactor(cfg: OptimConfig, groups: Groups) -> torch.optim.Optimizer:
+def _adafactor(cfg: OptimSettings, groups: Groups) -> torch.optim.Optimizer:
     a = cfg.adafactor
     beta1, beta2 = cfg.betas
     return Adafactor(groups, lr=cfg.lr, beta1=beta1, beta2=beta2, beta2_decay=a.beta2_decay, eps1=a.eps1, eps2=a.eps2,
@@ -51,7 +63,7 @@ def _adafactor(cfg: OptimConfig, groups: Groups) -> torch.optim.Optimizer:
                      scale_parameter=a.scale_parameter, bias_correction=cfg.bias_correction)
 
 
-def _rotation_kwargs(cfg: OptimConfig, groups: Groups) -> dict[str, Any]:
+def _rotation_kwargs(cfg: OptimSettings, groups: Groups) -> dict[str, Any]:
     """Options shared by the rotated optimisers; embeddings get their own rotation limit."""
     r = cfg.rotation
     embed_dim = r.embedding_max_precond_dim if r.embedding_max_precond_dim is not None else r.max_precond_dim
@@ -62,17 +74,17 @@ def _rotation_kwargs(cfg: OptimConfig, groups: Groups) -> dict[str, Any]:
                 bias_correction=cfg.bias_correction, matmul_dtype=getattr(torch, r.matmul_dtype), fused=r.fused)
 
 
-def _soap(cfg: OptimConfig, groups: Groups) -> torch.optim.Optimizer:
+def _soap(cfg: OptimSettings, groups: Groups) -> torch.optim.Optimizer:
     return SOAP(groups, **_rotation_kwargs(cfg, groups))
 
 
-def _rotated_adafactor(cfg: OptimConfig, groups: Groups) -> torch.optim.Optimizer:
+def _rotated_adafactor(cfg: OptimSettings, groups: Groups) -> torch.optim.Optimizer:
     a = cfg.adafactor
     return RotatedAdafactor(groups, beta2_decay=a.beta2_decay, eps1=a.eps1, d=a.clip_threshold,
                             **_rotation_kwargs(cfg, groups))
 
 
-def _muon(cfg: OptimConfig, groups: Groups) -> torch.optim.Optimizer:
+def _muon(cfg: OptimSettings, groups: Groups) -> torch.optim.Optimizer:
     m = cfg.muon
     return MuonAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, momentum=m.momentum,  # type: ignore[return-value]
                      nesterov=m.nesterov, ns_steps=m.ns_steps, adjust_lr_fn=m.adjust_lr)

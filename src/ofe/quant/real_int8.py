@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ofe.errors import OfeError
+from ofe.monitor.capture import capture
 from ofe.quant.simulate import QuantConfig, SimulatedQuantModel, perplexity
 
 # The simulator's settings for the scheme torchao runs.
@@ -74,14 +75,9 @@ def layer_agreement(model: nn.Module, sim: SimulatedQuantModel, real: nn.Module,
     """Per linear layer of ``sim`` (name -> ``||real - sim|| / ||real - float||``), each fed the float
     model's input of that layer for token ids ``idx`` ``(B, T)``."""
     names = [name for name, _ in sim.quantizers]
-    inputs: dict[str, Tensor] = {}
-    handles = [model.get_submodule(n).register_forward_pre_hook(
-        (lambda n: lambda _m, args: inputs.__setitem__(n, args[0].detach()))(n)) for n in names]
-    try:
+    with capture([model.get_submodule(n) for n in names], inputs=True, keep=Tensor.detach) as seen:
         model(idx)
-    finally:
-        for h in handles:
-            h.remove()
+    inputs = dict(zip(names, seen))
     out = {}
     for name in names:
         x = inputs[name]

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ofe.config import ConfigError, field
 from ofe.models import lm_loss
+from ofe.monitor.capture import capture
 from ofe.quant.quantizers import (
     RangeObserver,
     asymmetric_qparams,
@@ -313,13 +314,8 @@ def perplexity(model, windows: Tensor, batch_size: int = 16) -> float:
 @torch.no_grad()
 def block_outputs(model: nn.Module, blocks: nn.ModuleList, idx: Tensor) -> list[Tensor]:
     """The residual stream leaving each block for input ``idx``."""
-    outs: list[Tensor] = []
-    handles = [b.register_forward_hook(lambda _m, _i, o: outs.append(o.detach().float())) for b in blocks]
-    try:
+    with capture(list(blocks)) as outs:
         model(idx)
-    finally:
-        for h in handles:
-            h.remove()
     return outs
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from torch import Tensor, nn
 
@@ -21,8 +21,13 @@ from ofe.errors import OfeError
 from ofe.quant.rotate import RotationError, check_rotatable, rotate_model
 from ofe.quant.smoothquant import smooth
 
-if TYPE_CHECKING:
-    from ofe.quant.simulate import QuantConfig
+
+class QuantSettings(Protocol):
+    """What transforms read of :class:`ofe.quant.simulate.QuantConfig` (that module imports this table;
+    this one does not import it back). A new method's options are new fields of QuantConfig."""
+
+    seed: int  # of the calibration batches; the rotation's random signs too
+    smooth_alpha: float
 
 
 class TransformError(OfeError, ValueError):
@@ -33,7 +38,7 @@ class TransformError(OfeError, ValueError):
 class TransformContext:
     """What a transform may read beside the model and the calibration batches."""
 
-    cfg: QuantConfig  # the quantisation settings (a method's own options are fields of it, e.g. smooth_alpha)
+    cfg: QuantSettings  # the quantisation settings (a method's own options are fields of it, e.g. smooth_alpha)
     keep_float: frozenset[int]  # ids of the weights that stay in float (the LM head, and weights tied to it)
     notes: dict[str, Any] = field(default_factory=dict)  # what a method computed, by its name (e.g. SmoothQuant's scales)
 
@@ -56,7 +61,7 @@ class Transform:
     # folds and rotates the model's weights assuming plain layers: no transform that changes the model
     # (e.g. hooks a layer's input) may come before it
     needs_plain_model: bool = False
-    label: Callable[[QuantConfig], str] = lambda cfg: ""  # suffix of the format's label (W8A8-rot)
+    label: Callable[[QuantSettings], str] = lambda cfg: ""  # suffix of the format's label (W8A8-rot)
 
 
 def _smoothquant(model: nn.Module, calib: list[Tensor], ctx: TransformContext) -> nn.Module:

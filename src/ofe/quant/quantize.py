@@ -153,7 +153,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 @dataclass(frozen=True)
-class QuantizeConfig:
+class QuantizeOptions:
     """Options of ``ofe quantize`` beside the quantisation settings (``quant.*``)."""
 
     quant: QuantConfig = QuantConfig()
@@ -200,7 +200,7 @@ def matched_step(run_dir: str | Path, other_dir: str | Path, log=print) -> int |
     return point.better_step
 
 
-def quantize_run(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig(), log=print) -> dict[str, Any]:
+def quantize_run(run_dir: str | Path, cfg: QuantizeOptions = QuantizeOptions(), log=print) -> dict[str, Any]:
     """Evaluate the run's formats and save the result in the run directory (``ofe quantize``):
     one result for the final weights and one per kept step (:meth:`RunDir.quant_path`)."""
     step = matched_step(run_dir, cfg.matched_to, log) if cfg.matched_to else (None if cfg.step < 0 else cfg.step)

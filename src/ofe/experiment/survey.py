@@ -17,7 +17,7 @@ from ofe.monitor import OutlierMonitor
 
 
 @dataclass(frozen=True)
-class ZooConfig:
+class ZooOptions:
     """Build every block variant and print its per-layer outlier metrics on a corpus sample."""
 
     preset: str = C.field("small-cpu", f"model preset ({', '.join(PRESETS)})")
@@ -37,7 +37,7 @@ class ZooConfig:
                 raise C.ConfigError(f"config key '{name}' must be positive, got {getattr(self, name)}")
 
 
-def run_zoo(cfg: ZooConfig, log=print) -> dict[str, Any]:
+def survey_blocks(cfg: ZooOptions, log=print) -> dict[str, Any]:
     """Per block: parameter count and the monitor's per-layer metrics on one seeded batch."""
     tokens = default_sample(cfg.sample_bytes)
     results: dict[str, Any] = {}
@@ -67,9 +67,9 @@ def _format_block(block: str, r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def zoo(cfg: ZooConfig, log=print) -> dict[str, Any]:
+def zoo(cfg: ZooOptions, log=print) -> dict[str, Any]:
     """``ofe zoo``: the table per block, and the results as JSON if asked."""
-    results = run_zoo(cfg, log=log)
+    results = survey_blocks(cfg, log=log)
     if cfg.json_out:
         atomic_write(Path(cfg.json_out), lambda p: p.write_text(json.dumps(results, indent=1)))
     return results

@@ -295,3 +295,28 @@ def test_sink_score_is_the_mass_on_the_first_key():
     assert M.sink_score(sink).tolist() == [1.0, 1.0]
     with pytest.raises(ValueError):
         M.sink_score(torch.ones(1, 1, 1, 1))
+
+
+def test_token_excess_kurtosis_matches_a_float64_reference_and_closed_forms():
+    """OSP's per-token excess kurtosis: scipy-free float64 reference, a Gaussian (about 0), a one-hot row
+    (d - 3 - 1/(d - 1) ... computed exactly below), clamping at 0 and constant rows left out."""
+    from ofe.metrics import token_excess_kurtosis
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, 64, generator=g)
+    x[1, 3, 5] = 80.0  # one massive activation
+    ref = x.double().reshape(-1, 64)
+    c = ref - ref.mean(-1, keepdim=True)
+    per_token = ((c**4).mean(-1) / (c**2).mean(-1) ** 2 - 3).clamp(min=0)
+    assert token_excess_kurtosis(x).item() == pytest.approx(per_token.mean().item(), rel=1e-5)
+    assert token_excess_kurtosis(torch.randn(256, 4096, generator=g)).item() < 0.05  # Gaussian rows
+    d = 64
+    one_hot = torch.zeros(1, d)
+    one_hot[0, 7] = 3.0  # centred: (d-1)/d at one channel, -1/d elsewhere; kurtosis (d^2 - 3d + 3)/(d - 1)
+    assert token_excess_kurtosis(one_hot).item() == pytest.approx((d * d - 3 * d + 3) / (d - 1) - 3, rel=1e-5)
+    flat = torch.tensor([[1.0, -1.0] * 32])  # kurtosis 1: excess -2, clamped to 0
+    assert token_excess_kurtosis(flat).item() == 0.0
+    with_constant = torch.cat([one_hot, torch.full((1, d), 2.0)])  # the constant row is left out
+    assert token_excess_kurtosis(with_constant).item() == pytest.approx(token_excess_kurtosis(one_hot).item())
+    assert math.isnan(token_excess_kurtosis(torch.ones(3, d)).item())
+    assert token_excess_kurtosis(x.bfloat16(), keep_dims=1).shape == (4,)

@@ -60,6 +60,7 @@ def test_ofe_model_values_match_independent_computation(block):
         assert r["resid"]["mmr"][layer] == pytest.approx(M.max_median_ratio(h).item(), rel=1e-6)
         assert r["resid"]["input_correlation"][layer] == pytest.approx(M.input_correlation(h).item(), rel=1e-5)
         assert r["resid"]["max_abs"][layer] == pytest.approx(h.abs().max().item(), rel=1e-6)
+        assert r["resid"]["token_excess_kurtosis"][layer] == pytest.approx(M.token_excess_kurtosis(h).item(), rel=1e-6)
         ent = M.attention_entropy(manual_attention_probs(model, idx, layer))
         assert r["attn_probs"]["attention_entropy"][layer] == pytest.approx(ent.tolist(), rel=1e-4)
     assert r["resid"]["int8_outlier_dims"] == int(M.int8_outlier_dims(outs).sum())

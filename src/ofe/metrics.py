@@ -272,6 +272,24 @@ def sequence_kurtosis(x: Tensor, keep_dims: int = 0) -> Tensor:
     return (m4 / m2.square()).mean(-1)
 
 
+def token_excess_kurtosis(x: Tensor, keep_dims: int = 0) -> Tensor:
+    """Mean over tokens of each token's excess kurtosis across the width, clamped at 0 (OSP's metric,
+    Park et al. 2025, arXiv 2506.19697): ``max(0, mu4 / sigma^4 - 3)`` of the ``d`` values of a row.
+
+    About 0 for Gaussian rows, large when a few channels of a token dominate it (massive activations).
+    A third meaning of "kurtosis" (beside :func:`kurtosis`, the paper's Eq. 1, and
+    :func:`sequence_kurtosis`, Bondarenko et al.'s). ``x`` is ``(..., d)``; returns
+    ``x.shape[:keep_dims]``. Rows with zero variance are left out; NaN when every row is constant.
+    """
+    v = _rows(x, keep_dims, "token_excess_kurtosis")
+    v = v - v.mean(-1, keepdim=True)
+    v = _normalise_max(v, (-1,))
+    m2 = v.square().mean(-1)
+    m4 = v.square().square().mean(-1)
+    excess = (m4 / m2.square() - 3.0).clamp(min=0.0)
+    return excess.nanmean(-1)
+
+
 def int8_token_frac(x: Tensor, threshold: float = 6.0) -> Tensor:
     """Per dimension, the fraction of token positions with ``|x_ij| >= threshold``: float ``(d,)``
     for one layer's activations ``(..., d)``. The per-layer input of :func:`int8_outlier_dims`."""

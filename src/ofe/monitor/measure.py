@@ -24,6 +24,7 @@ ACTIVATION_METRICS: dict[str, Callable[[Tensor], Tensor]] = {
     "max_abs": M.max_abs,
     "seq_max_abs": M.sequence_max_abs,
     "seq_kurtosis": M.sequence_kurtosis,
+    "token_excess_kurtosis": M.token_excess_kurtosis,
     "int8_outlier_dims": M.int8_token_frac,  # per-layer token fractions, combined over layers by combine()
     "abs_max_median": M.abs_max_median,
     "position0_share": M.position0_share,

@@ -31,3 +31,9 @@ def test_the_changelog_has_every_version_once_in_order():
     for cid, claim in CLAIMS.items():
         versions = [int(v) for c, v, _ in rows if c == cid]
         assert versions == list(range(1, claim.version + 1)), (cid, versions)
+
+
+def test_the_doc_states_every_rule_word_for_word():
+    text = _section("Current rules")
+    for claim in CLAIMS.values():
+        assert f"- **{claim.id}** (v{claim.version}): {claim.rule}." in text, claim.id

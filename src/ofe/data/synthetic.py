@@ -9,7 +9,7 @@ no attention; predicting the copy needs an attention head that looks one positio
 the few trigger positions. On every other position that head has nothing to do, and a trained
 Pre-LN model parks its attention on the first position (an attention sink), whose residual stream
 grows a massive activation: the extreme-token phenomenon, in a 2-layer model, within a few thousand
-steps on a CPU (docs/results/bigram-backcopy.md).
+steps on a CPU (docs/results/studies/bigram-backcopy.md).
 
 The corpus is a fixed dataset (its own seed, not the training seed), generated in memory: nothing is
 read or downloaded. Symbols are ASCII letters and digits, so the byte tokenizer maps them 1:1. The

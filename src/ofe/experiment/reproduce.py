@@ -40,14 +40,14 @@ C8_PAIR = (("pre-ln", "adamw"), ("op", "soap"))
 # "lrs": the tuned lr of each arm ("block+optimiser"); "lr": the lr of any other arm; "tune": the grid.
 STUDIES: dict[str, dict[str, Any]] = {
     # The quick study (0.84M parameters, 7.5 min on 2 cores). lrs: each arm's best final val loss over
-    # the grid on seed 0 (`ofe reproduce --tune true`, docs/results/reproduce.md): Pre-LN + AdamW 3e-3
+    # the grid on seed 0 (`ofe reproduce --tune true`, docs/results/studies/reproduce.md): Pre-LN + AdamW 3e-3
     # (at 1e-2 it grows kurtosis 7-9 but its loss is 0.49 nats worse), OP + AdamW 3e-2 (the grid's edge).
     "study-cpu": {"train": {"steps": 300, "batch_size": 32, "eval_interval": 100, "monitor_interval": 20,
                             "ckpt_interval": 100, "keep_weights": True}, "lr": 1e-2,
                   "lrs": {"pre-ln+adamw": 3e-3, "pre-ln+soap": 1e-2, "op+adamw": 3e-2, "op+soap": 1e-2},
                   "tune": [1e-3, 3e-3, 1e-2, 3e-2],
                   "seeds": (0, 1), "other_seeds": (0, 1)},
-    # The headline regime (docs/results/headline-search.md): 4.8M parameters, bytes, a constant lr
+    # The headline regime (docs/results/studies/headline-search.md): 4.8M parameters, bytes, a constant lr
     # after warmup, no weight decay, bf16 autocast, weights kept at every evaluation (matched loss),
     # 4000 steps. Pre-LN + AdamW's tuned lr: 1e-3 (final val loss 0.951 against 3e-4's and 3e-3's
     # 0.955-1.0, section 7); at 1e-3 its outlier features grow late, from step ~2000. OP + SOAP: 3e-3,
@@ -58,7 +58,7 @@ STUDIES: dict[str, dict[str, Any]] = {
                             "optim": {"weight_decay": 0.0, "decay": "constant"}},
                   "lr": 3e-3, "lrs": {"pre-ln+adamw": 1e-3}, "tune": [3e-4, 1e-3, 3e-3], "seeds": (0, 1, 2),
                   "other_seeds": (0,)},
-    # The synthetic Bigram-Backcopy task (docs/results/bigram-backcopy.md), the default: 0.43M parameters,
+    # The synthetic Bigram-Backcopy task (docs/results/studies/bigram-backcopy.md), the default: 0.43M parameters,
     # 2 blocks, every window starts with a BOS token; an attention sink and a position-0 spike form
     # within minutes. The paper's schedule (5% warmup, linear decay to 0), no weight decay. lrs: lowest
     # mean final val loss over 3 seeds (C8 pair) or seed 0 (others) on the grid 1e-3..1e-1

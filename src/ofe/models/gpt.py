@@ -80,7 +80,7 @@ def _causal_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     float accumulation, probabilities rounded to bf16 for the value product, as flash attention does).
     There torch 2.13's flash kernel's backward took 43% of a small-cpu step, and its math kernel
     computes in float32 and spends the time converting (B, H, T, T) tensors; the written-out form
-    runs attention forward + backward ~3x faster than the math kernel (docs/results/roofline.md)."""
+    runs attention forward + backward ~3x faster than the math kernel (docs/results/performance/roofline.md)."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         T = q.shape[-2]
         mask = torch.full((T, T), float("-inf"), device=q.device, dtype=q.dtype).triu(1)

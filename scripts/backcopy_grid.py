@@ -1,6 +1,6 @@
-"""The lr-grid table of docs/results/bigram-backcopy.md, section 4, from the sweeps' run directories.
+"""The lr-grid table of docs/results/studies/bigram-backcopy.md, section 4, from the sweeps' run directories.
 
-    python docs/results/backcopy_grid.py runs/backcopy-linear-*
+    python scripts/backcopy_grid.py runs/backcopy-linear-*
 
 One row per (block + optimiser, lr): the final validation loss (mean over the seeds, and per seed),
 the largest per-layer kurtosis, largest |activation| and max-to-median ratio over layers and seeds

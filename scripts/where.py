@@ -1,6 +1,6 @@
 """Where the largest activations of a finished run sit: per layer on 16 validation windows.
 
-Usage: python docs/results/where.py RUN_DIR (the tables of docs/results/headline-search.md)."""
+Usage: python scripts/where.py RUN_DIR (the tables of docs/results/studies/headline-search.md)."""
 import sys
 import torch
 from ofe.data import prepare, val_windows

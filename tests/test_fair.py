@@ -82,7 +82,12 @@ def test_c8_compares_each_arm_at_its_tuned_lr(tmp_path):
     make_run(root, "op-soap", "op", "soap", 0, 1.3, 1.9, lr=1e-2, w8a8=0.3, w8a4=20.0)
     c8 = by_id(evaluate_claims(load_runs([root])))["C8"]
     assert c8.status == "held", c8.evidence
-    assert len(c8.data) == 1 and c8.data[0]["lr_preln_adamw"] == 1e-3 and c8.data[0]["ratio_equal_steps"] == pytest.approx(10)
+    judged = [r for r in c8.data if "context" not in r]
+    assert len(judged) == 1 and judged[0]["lr_preln_adamw"] == 1e-3 and judged[0]["ratio_equal_steps"] == pytest.approx(10)
+    # the paper's view (the lr both arms ran) is shown as context and goes the other way
+    [common] = [r for r in c8.data if r.get("context") == "common lr"]
+    assert common["lr_preln_adamw"] == common["lr_op_soap"] == 1e-2 and not common["agrees"]
+    assert "at the lrs both arms ran (the paper's view, context): lr 0.01 0/1 seeds" in c8.evidence
 
 
 def _pair(root, op_kept, seed=0, preln_w8a8=3.0, op_w8a8=0.3):
@@ -162,9 +167,10 @@ def test_claims_json_carries_each_verdict_its_rule_and_its_numbers(tmp_path):
     out = tmp_path / "report"
     assert main(["report", str(root), "--out_dir", str(out)]) == 0
     doc = json.loads((out / "claims.json").read_text())
-    assert doc["schema"] == 2 and [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 10)]
+    assert doc["schema"] == 2 and [c["id"] for c in doc["claims"]] == ["C1", "C2", "C3a", "C3b", "C4", "C5", "C6", "C7a", "C7b", "C8",
+                                                                     "C9a", "C9b", "C9c", "C9d"]
     for c in doc["claims"]:
-        assert set(c) == {"id", "statement", "verdict", "rule", "rule_version", "evidence", "data"}
+        assert set(c) == {"id", "statement", "verdict", "rule", "rule_version", "evidence", "effect", "data"}
         assert c["verdict"] in {"held", "not held", "partly held", "untested"} and c["rule"] == CLAIMS[c["id"]].rule
         assert c["rule_version"] == CLAIMS[c["id"]].version >= 1
     c8 = next(c for c in doc["claims"] if c["id"] == "C8")
@@ -172,6 +178,7 @@ def test_claims_json_carries_each_verdict_its_rule_and_its_numbers(tmp_path):
     # and at matched loss, every seed
     agrees = [r["w8a8_pct_preln_adamw"] >= 0.3 and r["w8a8_pct_preln_adamw_matched"] >= 0.3 and r["ratio_equal_steps"] >= 2
               and r["ratio_matched"] >= 2 for r in c8["data"]]
+    assert c8["effect"]["n"] == 2 and c8["effect"]["against"] == 0 and len(c8["effect"]["ci95"]) == 2
     assert agrees == [r["agrees"] for r in c8["data"]] == [True, True] and c8["verdict"] == "held"
     assert {r["seed"]: r["w8a8_pct_op_soap_matched"] for r in c8["data"]} == {0: 0.5, 1: 1.5}
     assert {r["run"].rsplit("/", 1)[-1] for r in doc["runs"]} == {"preln-adamw-0", "preln-adamw-1", "op-soap-0", "op-soap-1"}

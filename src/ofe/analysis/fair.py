@@ -11,6 +11,14 @@ the mean over the shared seeds of the per-seed difference runner-up minus tuned,
 error. The choice is *clear* when the margin exceeds twice that standard error; with one seed, or a
 margin inside it, the two lrs tie within seed noise and the comparison rests on a tie-break.
 
+*Near-optimal lr band.* The lrs an arm could reasonably be run at: those whose mean final validation
+loss is within ``epsilon`` of the tuned lr's. Per lr, ``gap`` is the mean over the shared seeds of the
+per-seed difference (this lr minus the tuned lr) and ``epsilon`` is the larger of twice its standard
+error and :data:`BAND_FLOOR`, the measured spread of one run's final loss across thread counts and
+processors (a loss difference below it is not a difference). The tuned lr is always in its band; a
+diverged lr never is. Comparative claims (C2, C6, C8) are judged at every pair of lrs from the two
+arms' bands (``docs/claims-protocol.md``).
+
 *Matched loss.* Two runs of one seed end at different validation losses. The *target* is the worse
 run's final validation loss; the better run is taken at the first evaluation step whose weights it
 kept (``keep_weights``) and whose validation loss is at most the target. Quantising those weights
@@ -29,6 +37,11 @@ import numpy as np
 from ofe.analysis.runs import Run
 
 LR = "optim.lr"
+
+# The smallest band epsilon (nats/token): a run's final validation loss moved by up to 7e-4 nats between
+# 1 and 2 threads on the Bigram-Backcopy main job (issue 25; Intel Xeon), and by up to BAND_FLOOR_MEASURED
+# on a 2-core AMD EPYC (docs/claims-protocol.md, "The band's floor"); rounded up.
+BAND_FLOOR = 1e-3
 
 
 def arm_key(run: Run) -> tuple[tuple[str, Any], ...]:
@@ -77,6 +90,38 @@ def _margin(grid: dict[float, dict[int, float]], means: dict[float, float], best
     margin = float(diffs.mean()) if diffs.size else means[runner] - means[best]
     se = float(diffs.std(ddof=1) / np.sqrt(diffs.size)) if diffs.size >= 2 else None
     return {"runner_up": runner, "margin": margin, "margin_se": se, "clear": se is not None and margin > 2 * se}
+
+
+def lr_bands(runs: Iterable[Run]) -> dict[tuple, dict[str, Any]]:
+    """Per arm (:func:`arm_key`): ``{"tuned": lr, "seeds": [...], "band": [lrs in the band],
+    "rows": [{"lr", "mean_val_loss", "gap", "gap_se", "epsilon", "in_band"}]}`` (module docs); the
+    means and gaps are over the seeds every lr of the arm was run with, as for the tuned lr."""
+    runs = list(runs)
+    grids: dict[tuple, dict[float, dict[int, float]]] = {}
+    for run in runs:
+        if run.settings.get(LR) is not None:
+            grids.setdefault(arm_key(run), {}).setdefault(float(run.settings[LR]), {})[run.seed] = _final_val(run)
+    out = {}
+    for arm, tuned in tuned_lrs(runs).items():
+        grid, seeds, best = grids[arm], tuned["seeds"], tuned["lr"]
+        rows = []
+        for lr, mean in tuned["grid"].items():
+            diffs = np.array([grid[lr][s] - grid[best][s] for s in seeds if s in grid[lr] and s in grid[best]])
+            finite = bool(np.isfinite(mean)) and bool(np.all(np.isfinite(diffs)))
+            gap = float(diffs.mean()) if diffs.size and finite else (0.0 if lr == best else math.inf)
+            se = float(diffs.std(ddof=1) / np.sqrt(diffs.size)) if finite and diffs.size >= 2 else None
+            epsilon = max(BAND_FLOOR, 2 * se) if se is not None else BAND_FLOOR
+            rows.append({"lr": lr, "mean_val_loss": mean, "gap": gap, "gap_se": se, "epsilon": epsilon,
+                         "in_band": lr == best or (finite and gap <= epsilon)})
+        out[arm] = {"tuned": best, "seeds": seeds, "band": [r["lr"] for r in rows if r["in_band"]], "rows": rows}
+    return out
+
+
+def in_band(runs: list[Run]) -> list[Run]:
+    """The runs of each arm whose lr is in the arm's near-optimal band (all runs when every arm was run
+    at one lr)."""
+    bands = lr_bands(runs)
+    return [r for r in runs if r.settings.get(LR) is None or float(r.settings[LR]) in bands[arm_key(r)]["band"]]
 
 
 def at_tuned_lr(runs: list[Run]) -> list[Run]:

@@ -205,7 +205,7 @@ def quantise_matched(runs: list[Run], log: Callable[[str], None] = print) -> int
     """Quantise, for every C8 pair of one seed, the better run's kept weights at the worse run's final
     validation loss (skipped when already done or when no kept step reaches it). Returns how many."""
     done = 0
-    for a, b in c8_pairs(runs):  # the pairs C8 judges (same seed and settings, trained, tuned lrs)
+    for a, b in c8_pairs(runs):  # the pairs C8 judges (same seed and settings, trained, lrs in the arms' bands)
         point = matched_point(a, b)
         step = point.better_step
         if step is None or step == point.better.steps or point.better.quant_result(step) is not None:
@@ -226,7 +226,7 @@ def reproduce(cfg: ReproduceOptions, log=print) -> list[ClaimResult]:
     t1 = time.perf_counter()
     study = run_sweep(parse_spec(study_spec(cfg, tuned)), progress=cfg.progress, log=log)
     phases["training and quantisation"] = time.perf_counter() - t1
-    paths = list(dict.fromkeys([*study, *grid]))  # the report shows the lr grid too; claims use the tuned runs
+    paths = list(dict.fromkeys([*study, *grid]))  # the report shows the lr grid too; claims use the bands' runs
     runs = load_runs(paths)
     if cfg.quantize:
         t2 = time.perf_counter()

@@ -16,7 +16,7 @@ import numpy as np
 
 from ofe import config as C
 from ofe.analysis.claims import ClaimResult, evaluate_claims, format_claims
-from ofe.analysis.fair import arm_key, tuned_lrs
+from ofe.analysis.fair import BAND_FLOOR, arm_key, lr_bands, tuned_lrs
 from ofe.analysis.runs import Run, label_runs, load_runs
 from ofe.errors import OfeError
 from ofe.report import figures as F
@@ -64,10 +64,12 @@ def claims_json(claims: list[ClaimResult], runs: list[Run]) -> dict[str, Any]:
     return {
         "schema": CLAIMS_SCHEMA,
         "claims": [{"id": c.id, "statement": c.claim, "verdict": c.status, "rule": c.rule,
-                    "rule_version": c.rule_version, "evidence": c.evidence, "data": c.data} for c in claims],
+                    "rule_version": c.rule_version, "evidence": c.evidence, "effect": c.effect, "data": c.data}
+                   for c in claims],
         "runs": [{"run": str(r.path), "configuration": r.label, "seed": r.seed, "lr": r.settings.get("optim.lr"),
                   "steps": r.steps, "val_loss": r.val_loss(), "diverged": r.diverged} for r in runs],
         "lr_tuning": lr_tuning(runs),
+        "lr_bands": band_rows(runs),
     }
 
 
@@ -84,6 +86,28 @@ def lr_tuning(runs: list[Run]) -> list[dict[str, Any]]:
              "grid": [{"lr": lr, "mean_val_loss": finite(v)} for lr, v in t["grid"].items()],
              "runner_up": t["runner_up"], "margin": t["margin"], "margin_se": t["margin_se"], "clear": t["clear"]}
             for arm, t in tuned_lrs(runs).items()]
+
+
+def band_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """Per arm and lr: mean final val loss, the paired gap to the tuned lr +- its standard error, the
+    band's epsilon there and whether the lr is in the band (:func:`ofe.analysis.fair.lr_bands`)."""
+    names = _arm_names(runs)
+    finite = lambda x: x if x is not None and math.isfinite(x) else None  # noqa: E731
+    return [{"arm": names[arm], "seeds": band["seeds"], **{k: finite(v) if isinstance(v, float) else v for k, v in row.items()}}
+            for arm, band in lr_bands(runs).items() for row in band["rows"]]
+
+
+def band_table(runs: list[Run]) -> str | None:
+    """The near-optimal band of every arm run at more than one lr, as a markdown table; None if none."""
+    rows = [r for r in band_rows(runs) if sum(o["arm"] == r["arm"] for o in band_rows(runs)) > 1]
+    if not rows:
+        return None
+    lines = ["| arm | lr | mean val loss | gap to the tuned lr (nats) | epsilon | in band |", "|" + " --- |" * 6]
+    for r in rows:
+        gap = "diverged" if r["gap"] is None else f"{r['gap']:+.4f}" + (f" +- {r['gap_se']:.4f}" if r["gap_se"] is not None else "")
+        lines.append(f"| {r['arm']} | {r['lr']:g} | {_fmt(r['mean_val_loss'], '.4f')} | {gap} | {r['epsilon']:.4f} | "
+                     f"{'**in**' if r['in_band'] else 'out'} |")
+    return "\n".join(lines)
 
 
 def lr_table(runs: list[Run]) -> str | None:
@@ -230,6 +254,11 @@ def write_report(runs: list[Run], out_dir: str | Path, title: str = "Outlier fea
                    "lowest loss). Margin: the runner-up lr's loss minus the tuned lr's, mean of the per-seed "
                    "differences +- its standard error; a **tie** means the choice of lr is within seed noise, and "
                    "so is any claim that depends on it.", "", lrs, ""]
+        if (bands := band_table(runs)) is not None:
+            md += ["Near-optimal lr band of each arm: the lrs whose paired mean gap to the tuned lr is at most "
+                   f"epsilon = max(2 standard errors, {BAND_FLOOR:g} nats, the measured thread/processor spread of a "
+                   "final loss); C1, C2, C6 and C8 are judged at every lr (pair) in the bands "
+                   "(docs/claims-protocol.md).", "", bands, ""]
         md += ["## Figures", ""]
         for fig in made:
             md += [f"![{fig.caption}](figures/{fig.file})", "", f"*{fig.caption}*", ""]

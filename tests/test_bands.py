@@ -75,3 +75,19 @@ def test_sub_claims_are_reported_apart(tmp_path):
     assert claims["C9a"].status == "not held" and claims["C9b"].status == "held"
     assert claims["C9c"].status == claims["C9d"].status == "untested"
     assert {arm_key(r) for r in load_runs([tmp_path])}  # two arms, one lr each: every run is its arm's band
+
+
+def test_the_report_draws_cost_against_lr_with_the_bands_and_tabulates_them(tmp_path):
+    from ofe.report import write_report
+
+    for seed in (0, 1, 2):
+        make_run(tmp_path / "runs", f"adamw-hi-{seed}", "pre-ln", "adamw", seed, 9.0, 2.0, lr=3e-2, w8a8=5.0, w8a4=300.0)
+        make_run(tmp_path / "runs", f"adamw-lo-{seed}", "pre-ln", "adamw", seed, 2.5, 2.0002, lr=1e-2, w8a8=0.25, w8a4=100.0)
+        make_run(tmp_path / "runs", f"opsoap-{seed}", "op", "soap", seed, 1.3, 2.1, lr=3e-3, w8a8=0.05, w8a4=20.0)
+        make_run(tmp_path / "runs", f"opsoap-far-{seed}", "op", "soap", seed, 1.3, 2.5, lr=1e-3, w8a8=0.01, w8a4=20.0)
+    out = tmp_path / "report"
+    write_report(load_runs([tmp_path / "runs"]), out)
+    assert (out / "figures" / "cost_vs_lr.png").stat().st_size > 10_000
+    md = (out / "report.md").read_text()
+    assert "| pre-ln + adamw | 0.01 | 2.0002 | +0.0002 +- 0.0000 | 0.0010 | **in** |" in md
+    assert "| op + soap | 0.001 | 2.5000 | +0.4000 +- 0.0000 | 0.0010 | out |" in md

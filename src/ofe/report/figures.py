@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
+from ofe.analysis.fair import LR, arm_key, lr_bands  # noqa: E402
 from ofe.analysis.runs import Run  # noqa: E402
 
 TERM_NAMES = {"u4_1": "u4,1 (linear)", "u4_2": "u4,2 (quadratic)", "u4_3": "u4,3", "u4_4": "u4,4", "u2": "2nd moment (u2)"}
@@ -134,10 +135,9 @@ def final_kurtosis_by_layer(groups: dict[str, list[Run]], colour: dict[str, tupl
         if not finals.size:
             continue
         layers = np.arange(finals.shape[1])
-        mean = finals.mean(0)
+        mean, err = _spread(finals)
         allk.append(finals.ravel())
-        ax.errorbar(layers, mean, yerr=[mean - finals.min(0), finals.max(0) - mean], color=colour[label],
-                    marker="o", capsize=3, label=label)
+        ax.errorbar(layers, mean, yerr=err, color=colour[label], marker="o", capsize=3, label=label)
     ax.set_xlabel("layer")
     ax.set_ylabel("final kurtosis (mean over seeds, bars: min-max)")
     ax.axhline(1.0, color="grey", lw=0.6, ls=":")
@@ -244,7 +244,8 @@ def _spread(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN: nothing is drawn there
         mean = np.nanmean(values, 0)
-        return mean, np.vstack([mean - np.nanmin(values, 0), np.nanmax(values, 0) - mean])
+        # clipped at 0: the mean of equal values can round a hair past them, and matplotlib refuses negative errors
+        return mean, np.clip(np.vstack([mean - np.nanmin(values, 0), np.nanmax(values, 0) - mean]), 0, None)
 
 
 def quantisation(groups: dict[str, list[Run]], colour: dict[str, tuple], path: Path) -> Path | None:
@@ -285,6 +286,59 @@ def quantisation(groups: dict[str, list[Run]], colour: dict[str, tuple], path: P
         _plain_ticks(ax)
         ax.axhline(0, color="grey", lw=0.6)
     _legend(ax_f, fig)
+    return _save(fig, path)
+
+
+def _arm_name(run: Run) -> str:
+    return f"{run.settings.get('model.block')} + {run.settings.get('optim.name')}"
+
+
+def cost_vs_lr(groups: dict[str, list[Run]], colour: dict[str, tuple], path: Path) -> Path | None:
+    """The headline against the lr: W8A8, W8A4 and W4A4 cost, final max kurtosis and max/median |x| for
+    every arm run at more than one lr; every seed a point, the mean a line, the arm's near-optimal lr
+    band shaded. None when no arm has several lrs."""
+    runs = [r for rs in groups.values() for r in rs if r.settings.get(LR) is not None]
+    bands = lr_bands(runs)
+    arms: dict[tuple, list[Run]] = {}
+    for r in runs:
+        arms.setdefault(arm_key(r), []).append(r)
+    arms = {k: v for k, v in arms.items() if len({r.settings[LR] for r in v}) > 1}
+    if not arms:
+        return None
+    def value(r: Run, key: str) -> float | None:
+        if key in ("kurtosis", "abs_max_median"):
+            return float(np.max(r.final[key])) if r.final.get(key) else None
+        return r.quant_increase(key)
+
+    panels = [("W8A8", "W8A8 cost (%)"), ("W8A4", "W8A4 cost (%)"), ("W4A4", "W4A4 cost (%)"),
+              ("kurtosis", "final max kurtosis"), ("abs_max_median", "final max |x| / median |x|")]
+    panels = [(k, y) for k, y in panels if any(value(r, k) is not None for rs in arms.values() for r in rs)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), squeeze=False)
+    axes = axes[0]
+    palette = plt.get_cmap("tab10")
+    for i, (arm, members) in enumerate(arms.items()):
+        col, band = palette(i % 10), bands[arm]["band"]
+        for ax, (key, _) in zip(axes, panels):
+            points = [(float(r.settings[LR]), v) for r in members if (v := value(r, key)) is not None]
+            if not points:
+                continue
+            lrs, values = map(np.array, zip(*points))
+            ax.scatter(lrs, values, color=col, s=14, alpha=0.8)
+            grid = np.unique(lrs)
+            ax.plot(grid, [values[lrs == lr].mean() for lr in grid], color=col, lw=1.2,
+                    label=_arm_name(members[0]) if ax is axes[0] else None)
+            ax.axvspan(min(band) / 1.15, max(band) * 1.15, color=col, alpha=0.12, lw=0)
+    for ax, (key, ylabel) in zip(axes, panels):
+        ax.set_xscale("log")
+        ax.set_xlabel("peak lr (band shaded)")
+        ax.set_ylabel(ylabel)
+        if key.startswith("W"):
+            ax.set_yscale("symlog", linthresh=0.1)
+        else:
+            ax.set_yscale("log")
+        _plain_ticks(ax)
+        ax.grid(alpha=0.3)
+    _legend(axes[0], fig)
     return _save(fig, path)
 
 

@@ -167,6 +167,9 @@ FIGURES: dict[str, Figure] = {
     "kurtosis_update_terms": Figure("kurtosis_update_terms.png", "Cumulative contribution of each kurtosis-update "
                                     "term to the kurtosis change (fixed validation inputs; mean over layers and seeds).",
                                     lambda g, c, p: F.decomposition(g, p)),
+    "cost_vs_lr": Figure("cost_vs_lr.png", "The headline against the learning rate: W8A8 / W8A4 / W4A4 perplexity "
+                         "cost, final max kurtosis and max/median |x| per arm, every seed a point, the mean a line, "
+                         "each arm's near-optimal lr band shaded.", F.cost_vs_lr),
     "quantisation": Figure("quantisation.png", "Perplexity cost of post-training quantisation: against "
                            "activation bit-width (left) and for every format run (right); mean over seeds, error bars "
                            "min-max.", F.quantisation),

@@ -146,7 +146,7 @@ def test_report_writes_figures_table_and_summary(tmp_path, capsys):
     assert main(["report", str(tmp_path / "runs"), "--out_dir", str(out)]) == 0
     names = {p.name for p in (out / "figures").iterdir()}
     assert names == {"kurtosis_vs_step.png", "final_kurtosis_by_layer.png", "loss_curves.png", "kurtosis_vs_loss.png",
-                     "input_correlation_vs_kurtosis.png", "kurtosis_update_terms.png", "quantisation.png"}
+                     "input_correlation_vs_kurtosis.png", "kurtosis_update_terms.png", "quantisation.png", "cost_vs_lr.png"}  # lr: AdamW at two
     assert all((out / "figures" / n).read_bytes()[:4] == b"\x89PNG" for n in names)
     md = (out / "report.md").read_text()
     assert "| pre-ln + adamw | 0 | 0.01 | 100 |" in md and "| pre-ln + adamw lr=0.001 | 0 | 0.001 | 100 |" in md

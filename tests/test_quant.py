@@ -223,7 +223,14 @@ def test_ofe_quantize_writes_quant_json(tmp_path, small_corpus, capsys):
                                                         "W8A8-token", "W4A4-token"]
     assert len(result["layers"]) == 2 and all(r["kurtosis"] >= 1 and r["sqnr_db"] > 0 for r in result["layers"])
     assert result["w8a8_ppl"] == pytest.approx(result["formats"][0]["ppl"])
-    assert "W8A8" in out and "SQNR" in out
+    assert "W8A8" in out and "SQNR" in out and "W8A8 over 3 calibration draws" in out
+    # the quantiser's own spread: W8A8 on calibration seeds 1234, 1235, 1236; the first is the W8A8 above, the
+    # others equal an independent evaluation with that seed
+    draws = result["calibration_draws"]
+    assert [d["seed"] for d in draws] == [1234, 1235, 1236] and draws[0]["ppl"] == result["w8a8_ppl"]
+    from ofe.quant.quantize import evaluate_run
+    other = evaluate_run(run, QuantConfig(calib_batches=2, seed=1236), eval_sequences=8, sweep=False, log=lambda *a: None)
+    assert other["quant_ppl"] == draws[2]["ppl"]
     # the sweep keeps the configured choices (here per-channel weights) and varies only bits / formats
     assert main(["quantize", str(run), "--quant.calib_batches", "2", "--eval_sequences", "8",
                  "--quant.weight_granularity", "channel"]) == 0

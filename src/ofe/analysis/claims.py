@@ -295,6 +295,11 @@ def _c8_cost_ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else max(a, C8_COST_RESOLUTION) / max(b, C8_COST_RESOLUTION)
 
 
+def _draws(run: Run) -> list[float]:
+    """The W8A8 cost over the calibration draws ``ofe quantize`` measured (empty for older results)."""
+    return [float(d["increase_pct"]) for d in (run.quant or {}).get("calibration_draws", [])]
+
+
 def _c8_pair(a: Run, b: Run) -> tuple[bool, dict[str, Any], str]:
     """C8's rule on one pair: whether it holds, the numbers, one line of evidence."""
     w8a, w8b = a.quant_increase("W8A8"), b.quant_increase("W8A8")
@@ -304,6 +309,7 @@ def _c8_pair(a: Run, b: Run) -> tuple[bool, dict[str, Any], str]:
                            "w8a8_pct_preln_adamw": w8a, "w8a8_pct_op_soap": w8b, "ratio_equal_steps": equal,
                            "effect_ratio": _c8_cost_ratio(w8a, w8b),
                            "w8a4_pct_preln_adamw": a.quant_increase("W8A4"), "w8a4_pct_op_soap": b.quant_increase("W8A4"),
+                           "w8a8_calibration_pct_preln_adamw": _draws(a), "w8a8_calibration_pct_op_soap": _draws(b),
                            "max_kurtosis_preln_adamw": float(np.max(a.final["kurtosis"])),
                            "max_kurtosis_op_soap": float(np.max(b.final["kurtosis"])),
                            "residual_sqnr_db_preln_adamw": _residual_sqnr(a), "residual_sqnr_db_op_soap": _residual_sqnr(b)}
@@ -311,6 +317,9 @@ def _c8_pair(a: Run, b: Run) -> tuple[bool, dict[str, Any], str]:
     line = (f"seed {a.seed} {lrs}: equal steps ({a.steps}) W8A8 {w8a:+.2f}% vs {w8b:+.2f}% "
             f"(val loss {a.val_loss():.3f} vs {b.val_loss():.3f})" if w8a is not None and w8b is not None
             else f"seed {a.seed} {lrs}: W8A8 not measured")
+    if row["w8a8_calibration_pct_preln_adamw"]:
+        lo, hi = min(row["w8a8_calibration_pct_preln_adamw"]), max(row["w8a8_calibration_pct_preln_adamw"])
+        line += f" (Pre-LN + AdamW over {len(row['w8a8_calibration_pct_preln_adamw'])} calibration draws {lo:+.2f}% .. {hi:+.2f}%)"
     point = matched_point(a, b)
     matched = None
     if point.better_step is not None and point.better.quant_result(point.better_step) is not None:

@@ -32,15 +32,19 @@ def load_trained(run_dir: str | Path, step: int | None = None) -> tuple[TrainCon
     return cfg, model.eval()
 
 
+def calibration_batches(data, cfg: TrainConfig, qcfg: QuantConfig) -> list[Tensor]:
+    """The calibration batches ``(B, T)`` drawn from the training split with ``qcfg.seed``."""
+    return [train_batch(data.train, qcfg.calib_batch_size, cfg.model.seq_len, qcfg.seed, step=i, bos_id=data.bos_id)[:, :-1]
+            for i in range(qcfg.calib_batches)]
+
+
 def evaluation_data(cfg: TrainConfig, qcfg: QuantConfig, eval_sequences: int = 0, log=print) -> tuple[Tensor, list[Tensor]]:
     """The run's validation windows ``(N, T + 1)`` (``eval_sequences``, or the run's own eval
     size) and the calibration batches ``(B, T)`` drawn from the training split with ``qcfg.seed``."""
     data = prepare(cfg.data, log=log)
     T = cfg.model.seq_len
     windows = val_windows(data.val, eval_sequences or cfg.eval_batches * cfg.batch_size, T, bos_id=data.bos_id)
-    calib = [train_batch(data.train, qcfg.calib_batch_size, T, qcfg.seed, step=i, bos_id=data.bos_id)[:, :-1]
-             for i in range(qcfg.calib_batches)]
-    return windows, calib
+    return windows, calibration_batches(data, cfg, qcfg)
 
 
 def protocol_w8a8(qcfg: QuantConfig) -> QuantConfig:
@@ -65,7 +69,7 @@ def format_variants(qcfg: QuantConfig) -> list[QuantConfig]:
 
 
 def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0, sweep: bool = True,
-                 log=print, step: int | None = None, real_int8: bool = False) -> dict[str, Any]:
+                 log=print, step: int | None = None, real_int8: bool = False, calib_draws: int = 1) -> dict[str, Any]:
     """Calibrate and evaluate the final weights (``step`` None) or those kept at ``step``; returns
     the result that :func:`quantize_run` saves beside the run. ``real_int8``: also compare the
     simulator with torchao's int8 kernels (:func:`ofe.quant.real_int8.crosscheck`)."""
@@ -88,6 +92,8 @@ def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0
             main = sim
     quant_hidden = block_outputs(main.model, main.model.blocks, probe)
     families = site_family_costs(model, qcfg, calib, windows, fp_ppl, log) if sweep else []
+    draws = (calibration_draws(model, cfg, qcfg, windows, fp_ppl, calib_draws, ppl_of.get(protocol_w8a8(qcfg)), log)
+             if calib_draws > 1 else [])
     layers = [{"layer": i, "kurtosis": kurtosis(f).item(), "max_abs": f.abs().max().item(),
                "abs_max_median": abs_max_median(f).item(), "position0_share": position0_share(f).item(),
                "sqnr_db": sqnr_db(f, q)}
@@ -104,8 +110,29 @@ def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0
         "quant_format": qcfg.label, "quant_ppl": ppl_of[qcfg],
         "settings": C.to_dict(qcfg), "eval_sequences": n_eval, "seq_len": T,
         "calibration_tokens": qcfg.calib_batches * qcfg.calib_batch_size * T,
-        "layers": layers, "formats": formats, "site_families": families, **extra,
+        "layers": layers, "formats": formats, "site_families": families, "calibration_draws": draws, **extra,
     }
+
+
+def calibration_draws(model: GPT, cfg: TrainConfig, qcfg: QuantConfig, windows: Tensor, fp_ppl: float, draws: int,
+                      first: float | None = None, log=print) -> list[dict[str, Any]]:
+    """The protocol's W8A8 cost calibrated on ``draws`` different draws of calibration batches
+    (``quant.seed``, ``+1``, ...): the quantiser's own spread, apart from the seeds' and the lr's.
+    ``first``: the perplexity already measured with ``quant.seed`` (not evaluated again)."""
+    data = prepare(cfg.data, log=lambda *a, **k: None)
+    rows = []
+    for seed in range(qcfg.seed, qcfg.seed + draws):
+        variant = dataclasses.replace(protocol_w8a8(qcfg), seed=seed)
+        if seed == qcfg.seed and first is not None:
+            ppl = first
+        else:
+            sim = SimulatedQuantModel(model, variant)
+            sim.calibrate(calibration_batches(data, cfg, variant))
+            ppl = perplexity(sim, windows)
+        rows.append({"seed": seed, "ppl": ppl, "increase_pct": 100.0 * (ppl / fp_ppl - 1.0)})
+    costs = [r["increase_pct"] for r in rows]
+    log(f"  W8A8 over {draws} calibration draws: {min(costs):+.2f}% .. {max(costs):+.2f}%")
+    return rows
 
 
 def site_family_costs(model: GPT, qcfg: QuantConfig, calib: list, windows, fp_ppl: float, log=print) -> list[dict[str, Any]]:
@@ -165,8 +192,12 @@ class QuantizeOptions:
                             "-1: the final weights")
     matched_to: str = C.field("", "another run's directory: quantise this run's weights at that run's final "
                                   "validation loss (its first kept step at or below it: the matched-loss comparison)")
+    calib_draws: int = C.field(3, "also evaluate the protocol's W8A8 on this many draws of calibration batches "
+                                  "(quant.seed, +1, ...) to show the quantiser's own spread; 1: only quant.seed")
 
     def __post_init__(self) -> None:
+        if self.calib_draws < 1:
+            raise C.ConfigError(f"config key 'calib_draws' must be >= 1, got {self.calib_draws}")
         if self.eval_sequences < 0:
             raise C.ConfigError(f"config key 'eval_sequences' must be >= 0, got {self.eval_sequences}")
         if self.step < -1:
@@ -205,6 +236,6 @@ def quantize_run(run_dir: str | Path, cfg: QuantizeOptions = QuantizeOptions(), 
     one result for the final weights and one per kept step (:meth:`RunDir.quant_path`)."""
     step = matched_step(run_dir, cfg.matched_to, log) if cfg.matched_to else (None if cfg.step < 0 else cfg.step)
     result = evaluate_run(run_dir, cfg.quant, cfg.eval_sequences, cfg.sweep, log=log, step=step,
-                          real_int8=cfg.real_int8)
+                          real_int8=cfg.real_int8, calib_draws=cfg.calib_draws if cfg.sweep else 1)
     RunDir(run_dir).write_quant(result, step)
     return result

@@ -27,6 +27,7 @@ from ofe.analysis import load_runs
 from ofe.analysis.claims import ClaimResult, c8_pairs, format_claims
 from ofe.analysis.fair import arm_key, matched_point, tuned_lrs
 from ofe.analysis.runs import Run
+from ofe.experiment.estimate import describe, estimate
 from ofe.experiment.sweep import parse_spec, run_sweep
 from ofe.models import BLOCK_TYPES, preset_fields
 from ofe.optim import OPTIMIZERS
@@ -107,6 +108,8 @@ class ReproduceOptions:
     quantize: bool = C.field(True, "quantise every run (W8A8 and the bit-width sweep), and the matched-loss weights")
     device: str = C.field("auto", "auto, cpu, cuda, cuda:N")
     progress: bool = C.field(True, "show a progress bar over the study")
+    dry_run: bool = C.field(False, "list the runs the study would train with their estimated FLOPs and memory "
+                                   "(ofe.experiment.estimate); train nothing")
 
     def __post_init__(self) -> None:
         preset_fields(self.preset)
@@ -217,7 +220,25 @@ def quantise_matched(runs: list[Run], log: Callable[[str], None] = print) -> int
     return done
 
 
+def dry_run(cfg: ReproduceOptions, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The runs of the study (and of its lr grid with ``--tune``), each with its estimated cost."""
+    specs = ([tuning_spec(cfg)] if cfg.tune else []) + [study_spec(cfg)]
+    plans = []
+    for spec in specs:
+        for run in parse_spec(spec).runs:
+            est = estimate(run.config)
+            log(describe(run.name, run.config, est))
+            plans.append({"run": run.name, **est})
+    flops = sum(p["train_flops"] for p in plans)
+    log(f"{len(plans)} runs, {flops:.2e} training FLOPs in all; the largest needs ~"
+        f"{max(p['memory_gib']['total'] for p in plans):.1f} GiB")
+    return plans
+
+
 def reproduce(cfg: ReproduceOptions, log=print) -> list[ClaimResult]:
+    if cfg.dry_run:
+        dry_run(cfg, log)
+        return []
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
     tuned, grid = tune(cfg, log=log) if cfg.tune else (None, [])

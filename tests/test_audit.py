@@ -53,6 +53,12 @@ def test_audit_every_family(family, tmp_path, capsys):
     result = json.loads((out / "audit.json").read_text())
     assert result["tokenizer"] == ("model's own" if with_tokenizer else "bytes (fallback)")
     assert len(result["layers"]) == 4 and all(r["kurtosis"] >= 1 for r in result["layers"])  # embeddings + 3 blocks
+    # the three kurtoses of the literature, side by side: He et al.'s and Bondarenko et al.'s largest layer, OSP's
+    # mean over every hidden state (the embedding output included), each from the per-layer values
+    k = result["kurtoses"]
+    assert k["kurtosis"] == max(r["kurtosis"] for r in result["layers"])
+    assert k["seq_kurtosis"] == max(r["seq_kurtosis"] for r in result["layers"])
+    assert k["token_excess_kurtosis"] == pytest.approx(sum(r["token_excess_kurtosis"] for r in result["layers"]) / 4)
     assert result["layers"][0]["module"] == "embeddings" and result["layers"][1]["module"].endswith(".0")
     w = result["w8a8"]
     if family == "bert":
@@ -60,7 +66,8 @@ def test_audit_every_family(family, tmp_path, capsys):
     else:
         assert w["metric"] == "perplexity" and abs(w["increase_pct"]) < 5
     assert (out / "audit.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| layer | module | kurtosis |" in (out / "audit.md").read_text()
+    md = (out / "audit.md").read_text()
+    assert "| layer | module | kurtosis | Pearson kurt. | token excess kurt. |" in md and "Kurtosis three ways" in md
     assert "W8A8" in capsys.readouterr().out
 
 

@@ -1,7 +1,8 @@
 """``ofe audit MODEL_DIR``: outlier features and their int8 cost for a Hugging Face checkpoint on disk.
 
-Per layer (the hidden state leaving each block, before any final norm): kurtosis, MMR, max |x|, input
-correlation, the largest |x| over the median |x|, the share of the 50 largest |x| at position 0, and
+Per layer (the hidden state leaving each block, before any final norm): kurtosis in the literature's
+three meanings (He et al.'s Eq. 1, Bondarenko et al.'s per-sequence Pearson kurtosis, OSP's per-token
+excess kurtosis; each also summarised as its paper reports it), MMR, max |x|, input correlation, the largest |x| over the median |x|, the share of the 50 largest |x| at position 0, and
 the positions and tokens that carry the largest |x| (massive activations sit on the first token or
 a delimiter), on a sample of the standard-library corpus tokenised by the model's own tokenizer;
 plus the W8A8 cost: perplexity for causal LMs, cosine similarity of the float and quantised final
@@ -34,7 +35,14 @@ SUPPORTED: dict[str, str] = {
     "gpt2": "causal", "opt": "causal", "gpt_neox": "causal", "llama": "causal", "mistral": "causal",
     "qwen2": "causal", "bert": "encoder", "roberta": "encoder",
 }
-METRICS = ("kurtosis", "mmr", "max_abs", "input_correlation", "abs_max_median", "position0_share")
+METRICS = ("kurtosis", "seq_kurtosis", "token_excess_kurtosis", "mmr", "max_abs", "input_correlation",
+           "abs_max_median", "position0_share")
+# "Kurtosis" means three things in the literature; the audit reports all three, each as its paper does
+KURTOSES = (("kurtosis", "He et al. 2024 (Eq. 1: kurtosis of the neurons' RMS), largest layer", max),
+            ("seq_kurtosis", "Bondarenko et al. 2023 (Pearson kurtosis of each sequence's activations), largest layer",
+             max),
+            ("token_excess_kurtosis", "OSP, Park et al. 2025 (per-token excess kurtosis across channels, clamped at 0), "
+             "mean over every hidden state including the embedding output", lambda v: sum(v) / len(v)))
 TOP_TOKENS = 5  # per layer: where the largest |activations| sit
 
 
@@ -209,7 +217,9 @@ def audit(model_dir: str | Path, cfg: AuditOptions, log=print) -> dict[str, Any]
         a, b = _final_hidden(model, windows), _final_hidden(sim.model, windows)
         cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).mean().item()
         cost = {"metric": "cosine similarity of final hidden states", "float": 1.0, "quantized": cos}
+    kurtoses = {key: summary([row[key] for row in layers]) for key, _, summary in KURTOSES}
     return {
+        "kurtoses": kurtoses,
         "model_dir": str(model_dir), "model_type": config.model_type, "kind": kind,
         "name": getattr(config, "_name_or_path", "") or model_dir.name,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -273,11 +283,16 @@ def format_summary(result: dict[str, Any]) -> str:
              f"{result['quant_format']} ({result['quant']['sites']}): {w['metric']} {w['float']:.6g} -> "
              f"{w['quantized']:.6g}{change}; evaluated on {result.get('evaluation_text', '?')}, calibrated on "
              f"{result.get('calibration_text', '?')}.", "",
+             "Kurtosis three ways (the literature's three meanings, side by side):", "",
+             *[f"- {text}: {result['kurtoses'][key]:.4g}" for key, text, _ in KURTOSES if key in result.get("kurtoses", {})],
+             "",
              "Layers are Hugging Face's `hidden_states` indices: 0 is the embedding output, i the output of "
              "block i - 1 (before any final norm).", "",
-             "| layer | module | kurtosis | MMR | max abs | max/median | top-50 at pos. 0 | input corr. | largest (position: token) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['layer']} | `{r.get('module', '')}` | {r['kurtosis']:.3f} | {r['mmr']:.2f} | {r['max_abs']:.3g} | {r['abs_max_median']:.3g} | "
+             "| layer | module | kurtosis | Pearson kurt. | token excess kurt. | MMR | max abs | max/median | "
+             "top-50 at pos. 0 | input corr. | largest (position: token) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['layer']} | `{r.get('module', '')}` | {r['kurtosis']:.3f} | {r.get('seq_kurtosis', math.nan):.3g} | "
+              f"{r.get('token_excess_kurtosis', math.nan):.3g} | {r['mmr']:.2f} | {r['max_abs']:.3g} | {r['abs_max_median']:.3g} | "
               f"{r['position0_share']:.2f} | {r['input_correlation']:.3f} | {_tops(r.get('top', []))} |"
               for r in result["layers"]]
     return "\n".join(lines)

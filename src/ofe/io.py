@@ -1,5 +1,6 @@
-"""Atomic file writes (a crash at any moment leaves either the old file or the new one, never half)
-and exclusive locks that die with their process."""
+"""Atomic file writes (a crash at any moment leaves either the old file or the new one, never half),
+exclusive locks that die with their process, and appends; none of them writes through a symbolic
+link (a link at a path ofe would write is refused with one line naming it)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,6 +34,43 @@ def disk_errors(path: Path) -> Iterator[None]:
         raise
 
 
+class UnsafePath(OfeError):
+    """A path ofe will not write through: a symbolic link where ofe writes its own file."""
+
+
+TMP_SUFFIX = ".tmp"
+_OWN_TMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # .NAME.XXXXXXXX.tmp: what atomic_write creates
+
+
+def refuse_link(path: Path) -> None:
+    """Raise :class:`UnsafePath` when ``path`` is a symbolic link (writing there would write elsewhere)."""
+    if path.is_symlink():
+        raise UnsafePath(f"{path} is a symbolic link; ofe does not write through links: remove it or choose another "
+                         "output directory")
+
+
+def clean_stale_temporaries(folder: Path) -> list[str]:
+    """Remove the temporary files an interrupted :func:`atomic_write` left in ``folder`` (only names of
+    its own pattern; a link is removed, never followed). Returns the names removed."""
+    removed = []
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        if _OWN_TMP.match(entry.name) and (entry.is_symlink() or entry.is_file()):
+            entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    return removed
+
+
+def open_append(path: Path):
+    """``path`` opened for appending text, created if needed; a symbolic link is refused (O_NOFOLLOW)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            refuse_link(path)
+        raise
+    return os.fdopen(fd, "a")
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp_path)``, fsync, then rename over ``path``: a crash leaves the old file intact.
     A full disk is a :class:`DiskFullError` naming ``path``; the old file is left as it was."""
@@ -39,7 +79,12 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
 
 
 def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    refuse_link(path)
+    # a fresh, unique temporary (O_CREAT | O_EXCL | O_NOFOLLOW): a file or link planted at a predictable
+    # name can neither be overwritten nor followed
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    os.close(fd)
+    tmp = Path(name)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -70,7 +115,13 @@ def exclusive_lock(path: Path) -> Iterator[None]:
     Raises :class:`LockHeld` at once, without waiting, if another process holds it. The lock dies
     with the process, so a killed holder never leaves a stale lock.
     """
-    with open(path, "a+") as handle:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            refuse_link(path)
+        raise
+    with os.fdopen(fd, "r+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

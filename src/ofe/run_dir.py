@@ -19,6 +19,7 @@ A run directory (``ofe train --out_dir DIR``) holds:
 ``DIVERGED``                  why training stopped on a non-finite loss (written by training: a state)
 ``sweep_run.json``            the unresolved settings a sweep gave the run (sweeps only)
 ``.lock``                     held (``flock``) by the process that trains in DIR; holds its pid
+``.ofe-run``                  written first by a new run: the directory is ofe's (its files may be replaced)
 ============================  ====================================================================
 
 Every file is written atomically (:func:`ofe.io.atomic_write`), so a kill at any instant leaves
@@ -35,6 +36,7 @@ import json
 import os
 import pickle
 import shutil
+import tempfile
 import uuid
 import warnings
 import zipfile
@@ -48,7 +50,7 @@ from torch import nn
 
 from ofe.config import ConfigError, to_dict
 from ofe.errors import OfeError
-from ofe.io import LockHeld, atomic_write, exclusive_lock, pause_point
+from ofe.io import LockHeld, atomic_write, clean_stale_temporaries, exclusive_lock, open_append, pause_point
 from ofe.run_config import TrainConfig, from_saved
 
 CONFIG = "config.json"
@@ -65,6 +67,10 @@ DIVERGED = "DIVERGED"
 SWEEP_SETTINGS = "sweep_run.json"
 IDENTITY = "run.json"
 LOCK = ".lock"
+MARKER = ".ofe-run"
+# Files a run writes: a directory holding any of them without the marker or a config is not ofe's to write into.
+RUN_FILES = (CONFIG, TOKENIZER, METRICS, TENSORBOARD, CHECKPOINT, PREVIOUS_CHECKPOINT, WEIGHTS, QUANT, IDENTITY,
+             DIVERGED, KEPT_WEIGHTS)
 
 # What a checkpoint must hold to resume a run.
 CHECKPOINT_KEYS = frozenset({"step", "model", "optimizer", "rng", "config"})
@@ -83,7 +89,8 @@ class RunState(str, enum.Enum):
     RESUMABLE = "resumable"  # a run that has not written its final weights
     FINISHED = "finished"  # the final weights exist
     DIVERGED = "diverged"  # training stopped on a non-finite loss (DIVERGED holds why)
-    BROKEN = "broken"  # run files without a readable config.json
+    BROKEN = "broken"  # run files without a readable config.json (ours, damaged)
+    FOREIGN = "foreign"  # files a run would write, but neither ofe's marker nor a config: not ours to replace
 
 
 def _read_json(path: Path) -> Any:
@@ -165,9 +172,18 @@ class RunDir:
                 steps.append(int(stem))
         return sorted(steps)
 
+    def foreign_files(self) -> list[str]:
+        """Names a run would write that are present although the directory has neither ofe's marker nor
+        a config: someone else's files, which ofe must not replace."""
+        if self.holds_run() or (self.path / MARKER).is_file():
+            return []
+        return [name for name in RUN_FILES if (self.path / name).exists() or (self.path / name).is_symlink()]
+
     def state(self) -> RunState:
         """What the directory holds; reads only ``config.json`` (to tell a broken run)."""
         if not self.holds_run():
+            if self.foreign_files():
+                return RunState.FOREIGN
             leftovers = [p.name for p in (self.checkpoint_path, self.weights_path) if p.exists()]
             return RunState.BROKEN if leftovers else RunState.NEW
         try:
@@ -185,9 +201,9 @@ class RunDir:
         """Make the directory and check that it is writable (before anything is trained)."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
-            probe.write_text("")
-            probe.unlink()
+            fd, probe = tempfile.mkstemp(dir=self.path, prefix=".write-test.")  # O_EXCL | O_NOFOLLOW
+            os.close(fd)
+            os.unlink(probe)
         except OSError as e:
             raise RunDirError(f"output directory {self.path} is not writable: {e.strerror or e}") from None
 
@@ -197,6 +213,7 @@ class RunDir:
         self.create()
         try:
             with exclusive_lock(self.path / LOCK):
+                clean_stale_temporaries(self.path)  # of a writer killed mid-write: nobody else writes here now
                 yield
         except LockHeld as e:
             raise RunDirError(f"run {self.path} is in use by pid {e.pid}") from None
@@ -232,6 +249,10 @@ class RunDir:
             return from_saved(saved)
         except ConfigError as e:
             raise RunDirError(f"{where} is not a valid run config: {e}") from None
+
+    def mark(self) -> None:
+        """Claim the directory for a new run (before any other file): its files are ofe's from now on."""
+        _write_json(self.path / MARKER, {"ofe": "run directory"})
 
     def write_config(self, config: TrainConfig) -> None:
         _write_json(self.config_path, to_dict(config))
@@ -290,7 +311,7 @@ class RunDir:
 
     def open_metrics(self) -> TextIO:
         """``metrics.jsonl`` opened for appending one record per line."""
-        return self.metrics_path.open("a")
+        return open_append(self.metrics_path)
 
     # ---- checkpoint and weights ---------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any]) -> None:
@@ -339,7 +360,7 @@ class RunDir:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
             raise CheckpointError(f"checkpoint {path} is corrupt or truncated "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from None
         if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
             have = set(state) if isinstance(state, dict) else set()
             raise CheckpointError(f"checkpoint {path} lacks {sorted(CHECKPOINT_KEYS - have)}: not an ofe checkpoint")

@@ -198,6 +198,10 @@ def _check_report_dir(out: Path) -> None:
     """``out`` may be new, empty, or a report this writer made (its summary.json has our keys)."""
     if not out.exists():
         return
+    own = [out / "figures", *(out / n for n in REPORT_FILES), *(out / "figures" / f.file for f in FIGURES.values())]
+    if links := [str(p) for p in own if p.is_symlink()]:
+        raise ReportError(f"{links[0]} is a symbolic link; a report never writes through links: remove it or choose "
+                          "another --out_dir")
     if not out.is_dir():
         raise ReportError(f"{out} exists and is not a directory; choose another --out_dir")
     if not any(out.iterdir()):

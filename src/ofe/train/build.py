@@ -71,11 +71,16 @@ def check_run_dir(cfg: TrainConfig, run: RunDir) -> None:
             raise TrainError(f"cannot resume: {run} holds no run")
         if state is RunState.BROKEN:
             raise TrainError(f"cannot resume {run}: its saved config is missing or unreadable")
+        if state is RunState.FOREIGN:
+            raise TrainError(f"cannot resume {run}: it holds files ofe did not write ({', '.join(run.foreign_files())})")
         if state is RunState.DIVERGED:
             reason = (run.read_diverged() or "no reason recorded").split(";")[0].strip()
             raise TrainError(f"cannot resume {run}: its training diverged ({reason}) and would diverge again; start a "
                              "new run in another --out_dir (e.g. with a smaller --optim.lr)")
         return
+    if state is RunState.FOREIGN:
+        raise TrainError(f"{run} holds files ofe did not write ({', '.join(run.foreign_files())}); choose another "
+                         "--out_dir")
     if state is not RunState.NEW:
         raise TrainError(f"{run} already holds a run; pass --resume to continue it or choose another --out_dir")
 
@@ -152,7 +157,9 @@ def describe_corpus(data: TokenData) -> str:
 
 
 def start_run(cfg: TrainConfig, run: RunDir, data: TokenData) -> None:
-    """A new run: its identity, the tokenizer, then the config (whose presence makes the directory a run)."""
+    """A new run: ofe's marker, its identity, the tokenizer, then the config (whose presence makes the
+    directory a run)."""
+    run.mark()
     run.write_identity(corpus_fingerprint(data), description=describe_corpus(data))
     run.write_tokenizer(data.tokenizer_file)
     run.write_config(cfg)
@@ -182,6 +189,10 @@ def load_resume_state(cfg: TrainConfig, run: RunDir, data: TokenData) -> dict[st
     if not run.has_checkpoint():
         return None
     state = run.load_checkpoint()
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= cfg.steps:
+        raise CheckpointError(f"checkpoint in {run} is at step {step!r}, outside the run's 0..{cfg.steps}: it is "
+                              "damaged; remove the run's checkpoints to start it again")
     if incompatible_keys(C.to_dict(run.checkpoint_config(state)), saved):
         raise CheckpointError(f"checkpoint in {run} belongs to a different config")
     return state

@@ -72,8 +72,10 @@ def test_state_follows_what_the_directory_holds(tmp_path):
     assert run.state() is RunState.BROKEN
     other = RunDir(tmp_path / "other")
     other.create()
-    other.checkpoint_path.write_bytes(b"x")  # run files without a config
-    assert other.state() is RunState.BROKEN
+    other.checkpoint_path.write_bytes(b"x")  # run files without a config or ofe's marker: not ours
+    assert other.state() is RunState.FOREIGN and other.foreign_files() == ["checkpoint.pt"]
+    other.mark()  # ofe's own run that lost its config: broken
+    assert other.state() is RunState.BROKEN and other.foreign_files() == []
     assert not list(run.path.glob(".*.tmp"))  # atomic writes leave no temporary file
 
 

@@ -89,5 +89,5 @@ def test_the_report_draws_cost_against_lr_with_the_bands_and_tabulates_them(tmp_
     write_report(load_runs([tmp_path / "runs"]), out)
     assert (out / "figures" / "cost_vs_lr.png").stat().st_size > 10_000
     md = (out / "report.md").read_text()
-    assert "| pre-ln + adamw | 0.01 | 2.0002 | +0.0002 +- 0.0000 | 0.0010 | **in** |" in md
-    assert "| op + soap | 0.001 | 2.5000 | +0.4000 +- 0.0000 | 0.0010 | out |" in md
+    assert "| pre-ln + adamw | 0.01 | 2.0002 | +0.0002 +- 0.0000 | 0.0020 | **in** |" in md
+    assert "| op + soap | 0.001 | 2.5000 | +0.4000 +- 0.0000 | 0.0020 | out |" in md

@@ -151,7 +151,7 @@ def test_report_writes_figures_table_and_summary(tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert "| pre-ln + adamw | 0 | 0.01 | 100 |" in md and "| pre-ln + adamw lr=0.001 | 0 | 0.001 | 100 |" in md
     assert "| pre-ln + adamw | 2.5000 | **2.0000** | 0 | 0.5000 over lr 0.001 (one seed: no error bar) |" in md  # the lr table: the tuned lr in bold
-    assert "- **C8** (rule v4, docs/claims-protocol.md): per seed, at every pair of lrs from each arm's near-optimal lr band" in md
+    assert "- **C8** (rule v5, docs/claims-protocol.md): per seed, at every pair of lrs from each arm's near-optimal lr band" in md
     assert "figures/kurtosis_vs_step.png" in md
     summary = json.loads((out / "summary.json").read_text())
     row = next(r for r in summary["runs"] if r["run"] == "preln-adamw-0")

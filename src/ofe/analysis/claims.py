@@ -456,19 +456,19 @@ class Claim:
     check: Callable[[list[Run]], Verdict]
 
 
-BAND = "each arm's near-optimal lr band (its lrs whose mean final val loss is within max(2 SE, 1e-3 nats) of the best)"
+BAND = "each arm's near-optimal lr band (its lrs whose mean final val loss is within max(2 SE, 2e-3 nats) of the best)"
 PAIR_STATUS = "held in every pair, partly held in some, not held in none"
 
 CLAIMS: dict[str, Claim] = {c.id: c for c in (
     Claim("C1", "OFs (kurtosis well above 1, growing) emerge in Pre-LN + AdamW training",
           "on the reference Pre-LN + AdamW arm, every run whose lr is in " + BAND + ": mean-over-layers kurtosis "
           "peaks at >= 3 and ends at >= 2x its step-0 value: held in every run, partly held in some, not held in none",
-          3, claim_c1),
+          4, claim_c1),
     Claim("C2", "normalised blocks show OFs; OP shows far less at matched loss",
           "each normalised block against OP (same optimiser, settings and seed) at every pair of lrs from " + BAND +
           ": the normalised block's final mean kurtosis is larger, and also at matched training loss where both "
           "reach it: " + PAIR_STATUS + "; effect: the excess-kurtosis ratio's geometric mean over pairs with a "
-          "95% t interval", 3, claim_c2),
+          "95% t interval", 4, claim_c2),
     Claim("C3a", "OP without entropy regulation diverges",
           "every OP run without QK-norm or soft-cap diverges: held when all do, partly held when some do, not held "
           "when none does", 1, claim_c3a),
@@ -485,7 +485,7 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in (
           "AdamW against SOAP and AdaFactor against rotated AdaFactor (same block, settings and seed) at every pair "
           "of lrs from " + BAND + ": the diagonal optimiser's final mean kurtosis is larger, and also at matched "
           "training loss: " + PAIR_STATUS + "; effect: the excess-kurtosis ratio's geometric mean over pairs with "
-          "a 95% t interval", 3, claim_c6),
+          "a 95% t interval", 4, claim_c6),
     Claim("C7a", "high kurtosis goes with high input correlation",
           "Spearman rho between final input correlation and kurtosis over (run, layer) points >= 0.5: held; "
           "otherwise not held", 1, claim_c7a),
@@ -499,7 +499,7 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in (
           f"val loss were quantised: held at every pair, partly held at some, not held at none; the evidence names "
           f"the worst and the best pair and, as context, the verdict at each lr both arms ran; effect: per seed the "
           f"worst pair's cost ratio (OP + SOAP's cost floored at {C8_COST_RESOLUTION:g}%), geometric mean over "
-          f"seeds with a 95% t interval", 4, claim_c8),
+          f"seeds with a 95% t interval", 5, claim_c8),
     Claim("C9a", "u4,2 dominates kurtosis growth in Pre-LN + AdamW",
           "in every Pre-LN + AdamW run, u4,2 is positive and at least as large in magnitude as every other u4 term "
           "(cumulative contribution to the kurtosis change, mean over layers): held in every run, partly held in "

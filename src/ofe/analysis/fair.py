@@ -38,10 +38,11 @@ from ofe.analysis.runs import Run
 
 LR = "optim.lr"
 
-# The smallest band epsilon (nats/token): a run's final validation loss moved by up to 7e-4 nats between
-# 1 and 2 threads on the Bigram-Backcopy main job (issue 25; Intel Xeon), and by up to BAND_FLOOR_MEASURED
-# on a 2-core AMD EPYC (docs/claims-protocol.md, "The band's floor"); rounded up.
-BAND_FLOOR = 1e-3
+# The smallest band epsilon (nats/token): the measured spread of one run's final validation loss across
+# thread counts and processors on the main job (docs/claims-protocol.md, "The band's floor"): up to 1.2e-3
+# nats (Pre-LN + AdamW seed 0, Intel Xeon with bf16 against AMD EPYC's float32 fallback), 1.7e-4 between 1
+# and 2 threads on one machine; rounded up.
+BAND_FLOOR = 2e-3
 
 
 def arm_key(run: Run) -> tuple[tuple[str, Any], ...]:

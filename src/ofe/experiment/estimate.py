@@ -80,10 +80,14 @@ def estimate(cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
             "memory_gib": {k: v / GIB for k, v in memory.items()} | {"total": sum(memory.values()) / GIB}}
 
 
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def describe(name: str, cfg: TrainConfig, est: dict[str, Any]) -> str:
-    """One line of ``--dry_run`` output."""
+    """One line of ``--dry_run`` output (memory in GiB, three significant digits)."""
     mem = est["memory_gib"]
-    return (f"{name}: {est['params'] / 1e6:,.1f}M parameters, {cfg.steps:,} steps x {cfg.batch_size} x "
-            f"{cfg.model.seq_len} = {est['tokens'] / 1e9:.2f}B tokens, {est['train_flops']:.2e} FLOPs; memory "
-            f"~{mem['total']:.1f} GiB (weights {mem['weights']:.2f}, gradients {mem['gradients']:.2f}, "
-            f"{cfg.optim.name} state {mem['optimizer']:.2f}, activations {mem['activations']:.2f})")
+    return (f"{name}: {_count(est['params'])} parameters, {cfg.steps:,} steps x {cfg.batch_size} x "
+            f"{cfg.model.seq_len} = {_count(est['tokens'])} tokens, {est['train_flops']:.2e} FLOPs; memory "
+            f"~{mem['total']:.3g} GiB (weights {mem['weights']:.3g}, gradients {mem['gradients']:.3g}, "
+            f"{cfg.optim.name} state {mem['optimizer']:.3g}, activations {mem['activations']:.3g})")

@@ -231,7 +231,7 @@ def dry_run(cfg: ReproduceOptions, log: Callable[[str], None] = print) -> list[d
             plans.append({"run": run.name, **est})
     flops = sum(p["train_flops"] for p in plans)
     log(f"{len(plans)} runs, {flops:.2e} training FLOPs in all; the largest needs ~"
-        f"{max(p['memory_gib']['total'] for p in plans):.1f} GiB")
+        f"{max(p['memory_gib']['total'] for p in plans):.3g} GiB")
     return plans
 
 

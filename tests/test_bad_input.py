@@ -1,6 +1,7 @@
 """Every subcommand over a table of user mistakes: exit code 2, one line on stderr naming the problem,
 no traceback, and nothing written outside the directory the command was given."""
 
+import contextlib
 import json
 import os
 
@@ -107,3 +108,23 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, world, tmp_path,
     changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
     allowed = {"out", "out/.lock"}  # a new run's directory and lock may appear before the config is refused
     assert changed <= allowed, (case, sorted(changed))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--optim.lr", "-1e-3"], "optim.lr must be in (0, 10], got -0.001"),  # a negative value, not "an option"
+    (["train", "--data.corpus", ""], "config key 'data.corpus' is empty"),  # not the current directory
+    (["train", "--seed", "-1"], "config key 'seed': a seed must be in [0, 2**32), got -1"),
+    (["train", "--seed", str(2**64)], "a seed must be in [0, 2**32)"),
+    (["reproduce", "--seeds", "0,-2", "--dry_run", "true"], "config key 'seeds[1]': a seed must be in"),
+    (["quantize", "RUN", "--quant.seed", "-5"], "config key 'quant.seed': a seed must be in"),
+    (["train", "--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1 (see ofe --help)"),
+])
+def test_values_the_parser_used_to_misread_are_one_validator_line(tmp_path, capsys, args, needle):
+    args = [str(tmp_path / "run") if a == "RUN" else a for a in args]
+    if args[0] == "train":
+        args += ["--out_dir", str(tmp_path / "out"), "--preset", "tiny", "--steps", "1"]
+    with pytest.raises(SystemExit) if "unrecognized" in needle else contextlib.nullcontext():
+        assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

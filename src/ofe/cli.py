@@ -8,6 +8,7 @@ exit code (2; 3 for a diverged run); anything else is a bug and keeps its traceb
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -78,8 +79,30 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line (and exit 2), not the whole usage text."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def join_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--optim.lr -1e-3`` as ``--optim.lr=-1e-3``: argparse would take ``-1e-3`` for an option, and the
+    value is the validator's to refuse (with a message naming the key), not the parser's."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and NEGATIVE_NUMBER.match(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ofe", description="Measure, understand and minimise outlier features.")
+    parser = OneLineParser(prog="ofe", description="Measure, understand and minimise outlier features.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help)
@@ -93,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    ns = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
     try:
         COMMANDS[ns.command].run(ns)
     except OfeError as e:

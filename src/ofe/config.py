@@ -46,6 +46,14 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+SEED_LIMIT = 2**32  # every option named seed (or a list named seeds) is a seed: torch, numpy and Python all take these
+
+
+def _is_seed(key: str) -> bool:
+    leaf = key.rsplit(".", 1)[-1]
+    return leaf == "seed" or leaf.startswith("seeds[")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
     optional, inner = _is_optional(tp)
@@ -74,6 +82,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        if _is_seed(key) and not 0 <= value < SEED_LIMIT:
+            raise ConfigError(f"config key '{key}': a seed must be in [0, 2**32), got {value}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

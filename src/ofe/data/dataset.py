@@ -44,6 +44,9 @@ class DataConfig:
                              "and massive activations form")
 
     def __post_init__(self) -> None:
+        if not self.corpus.strip():
+            raise ConfigError("config key 'data.corpus' is empty; name a corpus ('stdlib', 'bigram-backcopy', a "
+                              "directory or a file)")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.bpe_vocab_size < 257:

@@ -60,15 +60,19 @@ def clean_stale_temporaries(folder: Path) -> list[str]:
     return removed
 
 
-def open_append(path: Path):
-    """``path`` opened for appending text, created if needed; a symbolic link is refused (O_NOFOLLOW)."""
+def _open_nofollow(path: Path, flags: int) -> int:
+    """``os.open(path, flags | O_CREAT | O_NOFOLLOW)``; a symbolic link is :class:`UnsafePath`."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        return os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
         if e.errno == errno.ELOOP:
             refuse_link(path)
         raise
-    return os.fdopen(fd, "a")
+
+
+def open_append(path: Path):
+    """``path`` opened for appending text, created if needed; a symbolic link is refused (O_NOFOLLOW)."""
+    return os.fdopen(_open_nofollow(path, os.O_WRONLY | os.O_APPEND), "a")
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
@@ -115,13 +119,7 @@ def exclusive_lock(path: Path) -> Iterator[None]:
     Raises :class:`LockHeld` at once, without waiting, if another process holds it. The lock dies
     with the process, so a killed holder never leaves a stale lock.
     """
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            refuse_link(path)
-        raise
-    with os.fdopen(fd, "r+") as handle:
+    with os.fdopen(_open_nofollow(path, os.O_RDWR), "r+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

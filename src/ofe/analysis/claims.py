@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-from ofe.analysis.fair import LR, arm_key, at_tuned_lr, in_band, matched_point
+from ofe.analysis.fair import BAND_FLOOR, LR, arm_key, at_tuned_lr, in_band, matched_point
 from ofe.analysis.runs import BLOCK_DEFAULTS, Run, at_block_defaults
 from ofe.models import BLOCKS
 
@@ -365,14 +365,15 @@ def claim_c8(runs: list[Run]) -> Verdict:
         pick = lambda r: (f"seed {r['seed']} lrs {r['lr_preln_adamw']:g} / {r['lr_op_soap']:g}: "  # noqa: E731
                           f"{r['w8a8_pct_preln_adamw']:+.2f}% vs {r['w8a8_pct_op_soap']:+.2f}%")
         text += f"; worst pair {pick(worst)}; best pair {pick(best)}"
-    common = [(a, b) for a, b in quantised(c8_pairs(runs, band=False))]
+    common = quantised(c8_pairs(runs, band=False))
     if common:
         at_lr: dict[float, list[bool]] = {}
-        judged_pairs = {(id(a), id(b)) for a, b in pairs}
+        judged_by_pair = {(id(a), id(b)): result for (a, b), result in zip(pairs, judged)}
         for a, b in common:
-            ok, row, _ = _c8_pair(a, b)
+            known = judged_by_pair.get((id(a), id(b)))  # a pair inside both bands is already a judged row
+            ok, row, _ = known or _c8_pair(a, b)
             at_lr.setdefault(float(a.settings[LR]), []).append(ok)
-            if (id(a), id(b)) not in judged_pairs:  # a pair inside both bands is already a judged row
+            if known is None:
                 data.append({**row, "context": "common lr"})
         text += "; at the lrs both arms ran (the paper's view, context): " + ", ".join(
             f"lr {lr:g} {sum(v)}/{len(v)} seeds" for lr, v in sorted(at_lr.items()))
@@ -456,7 +457,8 @@ class Claim:
     check: Callable[[list[Run]], Verdict]
 
 
-BAND = "each arm's near-optimal lr band (its lrs whose mean final val loss is within max(2 SE, 2e-3 nats) of the best)"
+FLOOR_TEXT = f"{BAND_FLOOR:.0e}".replace("e-0", "e-")  # 2e-3: the floor as the rule's text states it
+BAND = f"each arm's near-optimal lr band (its lrs whose mean final val loss is within max(2 SE, {FLOOR_TEXT} nats) of the best)"
 PAIR_STATUS = "held in every pair, partly held in some, not held in none"
 
 CLAIMS: dict[str, Claim] = {c.id: c for c in (

@@ -217,6 +217,11 @@ def _without_copies(runs: list[Run]) -> list[Run]:
     return kept
 
 
+def arm_name(run: Run) -> str:
+    """``block + optimiser``: how labels and reports name a run's block and optimiser."""
+    return f"{run.settings.get('model.block')} + {run.settings.get('optim.name')}"
+
+
 def label_runs(runs: list[Run]) -> dict[str, list[Run]]:
     """Name each run's configuration and group the seeds of one configuration, in first-seen order.
 
@@ -243,7 +248,7 @@ def label_runs(runs: list[Run]) -> dict[str, list[Run]]:
         for key in keys:
             if repr(run.settings.get(key)) != common(key, run):
                 extra.append(f"{key.rsplit('.', 1)[-1]}={_short(run.settings.get(key))}")
-        run.label = " ".join([f"{run.settings.get('model.block')} + {run.settings.get('optim.name')}", *extra])
+        run.label = " ".join([arm_name(run), *extra])
         groups.setdefault(run.label, []).append(run)
     return groups
 

@@ -44,7 +44,7 @@ def optimizer_floats(cfg: TrainConfig, model: GPT) -> int:
     name, rot = cfg.optim.name, cfg.optim.rotation
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     total = 0
-    for p in {id(p): p for p in model.parameters()}.values():
+    for p in model.parameters():  # a tied weight once
         n, matrix = p.numel(), p.dim() == 2
         if name == "adamw":
             total += 2 * n
@@ -64,7 +64,7 @@ def estimate(cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
     """Parameters, tokens, training FLOPs and per-process memory (GiB) of the run ``cfg`` describes."""
     model = meta_model(cfg)
     m = cfg.model
-    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    params = sum(p.numel() for p in model.parameters())  # a tied weight once
     multiplying = params - m.seq_len * m.d_model - (0 if m.tie_embeddings else m.vocab_size * m.d_model)
     tokens = cfg.steps * cfg.batch_size * m.seq_len
     flops = (6 * multiplying + 12 * m.n_layer * m.d_model * m.seq_len) * tokens

@@ -11,7 +11,7 @@ from typing import Any
 from torch import Tensor
 
 from ofe import config as C
-from ofe.data import prepare, train_batch, val_windows
+from ofe.data import TokenData, prepare, train_batch, val_windows
 from ofe.errors import OfeError
 from ofe.metrics import abs_max_median, kurtosis, position0_share
 from ofe.models import GPT
@@ -32,16 +32,18 @@ def load_trained(run_dir: str | Path, step: int | None = None) -> tuple[TrainCon
     return cfg, model.eval()
 
 
-def calibration_batches(data, cfg: TrainConfig, qcfg: QuantConfig) -> list[Tensor]:
+def calibration_batches(data: TokenData, cfg: TrainConfig, qcfg: QuantConfig) -> list[Tensor]:
     """The calibration batches ``(B, T)`` drawn from the training split with ``qcfg.seed``."""
     return [train_batch(data.train, qcfg.calib_batch_size, cfg.model.seq_len, qcfg.seed, step=i, bos_id=data.bos_id)[:, :-1]
             for i in range(qcfg.calib_batches)]
 
 
-def evaluation_data(cfg: TrainConfig, qcfg: QuantConfig, eval_sequences: int = 0, log=print) -> tuple[Tensor, list[Tensor]]:
+def evaluation_data(cfg: TrainConfig, qcfg: QuantConfig, eval_sequences: int = 0, log=print,
+                    data: TokenData | None = None) -> tuple[Tensor, list[Tensor]]:
     """The run's validation windows ``(N, T + 1)`` (``eval_sequences``, or the run's own eval
-    size) and the calibration batches ``(B, T)`` drawn from the training split with ``qcfg.seed``."""
-    data = prepare(cfg.data, log=log)
+    size) and the calibration batches ``(B, T)`` drawn from the training split with ``qcfg.seed``;
+    from ``data`` when the caller has prepared the run's corpus already."""
+    data = data if data is not None else prepare(cfg.data, log=log)
     T = cfg.model.seq_len
     windows = val_windows(data.val, eval_sequences or cfg.eval_batches * cfg.batch_size, T, bos_id=data.bos_id)
     return windows, calibration_batches(data, cfg, qcfg)
@@ -74,7 +76,8 @@ def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0
     the result that :func:`quantize_run` saves beside the run. ``real_int8``: also compare the
     simulator with torchao's int8 kernels (:func:`ofe.quant.real_int8.crosscheck`)."""
     cfg, model = load_trained(run_dir, step)
-    windows, calib = evaluation_data(cfg, qcfg, eval_sequences, log)
+    data = prepare(cfg.data, log=log)
+    windows, calib = evaluation_data(cfg, qcfg, eval_sequences, data=data)
     T, n_eval = cfg.model.seq_len, len(windows)
     fp_ppl = perplexity(model, windows)
     probe = windows[: min(16, len(windows)), :-1]
@@ -92,8 +95,8 @@ def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0
             main = sim
     quant_hidden = block_outputs(main.model, main.model.blocks, probe)
     families = site_family_costs(model, qcfg, calib, windows, fp_ppl, log) if sweep else []
-    draws = (calibration_draws(model, cfg, qcfg, windows, fp_ppl, calib_draws, ppl_of.get(protocol_w8a8(qcfg)), log)
-             if calib_draws > 1 else [])
+    draws = (calibration_draws(model, data, cfg, qcfg, windows, fp_ppl, calib_draws, ppl_of.get(protocol_w8a8(qcfg)),
+                               log) if calib_draws > 1 else [])
     layers = [{"layer": i, "kurtosis": kurtosis(f).item(), "max_abs": f.abs().max().item(),
                "abs_max_median": abs_max_median(f).item(), "position0_share": position0_share(f).item(),
                "sqnr_db": sqnr_db(f, q)}
@@ -114,12 +117,11 @@ def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0
     }
 
 
-def calibration_draws(model: GPT, cfg: TrainConfig, qcfg: QuantConfig, windows: Tensor, fp_ppl: float, draws: int,
-                      first: float | None = None, log=print) -> list[dict[str, Any]]:
+def calibration_draws(model: GPT, data: TokenData, cfg: TrainConfig, qcfg: QuantConfig, windows: Tensor,
+                      fp_ppl: float, draws: int, first: float | None = None, log=print) -> list[dict[str, Any]]:
     """The protocol's W8A8 cost calibrated on ``draws`` different draws of calibration batches
     (``quant.seed``, ``+1``, ...): the quantiser's own spread, apart from the seeds' and the lr's.
     ``first``: the perplexity already measured with ``quant.seed`` (not evaluated again)."""
-    data = prepare(cfg.data, log=lambda *a, **k: None)
     rows = []
     for seed in range(qcfg.seed, qcfg.seed + draws):
         variant = dataclasses.replace(protocol_w8a8(qcfg), seed=seed)

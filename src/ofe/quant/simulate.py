@@ -83,10 +83,10 @@ class QuantConfig:
             raise ConfigError(f"quant.act_percentile must be in (50, 100], got {self.act_percentile}")
         if not 0.0 < self.smooth_alpha <= 1.0:
             raise ConfigError(f"quant.smooth_alpha must be in (0, 1], got {self.smooth_alpha}")
-        for name in self.transforms:
-            self._apply_transform(name)
         if len(set(self.transforms)) != len(self.transforms):
             raise ConfigError(f"quant.transforms lists a transform twice: {', '.join(self.transforms)}")
+        for name in self.transforms:
+            self._apply_transform(name)
 
     def _apply_transform(self, name: str) -> None:
         """Check that transform ``name`` exists and fits these settings; set the options it implies."""
@@ -97,7 +97,7 @@ class QuantConfig:
             raise ConfigError(f"quant.transforms {name} needs quant.sites = linear-inputs: it acts on the inputs of "
                               "linear layers")
         before = self.transforms[: self.transforms.index(name)]
-        if transform.needs_plain_model and any(TRANSFORMS[b].prepare is not None for b in before if b in TRANSFORMS):
+        if transform.needs_plain_model and any(TRANSFORMS[b].prepare is not None for b in before):  # checked in order
             raise ConfigError(f"quant.transforms: {name} must come before {', '.join(before)}: it rewrites the weights "
                               "of a plain model")
         for key, value in transform.settings.items():

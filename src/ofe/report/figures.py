@@ -13,7 +13,7 @@ import matplotlib.ticker  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
 from ofe.analysis.fair import LR, arm_key, lr_bands  # noqa: E402
-from ofe.analysis.runs import Run  # noqa: E402
+from ofe.analysis.runs import Run, arm_name  # noqa: E402
 
 TERM_NAMES = {"u4_1": "u4,1 (linear)", "u4_2": "u4,2 (quadratic)", "u4_3": "u4,3", "u4_4": "u4,4", "u2": "2nd moment (u2)"}
 
@@ -289,10 +289,6 @@ def quantisation(groups: dict[str, list[Run]], colour: dict[str, tuple], path: P
     return _save(fig, path)
 
 
-def _arm_name(run: Run) -> str:
-    return f"{run.settings.get('model.block')} + {run.settings.get('optim.name')}"
-
-
 def cost_vs_lr(groups: dict[str, list[Run]], colour: dict[str, tuple], path: Path) -> Path | None:
     """The headline against the lr: W8A8, W8A4 and W4A4 cost, final max kurtosis and max/median |x| for
     every arm run at more than one lr; every seed a point, the mean a line, the arm's near-optimal lr
@@ -326,7 +322,7 @@ def cost_vs_lr(groups: dict[str, list[Run]], colour: dict[str, tuple], path: Pat
             ax.scatter(lrs, values, color=col, s=14, alpha=0.8)
             grid = np.unique(lrs)
             ax.plot(grid, [values[lrs == lr].mean() for lr in grid], color=col, lw=1.2,
-                    label=_arm_name(members[0]) if ax is axes[0] else None)
+                    label=arm_name(members[0]) if ax is axes[0] else None)
             ax.axvspan(min(band) / 1.15, max(band) * 1.15, color=col, alpha=0.12, lw=0)
     for ax, (key, ylabel) in zip(axes, panels):
         ax.set_xscale("log")

@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 from ofe import config as C
 from ofe.analysis.claims import ClaimResult, evaluate_claims, format_claims
 from ofe.analysis.fair import BAND_FLOOR, arm_key, lr_bands, tuned_lrs
-from ofe.analysis.runs import Run, label_runs, load_runs
+from ofe.analysis.runs import Run, arm_name, label_runs, load_runs
 from ofe.errors import OfeError
 from ofe.report import figures as F
 
@@ -74,16 +75,20 @@ def claims_json(claims: list[ClaimResult], runs: list[Run]) -> dict[str, Any]:
 
 
 def _arm_names(runs: list[Run]) -> dict[tuple, str]:
-    return {arm_key(r): f"{r.settings.get('model.block')} + {r.settings.get('optim.name')}" for r in runs}
+    return {arm_key(r): arm_name(r) for r in runs}
+
+
+def _finite(x: float | None) -> float | None:
+    """``x``, or None for a missing or infinite value (a diverged lr): JSON has no infinity."""
+    return x if x is not None and math.isfinite(x) else None
 
 
 def lr_tuning(runs: list[Run]) -> list[dict[str, Any]]:
     """Per arm: its tuned lr, the mean final val loss of every lr tried (over ``seeds``) and the tuning
     margin over the runner-up (:mod:`ofe.analysis.fair`); infinite losses (diverged) as None."""
     names = _arm_names(runs)
-    finite = lambda x: x if x is not None and math.isfinite(x) else None  # noqa: E731
     return [{"arm": names[arm], "lr": t["lr"], "seeds": t["seeds"],
-             "grid": [{"lr": lr, "mean_val_loss": finite(v)} for lr, v in t["grid"].items()],
+             "grid": [{"lr": lr, "mean_val_loss": _finite(v)} for lr, v in t["grid"].items()],
              "runner_up": t["runner_up"], "margin": t["margin"], "margin_se": t["margin_se"], "clear": t["clear"]}
             for arm, t in tuned_lrs(runs).items()]
 
@@ -92,14 +97,15 @@ def band_rows(runs: list[Run]) -> list[dict[str, Any]]:
     """Per arm and lr: mean final val loss, the paired gap to the tuned lr +- its standard error, the
     band's epsilon there and whether the lr is in the band (:func:`ofe.analysis.fair.lr_bands`)."""
     names = _arm_names(runs)
-    finite = lambda x: x if x is not None and math.isfinite(x) else None  # noqa: E731
-    return [{"arm": names[arm], "seeds": band["seeds"], **{k: finite(v) if isinstance(v, float) else v for k, v in row.items()}}
+    return [{"arm": names[arm], "seeds": band["seeds"], **{k: _finite(v) if isinstance(v, float) else v for k, v in row.items()}}
             for arm, band in lr_bands(runs).items() for row in band["rows"]]
 
 
 def band_table(runs: list[Run]) -> str | None:
     """The near-optimal band of every arm run at more than one lr, as a markdown table; None if none."""
-    rows = [r for r in band_rows(runs) if sum(o["arm"] == r["arm"] for o in band_rows(runs)) > 1]
+    every = band_rows(runs)
+    lrs_per_arm = Counter(r["arm"] for r in every)
+    rows = [r for r in every if lrs_per_arm[r["arm"]] > 1]
     if not rows:
         return None
     lines = ["| arm | lr | mean val loss | gap to the tuned lr (nats) | epsilon | in band |", "|" + " --- |" * 6]

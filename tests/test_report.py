@@ -285,18 +285,19 @@ def test_the_backcopy_study_trains_on_the_synthetic_task_with_bos_windows(tmp_pa
     assert R.ReproduceOptions().preset == "backcopy-cpu"  # the main job
     sweep = parse_spec(R.study_spec(R.ReproduceOptions(out_dir=str(tmp_path))))
     c = sweep.runs[0].config
-    assert (c.data.corpus, c.data.bos, c.model.n_layer, c.model.seq_len, c.steps, c.dtype) == (
-        "bigram-backcopy", True, 2, 64, 2000, "bfloat16")
+    assert (c.data.corpus, c.data.bos, c.model.n_layer, c.model.seq_len, c.steps, c.batch_size, c.dtype) == (
+        "bigram-backcopy", True, 2, 64, 1500, 16, "bfloat16")
     assert (c.optim.decay, c.optim.warmup_frac, c.optim.min_lr_frac, c.optim.weight_decay) == ("linear", 0.05, 0.0, 0.0)
-    # each arm at the lr its committed grid chose (configs/sweeps/backcopy-linear-*.toml)
-    assert {(r.config.model.block, r.config.optim.name): r.config.optim.lr for r in sweep.runs} == {
-        ("pre-ln", "adamw"): 3e-2, ("op", "soap"): 3e-3, ("pre-ln", "soap"): 3e-2, ("op", "adamw"): 3e-3}
+    # the C8 pair at three lrs spanning its band on every seed; the other arms at one lr on seed 0
+    lrs = {}
+    for r in sweep.runs:
+        lrs.setdefault((r.config.model.block, r.config.optim.name), set()).add((r.config.optim.lr, r.config.seed))
+    assert lrs == {("pre-ln", "adamw"): {(lr, s) for lr in (3e-3, 1e-2, 3e-2) for s in (0, 1, 2)},
+                   ("op", "soap"): {(lr, s) for lr in (1e-3, 3e-3, 1e-2) for s in (0, 1, 2)},
+                   ("pre-ln", "soap"): {(1e-2, 0)}, ("op", "adamw"): {(3e-3, 0)}}
+    assert [r.config.seed for r in sweep.runs] == [0] * 8 + [1] * 6 + [2] * 6  # seed by seed: a cut study has whole pairs
     # a preset without a study of its own trains on real text, not on the default's synthetic task
     assert R.study_of("small").get("train", {}).get("data") is None
-    seeds = {(r.config.model.block, r.config.optim.name): set() for r in sweep.runs}
-    for r in sweep.runs:
-        seeds[(r.config.model.block, r.config.optim.name)].add(r.config.seed)
-    assert seeds == {("pre-ln", "adamw"): {0, 1, 2}, ("op", "soap"): {0, 1, 2}, ("pre-ln", "soap"): {0}, ("op", "adamw"): {0}}
     other = parse_spec(R.study_spec(R.ReproduceOptions(preset="backcopy-cpu", corpus="bigram-backcopy:triggers=8",
                                                       out_dir=str(tmp_path))))
     assert other.runs[0].config.data.corpus == "bigram-backcopy:triggers=8" and other.runs[0].config.data.bos
@@ -321,3 +322,35 @@ def test_configurations_come_in_one_order_whatever_the_directory_order(tmp_path)
     assert labels.index("pre-ln + soap") > labels.index("pre-ln + adamw")  # then the registry's optimiser order
     shuffled = load_runs([tmp_path / "runs" / "op-soap-0", tmp_path / "runs" / "preln-adamw-0"])
     assert [r.label.split(" ")[0] for r in shuffled] == ["pre-ln", "op"]
+
+
+def test_rejudge_rebuilds_the_report_from_its_evidence_alone(tmp_path, capsys, monkeypatch):
+    """A report saves its runs' numbers; `ofe rejudge` re-derives claims.json from them without the runs,
+    identically under the same rules, and with a changed rule gives that rule's verdict and version."""
+    paper_like(tmp_path / "runs")
+    make_run(tmp_path / "runs", "preln-adamw-kept", "pre-ln", "adamw", 3, 8.0, 2.0, w8a8=5.0, w8a4=200.0, kept={50: 1.5})
+    out = tmp_path / "docs" / "study"
+    assert main(["report", str(tmp_path / "runs"), "--out_dir", str(out), "--title", "my study"]) == 0
+    before = (out / "claims.json").read_text()
+    shutil.rmtree(tmp_path / "runs")  # the runs are gone
+    assert main(["rejudge", str(tmp_path / "docs")]) == 0  # found below the folder given
+    assert (out / "claims.json").read_text() == before
+    assert (out / "report.md").read_text().startswith("# my study\n")
+    assert "C8 held" in capsys.readouterr().out
+    import ofe.analysis.claims as claims_module
+    from dataclasses import replace
+    stricter = replace(claims_module.CLAIMS["C8"], version=99, check=lambda runs: ("not held", "a stricter rule", []))
+    monkeypatch.setitem(claims_module.CLAIMS, "C8", stricter)
+    assert main(["rejudge", str(out)]) == 0
+    c8 = next(c for c in json.loads((out / "claims.json").read_text())["claims"] if c["id"] == "C8")
+    assert (c8["verdict"], c8["rule_version"]) == ("not held", 99)
+
+
+def test_rejudge_refuses_a_folder_without_evidence_and_a_damaged_file(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["rejudge", str(tmp_path / "empty")]) == 2
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "evidence.json.gz").write_bytes(b"not gzip")
+    assert main(["rejudge", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "no evidence.json.gz" in err[0] and "not a readable evidence file" in err[1]

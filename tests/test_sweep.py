@@ -1,6 +1,7 @@
 """`ofe sweep`: the grid, strict specs, skipping finished runs and resuming an interrupted one."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -145,3 +146,28 @@ def test_names_that_would_escape_the_sweep_folder_are_refused(tmp_path, small_co
     assert main(["sweep", str(_write(tmp_path, s)), "--progress", "false"]) == 2
     assert "cannot name a run directory" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "spec.json"]  # nothing created
+
+
+def test_parallel_workers_train_the_same_runs_as_one_at_a_time(tmp_path, small_corpus, capsys):
+    """`--workers 2`: two runs at a time in their own processes on cpu_count / 2 threads each; every run's
+    weights and quantisation equal a one-at-a-time sweep's on as many threads (same seeds, same data)."""
+    s = spec(tmp_path / "par", small_corpus, quantize=True)
+    s["base"]["steps"] = 4
+    assert main(["sweep", str(_write(tmp_path, s)), "--progress", "false", "--workers", "2"]) == 0
+    assert "2 at a time" in capsys.readouterr().out
+    threads, before = max(1, (os.cpu_count() or 1) // 2), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        one = dict(s, out_dir=str(tmp_path / "one"))
+        run_sweep(parse_spec(one), progress=False, log=lambda *a: None)
+    finally:
+        torch.set_num_threads(before)
+    for name in ("pre-ln_seed0", "pre-ln_seed1", "op_seed0", "op_seed1"):
+        a, b = load_file(tmp_path / "par" / name / "model.safetensors"), load_file(tmp_path / "one" / name / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        qa, qb = (json.loads((tmp_path / d / name / "quant.json").read_text()) for d in ("par", "one"))
+        assert qa["w8a8_ppl"] == qb["w8a8_ppl"]
+        final = [json.loads(line) for line in (tmp_path / "par" / name / "metrics.jsonl").read_text().splitlines()][-1]
+        assert final["threads"] == threads  # each worker ran on cpu_count / 2 threads, recorded with the run
+    with pytest.raises(ConfigError, match="workers"):
+        run_sweep(parse_spec(one), workers=0)

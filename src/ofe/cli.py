@@ -22,7 +22,7 @@ from ofe.experiment.remedies import RemediesOptions, remedies
 from ofe.experiment.reproduce import ReproduceOptions, reproduce
 from ofe.models import presets_table
 from ofe.quant import QuantizeOptions, format_table, quantize_run
-from ofe.report import ReportOptions, report
+from ofe.report import ReportOptions, rejudge, report
 from ofe.train import TrainConfig, train
 from ofe.train.config import load_train_config
 from ofe.experiment.survey import ZooOptions, zoo
@@ -68,6 +68,10 @@ COMMANDS: dict[str, Command] = {
     "report": Command("figures, a markdown report and the claims table of a set of runs",
                       lambda ns: report(ns.run_dirs, load_config(ReportOptions, ns)), ReportOptions,
                       ("run_dirs", "RUN_DIR", "run directories, or directories holding runs (a sweep)"), nargs="+"),
+    "rejudge": Command("judge saved reports again with today's claim rules, from their evidence.json.gz alone",
+                       lambda ns: rejudge(ns.report_dirs), None,
+                       ("report_dirs", "REPORT_DIR", "report directories, or directories holding reports (docs/results)"),
+                       nargs="+"),
     "reproduce": Command("the paper's study end to end: train Pre-LN/OP x AdamW/SOAP, quantise, report the claims",
                          lambda ns: reproduce(load_config(ReproduceOptions, ns)), ReproduceOptions),
     "remedies": Command("every remedy for outlier features side by side: train-time ones at their tuned lr, "

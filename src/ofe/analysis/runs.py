@@ -194,6 +194,36 @@ def load_run(path: str | Path) -> Run:
                corpus_description=str((identity or {}).get("corpus_description", "")))
 
 
+# Keys of a metrics record that only an unmonitored, unevaluated step has: the evidence keeps its
+# step and training loss (the loss curves and the matched-training-loss claims read them).
+_PLAIN_STEP_KEYS = frozenset({"step", "lr", "tokens", "train_loss", "tokens_per_s"})
+EVIDENCE_SCHEMA = 1
+
+
+def run_evidence(run: Run) -> dict[str, Any]:
+    """Everything the report and the claims read from a run, as JSON: its config, the metrics records
+    that carry a measurement (every step's training loss, every monitored or evaluated step in full),
+    its quantisation results, kept steps and divergence note. :func:`run_from_evidence` inverts it."""
+    records = [r if set(r) - _PLAIN_STEP_KEYS else {"step": r["step"], "train_loss": r["train_loss"]}
+               for r in run.records if "step" in r and (set(r) - _PLAIN_STEP_KEYS or "train_loss" in r)]
+    return {"path": str(run.path), "config": run.config, "records": records, "quant": run.quant,
+            "quant_at": {str(step): q for step, q in sorted(run.quant_at.items())}, "kept_steps": list(run.kept_steps),
+            "diverged": run.diverged, "run_id": run.run_id, "corpus_description": run.corpus_description}
+
+
+def run_from_evidence(entry: dict[str, Any]) -> Run:
+    """The :class:`Run` that :func:`run_evidence` saved (its directory need not exist any more)."""
+    try:
+        config = entry["config"]
+        settings = {k: v for k, v in _flatten(config).items() if k not in IGNORED_KEYS}
+        return Run(Path(entry["path"]), config, list(entry["records"]), entry["quant"], entry["diverged"],
+                   settings=settings, run_id=entry["run_id"], corpus_description=str(entry["corpus_description"]),
+                   quant_at={int(step): q for step, q in entry["quant_at"].items()},
+                   kept_steps=tuple(int(s) for s in entry["kept_steps"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise RunError(f"a run in the evidence file is malformed ({type(e).__name__}: {e})") from None
+
+
 def _canonical_order(run: Run) -> tuple[int, int]:
     """Blocks in the zoo's order, then optimisers in the registry's: one order (and so one colour per
     configuration) in every report, whatever order the directories were given or listed in."""
@@ -261,6 +291,13 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+def order_and_label(runs: list[Run]) -> list[Run]:
+    """Each run once, in the canonical order, labelled (what every report of these runs starts from)."""
+    runs = sorted(_without_copies(runs), key=_canonical_order)  # stable: seeds and variants keep their order
+    label_runs(runs)
+    return runs
+
+
 def load_runs(paths: list[str | Path]) -> list[Run]:
     """Load every run; a directory that holds runs (e.g. a sweep) is expanded to its runs."""
     runs: list[Run] = []
@@ -272,6 +309,4 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
         runs += [load_run(r.path) for r in found]
     if not runs:
         raise RunError("no runs given")
-    runs = sorted(_without_copies(runs), key=_canonical_order)  # stable: seeds and variants keep their order
-    label_runs(runs)
-    return runs
+    return order_and_label(runs)

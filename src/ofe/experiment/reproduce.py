@@ -16,11 +16,14 @@ Learning rates: each study carries the per-arm lrs that its committed tuning swe
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ofe import config as C
 from ofe.analysis import load_runs
@@ -38,7 +41,8 @@ from ofe.report.write import runs_table
 C8_PAIR = (("pre-ln", "adamw"), ("op", "soap"))
 
 # Settings per study scale (by preset); every one can be overridden by ReproduceOptions's options.
-# "lrs": the tuned lr of each arm ("block+optimiser"); "lr": the lr of any other arm; "tune": the grid.
+# "lrs": each arm's lr ("block+optimiser"), or a list of lrs trained on every seed; "lr": the lr of any
+# other arm; "tune": the grid of --tune.
 STUDIES: dict[str, dict[str, Any]] = {
     # The quick study (0.84M parameters, 7.5 min on 2 cores). lrs: each arm's best final val loss over
     # the grid on seed 0 (`ofe reproduce --tune true`, docs/results/studies/reproduce.md): Pre-LN + AdamW 3e-3
@@ -61,16 +65,17 @@ STUDIES: dict[str, dict[str, Any]] = {
                   "other_seeds": (0,)},
     # The synthetic Bigram-Backcopy task (docs/results/studies/bigram-backcopy.md), the default: 0.43M parameters,
     # 2 blocks, every window starts with a BOS token; an attention sink and a position-0 spike form
-    # within minutes. The paper's schedule (5% warmup, linear decay to 0), no weight decay. lrs: lowest
-    # mean final val loss over 3 seeds (C8 pair) or seed 0 (others) on the grid 1e-3..1e-1
-    # (configs/sweeps/backcopy-linear-*.toml). Pre-LN + AdamW 3e-2 beats 1e-2 by only 0.0002 nats
-    # (2.2973 vs 2.2975), where its W8A8 cost is +18-50% against +0.15-0.33%: the docs say so.
-    "backcopy-cpu": {"train": {"steps": 2000, "batch_size": 32, "eval_interval": 200, "monitor_interval": 100,
-                               "ckpt_interval": 1000, "dtype": "bfloat16", "keep_weights": True,
+    # within minutes. The paper's schedule (5% warmup, linear decay to 0), no weight decay. The C8 pair
+    # trains at three lrs each on every seed, spanning each arm's near-optimal band, so that C8 is judged
+    # over the bands the study itself measures (docs/claims-protocol.md); the other arms at one lr each.
+    # 1500 steps of 16 sequences (the 2000 x 32 grid of bigram-backcopy.md section 4 takes ~55 min on a
+    # 2-core AMD EPYC; this fits 20 min with two one-thread runs at a time: probes in section 5).
+    "backcopy-cpu": {"train": {"steps": 1500, "batch_size": 16, "eval_interval": 150, "monitor_interval": 75,
+                               "ckpt_interval": 750, "dtype": "bfloat16", "keep_weights": True,
                                "data": {"corpus": "bigram-backcopy", "bos": True}, "model": {"activation": "gelu"},
                                "optim": {"weight_decay": 0.0, "decay": "linear", "warmup_frac": 0.05}},
-                     "lr": 3e-3, "lrs": {"pre-ln+adamw": 3e-2, "op+soap": 3e-3, "pre-ln+soap": 3e-2,
-                                         "op+adamw": 3e-3},
+                     "lr": 3e-3, "lrs": {"pre-ln+adamw": [3e-3, 1e-2, 3e-2], "op+soap": [1e-3, 3e-3, 1e-2],
+                                         "pre-ln+soap": 1e-2, "op+adamw": 3e-3},
                      "tune": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], "seeds": (0, 1, 2), "other_seeds": (0,)},
     "codeparrot-130m": {"train": {"steps": 10000, "batch_size": 128, "eval_interval": 500, "monitor_interval": 100,
                                   "ckpt_interval": 1000, "dtype": "bfloat16", "compile": True, "keep_weights": True,
@@ -96,8 +101,8 @@ class ReproduceOptions:
                                                         "empty: only the C8 pair; none: the study's (study-cpu 0,1; "
                                                         "small-cpu, backcopy-cpu 0)")
     steps: int = C.field(0, "updates per run; 0: the study's default (study-cpu 300, small-cpu 4000, "
-                                 "backcopy-cpu 2000)")
-    batch_size: int = C.field(0, "sequences per update; 0: the study's default (32 for each CPU study)")
+                                 "backcopy-cpu 1500)")
+    batch_size: int = C.field(0, "sequences per update; 0: the study's default (32; backcopy-cpu 16)")
     lr: float = C.field(0.0, "peak lr of every arm; 0: each arm's lr from the study's table (or --tune), else the "
                              "study's lr (study-cpu 1e-2, small-cpu 3e-3)")
     tune: bool = C.field(False, "first run the study's lr grid for every arm on the first seed and use the "
@@ -107,6 +112,8 @@ class ReproduceOptions:
                                  "library; bigram-backcopy for backcopy-cpu)")
     quantize: bool = C.field(True, "quantise every run (W8A8 and the bit-width sweep), and the matched-loss weights")
     device: str = C.field("auto", "auto, cpu, cuda, cuda:N")
+    workers: int = C.field(0, "runs trained at a time, each on cpu_count / workers threads; 0: 2 on a CPU (two "
+                              "one-thread runs use 2 cores ~1.4x better than one two-thread run), 1 on a GPU")
     progress: bool = C.field(True, "show a progress bar over the study")
     dry_run: bool = C.field(False, "list the runs the study would train with their estimated FLOPs and memory "
                                    "(ofe.experiment.estimate); train nothing")
@@ -124,8 +131,18 @@ class ReproduceOptions:
             object.__setattr__(self, "other_seeds", tuple(study["other_seeds"]))
         if self.steps < 0 or self.lr < 0 or self.batch_size < 0:
             raise C.ConfigError("config keys 'steps', 'batch_size' and 'lr' must be >= 0 (0: the study's default)")
+        if self.workers < 0:
+            raise C.ConfigError("config key 'workers' must be >= 0 (0: 2 on a CPU, 1 on a GPU)")
         if self.tune and self.lr:
             raise C.ConfigError("config keys 'tune' and 'lr' exclude each other (tune chooses each arm's lr)")
+
+
+def workers(cfg: ReproduceOptions) -> int:
+    """How many runs train at a time (:class:`ReproduceOptions` ``workers``)."""
+    if cfg.workers:
+        return cfg.workers
+    on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    return 1 if on_gpu or (os.cpu_count() or 1) < 2 else 2
 
 
 def study_of(preset: str) -> dict[str, Any]:
@@ -158,14 +175,16 @@ def arms(cfg: ReproduceOptions) -> list[tuple[str, str]]:
     return [(b, o) for b in cfg.blocks for o in cfg.optimizers if (b, o) in C8_PAIR or cfg.other_seeds]
 
 
-def arm_lr(cfg: ReproduceOptions, arm: tuple[str, str], tuned: dict[tuple[str, str], float] | None = None) -> float:
-    """The lr an arm trains at: --lr, else what --tune found, else the study's table, else its default."""
+def arm_lrs(cfg: ReproduceOptions, arm: tuple[str, str], tuned: dict[tuple[str, str], float] | None = None) -> tuple[float, ...]:
+    """The lrs an arm trains at: --lr, else what --tune found, else the study's table (one lr, or the lrs
+    spanning the arm's near-optimal band), else the study's default lr."""
     study = study_of(cfg.preset)
     if cfg.lr:
-        return cfg.lr
+        return (cfg.lr,)
     if tuned and arm in tuned:
-        return tuned[arm]
-    return float(study["lrs"].get("+".join(arm), study["lr"]))
+        return (tuned[arm],)
+    lrs = study["lrs"].get("+".join(arm), study["lr"])
+    return tuple(float(lr) for lr in lrs) if isinstance(lrs, (list, tuple)) else (float(lrs),)
 
 
 def _variant(arm: tuple[str, str], lr: float, seed: int) -> dict[str, Any]:
@@ -179,8 +198,8 @@ def study_spec(cfg: ReproduceOptions, tuned: dict[tuple[str, str], float] | None
     short has whole pairs)."""
     variants = []
     for seed in dict.fromkeys([*cfg.seeds, *cfg.other_seeds]):
-        variants += [_variant(arm, arm_lr(cfg, arm, tuned), seed) for arm in arms(cfg)
-                     if seed in (cfg.seeds if arm in C8_PAIR else cfg.other_seeds)]
+        variants += [_variant(arm, lr, seed) for arm in arms(cfg) if seed in (cfg.seeds if arm in C8_PAIR else cfg.other_seeds)
+                     for lr in arm_lrs(cfg, arm, tuned)]
     return {"out_dir": cfg.out_dir, "quantize": cfg.quantize, "base": _base(cfg), "variants": variants}
 
 
@@ -193,7 +212,7 @@ def tuning_spec(cfg: ReproduceOptions) -> dict[str, Any]:
 
 def tune(cfg: ReproduceOptions, log: Callable[[str], None] = print) -> tuple[dict[tuple[str, str], float], list[Path]]:
     """Run the lr grid; returns each arm's lr with the lowest final validation loss, and the grid's runs."""
-    paths = run_sweep(parse_spec(tuning_spec(cfg)), progress=cfg.progress, log=log)
+    paths = run_sweep(parse_spec(tuning_spec(cfg)), progress=cfg.progress, log=log, workers=workers(cfg))
     runs = load_runs(paths)
     best = tuned_lrs(runs)
     chosen = {}
@@ -207,17 +226,18 @@ def tune(cfg: ReproduceOptions, log: Callable[[str], None] = print) -> tuple[dic
 def quantise_matched(runs: list[Run], log: Callable[[str], None] = print) -> int:
     """Quantise, for every C8 pair of one seed, the better run's kept weights at the worse run's final
     validation loss (skipped when already done or when no kept step reaches it). Returns how many."""
-    done = 0
+    done: set[tuple[Path, int]] = set()
     for a, b in c8_pairs(runs):  # the pairs C8 judges (same seed and settings, trained, lrs in the arms' bands)
         point = matched_point(a, b)
         step = point.better_step
-        if step is None or step == point.better.steps or point.better.quant_result(step) is not None:
+        if (step is None or step == point.better.steps or point.better.quant_result(step) is not None
+                or (point.better.path, step) in done):
             continue
         log(f"{point.better.path.name}: quantising the weights of step {step} (val loss {point.better_loss:.4f}, "
             f"matched to {point.worse.path.name}'s {point.target:.4f})")
         quantize_run(point.better.path, QuantizeOptions(step=step), log=log)
-        done += 1
-    return done
+        done.add((point.better.path, step))
+    return len(done)
 
 
 def dry_run(cfg: ReproduceOptions, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
@@ -245,7 +265,7 @@ def reproduce(cfg: ReproduceOptions, log=print) -> list[ClaimResult]:
     if cfg.tune:
         phases["lr tuning"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    study = run_sweep(parse_spec(study_spec(cfg, tuned)), progress=cfg.progress, log=log)
+    study = run_sweep(parse_spec(study_spec(cfg, tuned)), progress=cfg.progress, log=log, workers=workers(cfg))
     phases["training and quantisation"] = time.perf_counter() - t1
     paths = list(dict.fromkeys([*study, *grid]))  # the report shows the lr grid too; claims use the bands' runs
     runs = load_runs(paths)

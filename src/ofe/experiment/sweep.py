@@ -24,15 +24,19 @@ why in its run directory; the sweep only reads that state), and the sweep goes o
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
 import json
+import multiprocessing
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from ofe import config as C
@@ -163,41 +167,76 @@ def _exclusive(root: Path):
         raise ConfigError(f"another ofe sweep (pid {e.pid}) is running in {root}; wait for it or stop it") from None
 
 
-def run_sweep(sweep: Sweep, progress: bool = True, log: Callable[[str], None] = print) -> list[Path]:
-    """Train (and quantise) every run not yet finished; returns the run directories in spec order."""
+def run_sweep(sweep: Sweep, progress: bool = True, log: Callable[[str], None] = print, workers: int = 1) -> list[Path]:
+    """Train (and quantise) every run not yet finished; returns the run directories in spec order.
+
+    ``workers`` > 1 trains that many runs at a time, each in its own process on ``cpu_count // workers``
+    threads (small models use two cores better as two one-thread runs than as one two-thread run)."""
+    if workers < 1:
+        raise ConfigError(f"config key 'workers' must be >= 1, got {workers}")
     with _exclusive(sweep.out_dir):
-        return _run_locked(sweep, progress, log)
+        return _run_locked(sweep, progress, log, workers)
 
 
-def _run_locked(sweep: Sweep, progress: bool, log: Callable[[str], None]) -> list[Path]:
+def _train_and_quantise(run: SweepRun, state: str, quantize: bool, log: Callable[[str], None],
+                        threads: int | None = None) -> str:
+    """One run of a sweep, from wherever it stopped; returns a one-line outcome (a divergence is one)."""
+    if threads:
+        torch.set_num_threads(threads)
+    out = RunDir(run.config.out_dir)
+    if not out.is_finished():
+        out.create()
+        out.write_sweep_settings(run.settings)
+        try:
+            train(dataclasses.replace(run.config, resume=state == "resume", progress=False), log=log)
+        except NonFiniteLoss as e:  # a result (training recorded it in the run), not a failure of the sweep
+            return f"{run.name}: diverged: {e}"
+    if quantize and not out.has_quant():
+        result = quantize_run(out.path, log=log)
+        return f"{run.name}: W8A8 perplexity {result['w8a8_ppl']:.4f} (float {result['fp_ppl']:.4f})"
+    return f"{run.name}: trained"
+
+
+def _quiet(*_args: Any, **_kwargs: Any) -> None:
+    """The log of a run in a worker process: its outcome line is reported by the parent."""
+
+
+def _run_locked(sweep: Sweep, progress: bool, log: Callable[[str], None], workers: int = 1) -> list[Path]:
     states = sweep_states(sweep)  # check every directory before training anything
-    todo = sum(s != "done" for s in states)
-    log(f"sweep {sweep.out_dir}: {len(sweep.runs)} runs, {len(sweep.runs) - todo} already finished")
-    bar = tqdm(total=len(sweep.runs), initial=len(sweep.runs) - todo, desc="sweep", unit="run",
+    todo = [(run, state) for run, state in zip(sweep.runs, states) if state != "done"]
+    log(f"sweep {sweep.out_dir}: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} already finished"
+        + (f"; {workers} at a time" if workers > 1 and len(todo) > 1 else ""))
+    bar = tqdm(total=len(sweep.runs), initial=len(sweep.runs) - len(todo), desc="sweep", unit="run",
                disable=not progress, dynamic_ncols=True)
     write = tqdm.write if progress else log
     try:
-        for run, state in zip(sweep.runs, states):
-            if state == "done":
-                continue
-            bar.set_postfix_str(run.name)
-            out = RunDir(run.config.out_dir)
-            if not out.is_finished():
-                out.create()
-                out.write_sweep_settings(run.settings)
-                try:
-                    train(dataclasses.replace(run.config, resume=state == "resume", progress=False), log=write)
-                except NonFiniteLoss as e:  # a result (training recorded it in the run), not a failure of the sweep
-                    write(f"{run.name}: diverged: {e}")
-                    bar.update(1)
-                    continue
-            if sweep.quantize and not out.has_quant():
-                result = quantize_run(out.path, log=write)
-                write(f"{run.name}: W8A8 perplexity {result['w8a8_ppl']:.4f} (float {result['fp_ppl']:.4f})")
-            bar.update(1)
+        if workers > 1 and len(todo) > 1:
+            _run_parallel(todo, sweep.quantize, workers, bar, write)
+        else:
+            for run, state in todo:
+                bar.set_postfix_str(run.name)
+                write(_train_and_quantise(run, state, sweep.quantize, write))
+                bar.update(1)
     finally:
         bar.close()
     return [Path(run.config.out_dir) for run in sweep.runs]
+
+
+def _run_parallel(todo: list[tuple[SweepRun, str]], quantize: bool, workers: int, bar: tqdm,
+                  write: Callable[[str], None]) -> None:
+    """The runs ``todo``, ``workers`` at a time in spawned processes, in spec order as workers free up."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch threads inherited from a fork
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(_train_and_quantise, run, state, quantize, _quiet, threads): run for run, state in todo}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                write(future.result())
+                bar.update(1)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 @dataclass(frozen=True)
@@ -206,6 +245,7 @@ class SweepOptions:
 
     out_dir: str = C.field("", "directory of the runs; empty: the spec's out_dir")
     progress: bool = C.field(True, "show a progress bar over the whole sweep")
+    workers: int = C.field(1, "runs trained at a time, each in its own process on cpu_count / workers threads")
     dry_run: bool = C.field(False, "list the runs and their state, train nothing")
 
 
@@ -218,4 +258,4 @@ def sweep_spec_file(spec: str | Path, opts: SweepOptions = SweepOptions(), log: 
         for run, state in zip(planned.runs, sweep_states(planned)):
             log(f"{state:>7}  {run.config.out_dir}")
         return []
-    return run_sweep(planned, progress=opts.progress, log=log)
+    return run_sweep(planned, progress=opts.progress, log=log, workers=opts.workers)

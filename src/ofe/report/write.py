@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -18,7 +19,8 @@ import numpy as np
 from ofe import config as C
 from ofe.analysis.claims import ClaimResult, evaluate_claims, format_claims
 from ofe.analysis.fair import BAND_FLOOR, arm_key, lr_bands, tuned_lrs
-from ofe.analysis.runs import Run, arm_name, label_runs, load_runs
+from ofe.analysis.runs import (EVIDENCE_SCHEMA, Run, RunError, arm_name, label_runs, load_runs, order_and_label,
+                               run_evidence, run_from_evidence)
 from ofe.errors import OfeError
 from ofe.report import figures as F
 
@@ -196,8 +198,9 @@ class ReportError(OfeError, ValueError):
     """An output directory the report may not replace."""
 
 
-REPORT_FILES = ("report.md", "summary.json", "claims.json")
-CLAIMS_SCHEMA = 2  # 2: each claim carries its rule_version. With figures/<FIGURES files>: all a report writes
+EVIDENCE = "evidence.json.gz"
+REPORT_FILES = ("report.md", "summary.json", "claims.json", EVIDENCE)
+CLAIMS_SCHEMA = 3  # 2: each claim carries its rule_version; 3: the report saves its evidence (evidence.json.gz). With figures/<FIGURES files>: all a report writes
 
 
 def _check_report_dir(out: Path) -> None:
@@ -257,7 +260,7 @@ def write_report(runs: list[Run], out_dir: str | Path, title: str = "Outlier fea
               *(f"{c[0].upper()}{c[1:]}." for c in corpora), *([""] if corpora else []),
               "## Runs", "", "Validation perplexity at the end of training; W8A8 / W8A4 cost: perplexity increase of "
               "the simulated quantised model over the float one (`ofe quantize`); kurtosis: residual stream after each "
-              "block at the last step, averaged / maximised over layers.", "", runs_table(rows), "",
+              "block at the last step, averaged / maximised over layers.", "", runs_table(rows), "", *_threads_line(runs),
               "## Claims", "", "Tested on these runs only; `untested` means no pair of runs isolates the setting.", "",
               claims_table(claims), "", "How each verdict is decided (the numbers behind it are in `claims.json`):", ""]
         md += [f"- **{c.id}** (rule v{c.rule_version}, docs/claims-protocol.md): {c.rule}." for c in claims] + [""]
@@ -280,10 +283,57 @@ def write_report(runs: list[Run], out_dir: str | Path, title: str = "Outlier fea
         summary = {"runs": rows, "claims": [c.__dict__ for c in claims], "figures": [fig.file for fig in made]}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
         (tmp / "claims.json").write_text(json.dumps(claims_json(claims, runs), indent=1))
+        _write_evidence(tmp / EVIDENCE, runs, title)
         _install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return claims
+
+
+def _threads_line(runs: list[Run]) -> list[str]:
+    """A sentence naming the CPU thread count each run trained with (its numbers vary with it), if recorded."""
+    counts = Counter(r.records[-1].get("threads") for r in runs if r.records and r.records[-1].get("threads"))
+    if not counts:
+        return []
+    text = ", ".join(f"{n} run{'s' if n > 1 else ''} on {t} thread{'s' if t > 1 else ''}" for t, n in sorted(counts.items()))
+    return [f"Threads per run (final losses and costs move slightly with it; see docs/claims-protocol.md): {text}.", ""]
+
+
+def _write_evidence(path: Path, runs: list[Run], title: str) -> None:
+    """The runs' numbers behind the report (:func:`ofe.analysis.runs.run_evidence`), gzipped with a fixed
+    timestamp so that the same runs give the same bytes."""
+    data = json.dumps({"schema": EVIDENCE_SCHEMA, "title": title, "runs": [run_evidence(r) for r in runs]})
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as f:
+        f.write(data.encode())
+
+
+def read_evidence(path: str | Path) -> tuple[str, list[Run]]:
+    """The title and the runs of a report's evidence file, labelled as a report labels them."""
+    try:
+        with gzip.open(path, "rb") as f:
+            data = json.loads(f.read().decode())
+    except (OSError, EOFError, ValueError) as e:
+        raise RunError(f"{path}: not a readable evidence file ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or data.get("schema") != EVIDENCE_SCHEMA or not isinstance(data.get("runs"), list):
+        raise RunError(f"{path}: not an evidence file of schema {EVIDENCE_SCHEMA}")
+    if not data["runs"]:
+        raise RunError(f"{path}: holds no runs")
+    return str(data.get("title", "Outlier features report")), order_and_label([run_from_evidence(e) for e in data["runs"]])
+
+
+def rejudge(paths: list[str], log: Callable[[str], None] = print) -> list[Path]:
+    """``ofe rejudge``: every report under ``paths`` that saved its evidence is judged again with
+    today's rules and rewritten in place (report.md, claims.json, summary.json, figures); returns the
+    report directories. The runs themselves are not needed."""
+    found = sorted({p.parent for root in map(Path, paths)
+                    for p in ([root / EVIDENCE] if (root / EVIDENCE).is_file() else root.rglob(EVIDENCE))})
+    if not found:
+        raise RunError(f"no {EVIDENCE} under {', '.join(paths)} (a report saves one since claims.json schema 3)")
+    for report_dir in found:
+        title, runs = read_evidence(report_dir / EVIDENCE)
+        claims = write_report(runs, report_dir, title)
+        log(f"{report_dir}: " + ", ".join(f"{c.id} {c.status}" for c in claims))
+    return found
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,8 @@ class Trainer:
     def _final_record(self, tokens_per_step: int) -> dict[str, Any]:
         """Validation loss, monitor metrics and decomposition terms of the trained model."""
         cfg = self.cfg
-        final = {"step": cfg.steps, "tokens": cfg.steps * tokens_per_step, "val_loss": self.evaluate()}
+        final = {"step": cfg.steps, "tokens": cfg.steps * tokens_per_step, "val_loss": self.evaluate(),
+                 "threads": torch.get_num_threads()}  # what the run's numbers were computed with (they vary with it)
         if math.isfinite(final["val_loss"]):
             self._checkpoint_verified(cfg.steps)
         x, _ = self._micro_batch(cfg.steps, 0)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ofe.cli import main
+from ofe.quant import QuantConfig
 
 tf = pytest.importorskip("transformers")
 
@@ -25,14 +26,24 @@ def _build(family: str):
     return tf.BertModel(tf.BertConfig(**SMALL, intermediate_size=64))
 
 
-def _save_tokenizer(directory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# Each family's sequence template, as its real tokenizers frame one text: GPT-2 none, OPT and Llama a
+# start token, BERT [CLS] ... [SEP].
+TEMPLATES = {"gpt2": ([], []), "opt": (["</s>"], []), "llama": (["<s>"], []), "bert": (["[CLS]"], ["[SEP]"])}
 
+
+def _save_tokenizer(directory, family: str = "gpt2"):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    prefix, suffix = TEMPLATES.get(family, ([], []))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+                                  special_tokens=[*prefix, *suffix])
     tok.train_from_iterator([f"def f{i}(x):\n    return x + {i}\n" for i in range(200)], trainer=trainer)
+    if prefix or suffix:
+        tok.post_processor = processors.TemplateProcessing(
+            single=" ".join([*prefix, "$A", *suffix]), special_tokens=[(t, tok.token_to_id(t)) for t in (*prefix, *suffix)])
     tf.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(directory)
 
 
@@ -144,3 +155,32 @@ def test_audit_finds_a_planted_position0_spike_and_names_its_token(tmp_path):
     for row in result["layers"]:
         assert [(t["position"], t["channel"]) for t in row["top"][:4]] == [(0, 5)] * 4
         assert {t["token"] for t in row["top"][:4]} <= {tokenizer.decode([int(w)]) for w in windows[:, 0]}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama", "bert"])
+def test_sequences_start_and_end_as_the_tokenizer_frames_them(family, tmp_path):
+    """Each audit window is the tokenizer's own template around the text (a BOS for OPT / Llama,
+    [CLS] ... [SEP] for BERT, nothing for GPT-2); audit.json records it and the report names position 0;
+    ``--special_tokens false`` feeds plain text."""
+    from ofe.audit import AuditOptions, audit, corpus_windows, load_model, sequence_template, split_files
+    model_dir = tmp_path / family
+    _build(family).save_pretrained(model_dir)
+    _save_tokenizer(model_dir, family)
+    _, _, tokenizer = load_model(model_dir)
+    prefix, suffix = TEMPLATES[family]
+    template = sequence_template(tokenizer)
+    assert tokenizer.convert_ids_to_tokens(template[0]) == prefix and tokenizer.convert_ids_to_tokens(template[1]) == suffix
+    windows = corpus_windows(tokenizer, 300, 3, 16, split_files(2000, 0)[0], template)
+    assert windows.shape == (3, 16)
+    for row in windows.tolist():
+        tokens = tokenizer.convert_ids_to_tokens(row)
+        assert tokens[: len(prefix)] == prefix and tokens[len(tokens) - len(suffix):] == suffix
+        assert not set(tokens[len(prefix): len(tokens) - len(suffix)]) & set(prefix + suffix)  # text between
+    opts = dict(sequences=2, seq_len=16, quant=QuantConfig(sites="linear-inputs", calib_batches=1, calib_batch_size=2))
+    framed = audit(model_dir, AuditOptions(**opts), log=lambda *a: None)
+    assert framed["special_tokens"]["prefix"] == prefix and framed["special_tokens"]["suffix"] == suffix
+    assert framed["special_tokens"]["position_0"] == (prefix[0] if prefix else tokenizer.convert_ids_to_tokens(windows[0, :1].tolist())[0])
+    plain = audit(model_dir, AuditOptions(special_tokens=False, **opts), log=lambda *a: None)
+    assert plain["special_tokens"]["prefix"] == [] and plain["special_tokens"]["position_0"] not in ("<s>", "</s>", "[CLS]")
+    from ofe.audit import format_summary
+    assert f"position 0 is {json.dumps(framed['special_tokens']['position_0'])}" in format_summary(framed)

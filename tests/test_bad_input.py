@@ -15,6 +15,7 @@ def world(tmp_path, small_corpus):
     """A scratch directory with the files the bad inputs point at; returns a path formatter."""
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "bad.toml").write_text("steps = = 3\n")
+    (tmp_path / "latin1.toml").write_bytes(b"# caf\xe9\nsteps = 3\n")  # not UTF-8
     (tmp_path / "unknown.toml").write_text("stepz = 3\n")
     (tmp_path / "notdir").write_text("a file")
     (tmp_path / "plain").mkdir()
@@ -60,6 +61,8 @@ CASES = [
     TRAIN + " --config {t}/missing.toml",
     TRAIN + " --config {t}/bad.toml",
     TRAIN + " --config {t}/unknown.toml",
+    TRAIN + " --config {t}/latin1.toml",
+    TRAIN + " --config {t}/plain",
     TRAIN + " --out_dir {t}/notdir",
     TRAIN + " --out_dir {t}/broken",
     TRAIN + " --out_dir {t}/unfinished",
@@ -128,3 +131,22 @@ def test_values_the_parser_used_to_misread_are_one_validator_line(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_size_limit_is_one_disk_full_line(tmp_path, small_corpus):
+    """EFBIG (``ulimit -f``) while writing a checkpoint: one line naming the file and the limit, exit 2,
+    and the run resumes once the limit is lifted."""
+    import resource
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "ofe", "train", "--preset", "tiny", "--steps", "2", "--batch_size", "4",
+            "--progress", "false", "--data.corpus", str(small_corpus), "--out_dir", str(out)]
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))  # noqa: E731  (a checkpoint is larger)
+    done = subprocess.run(args, preexec_fn=limit, capture_output=True, text=True, timeout=120)
+    err = [line for line in done.stderr.strip().splitlines() if line.startswith("ofe train")]
+    assert done.returncode == 2, done.stderr
+    assert len(err) == 1 and "file too large" in err[0].lower() and "Traceback" not in done.stderr, done.stderr
+    assert subprocess.run(args + ["--resume", "true"], capture_output=True, timeout=120).returncode == 0
+    assert (out / "model.safetensors").is_file()

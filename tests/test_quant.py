@@ -515,3 +515,17 @@ def test_real_int8_without_torchao_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
     with pytest.raises(Int8Unavailable, match="pip install"):
         torchao_int8(_model("pre-ln"))
+
+
+def test_a_run_folder_it_cannot_write_is_refused_before_any_evaluation(tmp_path, monkeypatch, capsys):
+    """The preflight: `ofe quantize` on a folder it may not write into stops at once with one line,
+    not after minutes of evaluation (simulated through os.access: the tests may run as root, whom
+    permissions do not stop)."""
+    import os
+    import ofe.quant.quantize as Q
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(Q, "evaluate_run", lambda *a, **k: pytest.fail("evaluated before the preflight"))
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(run))
+    assert main(["quantize", str(run)]) == 2
+    assert "not writable" in capsys.readouterr().err

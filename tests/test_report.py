@@ -354,3 +354,29 @@ def test_rejudge_refuses_a_folder_without_evidence_and_a_damaged_file(tmp_path, 
     assert main(["rejudge", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "no evidence.json.gz" in err[0] and "not a readable evidence file" in err[1]
+
+
+def test_a_report_killed_before_installing_leaves_a_draft_the_next_report_removes(tmp_path):
+    """SIGKILL at the named instant after the report is drawn and before it is moved in: the output
+    is untouched (no half report) and the draft folder, marked as ofe's, is removed by the next report
+    on that output; a look-alike folder without the mark is the user's and stays."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    paper_like(tmp_path / "runs", seeds=(0,))
+    out = tmp_path / "report"
+    argv = [sys.executable, "-m", "ofe", "report", str(tmp_path / "runs"), "--out_dir", str(out)]
+    proc = subprocess.Popen(argv, env={**os.environ, "OFE_PAUSE_AT": "report-drafted"}, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:
+        if line.strip() == "ofe: paused at report-drafted":
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    drafts = [p for p in tmp_path.iterdir() if p.name.startswith(".report-")]
+    assert len(drafts) == 1 and (drafts[0] / "report.md").is_file()
+    assert not (out / "report.md").exists()  # nothing half-installed
+    (tmp_path / ".report-mine").mkdir()  # the user's, not a draft
+    assert main(["report", str(tmp_path / "runs"), "--out_dir", str(out)]) == 0
+    assert (out / "report.md").is_file() and not drafts[0].exists() and (tmp_path / ".report-mine").is_dir()

@@ -55,6 +55,8 @@ class AuditOptions:
     out_dir: str = C.field("", "output directory; empty: audit-<model directory name> in the current directory")
     seq_len: int = C.field(128, "tokens per sequence (at most the model's maximum)")
     sequences: int = C.field(16, "evaluation sequences")
+    special_tokens: bool = C.field(True, "start (and end) each sequence as the model's tokenizer does: BOS, or "
+                                         "[CLS] ... [SEP]; false: plain text windows")
     quant: QuantConfig = QuantConfig(sites="linear-inputs")
 
     def __post_init__(self) -> None:
@@ -115,18 +117,44 @@ def max_positions(config) -> int | None:
     return limit
 
 
-def corpus_windows(tokenizer, vocab_size: int, n: int, seq_len: int, files: list[Path] | None = None) -> torch.Tensor:
+def sequence_template(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the model's tokenizer puts around one text, ``(prefix ids, suffix ids)``:
+    ``([BOS], [])`` for Llama / OPT style, ``([CLS], [SEP])`` for BERT style, ``([], [])`` for GPT-2 or
+    without a tokenizer. Read off the tokenizer's own template by encoding a probe text with and
+    without special tokens."""
+    if tokenizer is None:
+        return [], []
+    probe = "def f(x):\n    return x"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start: start + len(plain)] == plain:
+            return full[:start], full[start + len(plain):]
+    return [], []  # a template that rewrites the text itself: feed it plain
+
+
+def corpus_windows(tokenizer, vocab_size: int, n: int, seq_len: int, files: list[Path] | None = None,
+                   template: tuple[list[int], list[int]] = ([], [])) -> torch.Tensor:
     """``n`` consecutive windows of ``seq_len`` tokens from ``files`` (default: the standard-library
-    corpus in order), int64 ``(n, T)``."""
-    text = read_bytes_sample(stdlib_files() if files is None else files, n * seq_len * 8).decode("utf-8", errors="replace")
+    corpus in order), int64 ``(n, T)``; each window is ``prefix + text + suffix`` (``template``: the
+    tokenizer's special tokens, :func:`sequence_template`), as the model saw sequences in training."""
+    prefix, suffix = template
+    body = seq_len - len(prefix) - len(suffix)
+    if body < 1:
+        raise AuditError(f"seq_len {seq_len} leaves no room for text beside the {len(prefix) + len(suffix)} special "
+                         "tokens of each sequence: raise --seq_len or pass --special_tokens false")
+    text = read_bytes_sample(stdlib_files() if files is None else files, n * body * 8).decode("utf-8", errors="replace")
     ids = ByteTokenizer().encode(text) if tokenizer is None else tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = np.asarray(ids, dtype=np.int64)
-    if ids.size and ids.max() >= vocab_size:
+    if ids.size and max(ids.max(), *prefix, *suffix) >= vocab_size:
         source = "the byte fallback (no usable tokenizer)" if tokenizer is None else "the model's tokenizer"
-        raise AuditError(f"{source} produces token id {int(ids.max())}, outside the model's vocabulary of {vocab_size}")
-    if len(ids) < n * seq_len:
-        ids = np.resize(ids, n * seq_len)  # a very coarse tokenizer: repeat the sample
-    return torch.from_numpy(ids[: n * seq_len].reshape(n, seq_len))
+        raise AuditError(f"{source} produces token id {int(max(ids.max(), *prefix, *suffix))}, outside the model's "
+                         f"vocabulary of {vocab_size}")
+    if len(ids) < n * body:
+        ids = np.resize(ids, n * body)  # a very coarse tokenizer: repeat the sample
+    rows = ids[: n * body].reshape(n, body)
+    edges = lambda t: np.broadcast_to(np.asarray(t, dtype=np.int64), (n, len(t)))  # noqa: E731
+    return torch.from_numpy(np.concatenate([edges(prefix), rows, edges(suffix)], axis=1))
 
 
 def split_files(n_bytes: int, seed: int) -> tuple[list[Path], list[Path]]:
@@ -192,9 +220,10 @@ def audit(model_dir: str | Path, cfg: AuditOptions, log=print) -> dict[str, Any]
         log(f"seq_len {cfg.seq_len} is more than {config.model_type} takes: using {T}")
     q = cfg.quant
     eval_files, calib_files = split_files(cfg.sequences * T * 8, q.seed)
-    windows = corpus_windows(tokenizer, config.vocab_size, cfg.sequences, T, eval_files)
+    template = sequence_template(tokenizer) if cfg.special_tokens else ([], [])
+    windows = corpus_windows(tokenizer, config.vocab_size, cfg.sequences, T, eval_files, template)
     calib = list(corpus_windows(tokenizer, config.vocab_size, q.calib_batches * q.calib_batch_size, T,
-                                calib_files).split(q.calib_batch_size))
+                                calib_files, template).split(q.calib_batch_size))
 
     stack_name, stack = find_block_stack(model)
     states, tops = hidden_states(model, stack, windows, tokenizer)
@@ -225,11 +254,20 @@ def audit(model_dir: str | Path, cfg: AuditOptions, log=print) -> dict[str, Any]
         "parameters": sum(p.numel() for p in model.parameters()),
         "tokenizer": "model's own" if tokenizer is not None else "bytes (fallback)",
         "sequences": cfg.sequences, "seq_len": T, "quant": C.to_dict(q), "quant_format": q.label,
+        "special_tokens": {"prefix": _token_names(tokenizer, template[0]), "suffix": _token_names(tokenizer, template[1]),
+                           "position_0": _token_names(tokenizer, windows[0, :1].tolist())[0]},
         "evaluation_text": f"the first {len(eval_files)} files of the corpus",
         "calibration_text": f"{q.calib_batches} x {q.calib_batch_size} windows from the other files, in an order drawn "
                             f"from quant.seed {q.seed} (no text shared with the evaluation)",
         "w8a8": cost, "layers": layers,
     }
+
+
+def _token_names(tokenizer, ids: list[int]) -> list[str]:
+    """Each id as the tokenizer spells it (bytes without a tokenizer)."""
+    if tokenizer is None:
+        return [repr(bytes([i]))[2:-1] if i < 256 else str(i) for i in ids]
+    return [str(t) for t in tokenizer.convert_ids_to_tokens(list(ids))]
 
 
 def write_audit(result: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -279,7 +317,7 @@ def format_summary(result: dict[str, Any]) -> str:
     change = f" ({w['increase_pct']:+.2f}%)" if "increase_pct" in w else ""
     lines = [f"# Outlier audit: {result['model_dir']}", "",
              f"{result['model_type']} ({result['kind']}), {result['sequences']} x {result['seq_len']} tokens of the "
-             f"standard-library corpus, tokenizer: {result['tokenizer']}.", "",
+             f"standard-library corpus, tokenizer: {result['tokenizer']}; {_fed(result)}.", "",
              f"{result['quant_format']} ({result['quant']['sites']}): {w['metric']} {w['float']:.6g} -> "
              f"{w['quantized']:.6g}{change}; evaluated on {result.get('evaluation_text', '?')}, calibrated on "
              f"{result.get('calibration_text', '?')}.", "",
@@ -296,6 +334,15 @@ def format_summary(result: dict[str, Any]) -> str:
               f"{r['position0_share']:.2f} | {r['input_correlation']:.3f} | {_tops(r.get('top', []))} |"
               for r in result["layers"]]
     return "\n".join(lines)
+
+
+def _fed(result: dict[str, Any]) -> str:
+    """How each sequence was framed, in words (audit.json's ``special_tokens``)."""
+    sp = result.get("special_tokens")
+    if not sp:
+        return "plain text windows"
+    frame = " ".join([*sp["prefix"], "<text>", *sp["suffix"]]) if sp["prefix"] or sp["suffix"] else "no special tokens"
+    return f"each sequence as the tokenizer frames it ({frame}; position 0 is {json.dumps(sp['position_0'])})"
 
 
 def _tops(rows: list[dict[str, Any]]) -> str:

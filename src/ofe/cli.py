@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from ofe import config as C
 from ofe.audit import AuditOptions, run_audit
-from ofe.errors import OfeError
+from ofe.errors import OfeError, describe_os_error
 from ofe.experiment import SweepOptions, sweep_spec_file
 from ofe.experiment.remedies import RemediesOptions, remedies
 from ofe.experiment.reproduce import ReproduceOptions, reproduce
@@ -126,6 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OfeError as e:
         print(f"ofe {ns.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a path the user gave (or its disk) failed: one line, whatever the command
+        print(f"ofe {ns.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except UnicodeError as e:
+        print(f"ofe {ns.command}: error: text that is not valid UTF-8 ({getattr(e, 'reason', e)}): check the file or "
+              "argument's encoding", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"ofe {ns.command}: interrupted", file=sys.stderr)
         return 130

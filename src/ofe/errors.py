@@ -14,8 +14,34 @@ The subclasses live with the concept they describe: ``ConfigError`` (:mod:`ofe.c
 
 from __future__ import annotations
 
+import errno
+
 
 class OfeError(Exception):
     """A user-facing problem: the message is one line that names what is wrong."""
 
     exit_code = 2
+
+
+_OS_ADVICE = {
+    errno.ENOENT: "no such file or directory: check the path",
+    errno.EEXIST: "already exists: choose another name",
+    errno.EISDIR: "is a directory where a file was expected",
+    errno.ENOTDIR: "a part of the path is not a directory",
+    errno.EACCES: "permission denied: choose a path you can read and write, or change its permissions",
+    errno.EPERM: "operation not permitted: choose another path",
+    errno.ENAMETOOLONG: "the name is too long for the file system: choose a shorter path",
+    errno.ELOOP: "too many levels of symbolic links (a link loop?)",
+    errno.ENOSPC: "no space left on the device: free some space and re-run (with --resume for a run)",
+    errno.EDQUOT: "disk quota exceeded: free some space and re-run (with --resume for a run)",
+    errno.EFBIG: "file too large (a file-size limit, ulimit -f, or the file system's maximum): free space or raise the "
+                 "limit and re-run",
+    errno.EROFS: "read-only file system: choose a writable output directory",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an operating-system error: the path (or paths) and what to do."""
+    where = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None) or "a file"
+    advice = _OS_ADVICE.get(e.errno) if e.errno is not None else None
+    return f"{where}: {advice or (e.strerror or str(e))}"

@@ -22,16 +22,26 @@ class DiskFullError(OfeError):
     """A write failed because the disk (or the user's quota) is full."""
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: a file-size limit (ulimit -f) or the file system's maximum
+
+
 @contextlib.contextmanager
 def disk_errors(path: Path) -> Iterator[None]:
-    """Turn a full disk or quota while writing ``path`` into one :class:`DiskFullError` line."""
+    """Turn a full disk, a quota or a file-size limit while writing ``path`` into one
+    :class:`DiskFullError` line (torch reports a failed write of its own as a ``RuntimeError``)."""
     try:
         yield
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(f"cannot write {path}: {os.strerror(e.errno).lower()}; free some space and "
-                                "re-run (with --resume for a run)") from None
+        if e.errno in DISK_FULL:
+            raise DiskFullError(f"cannot write {path}: {os.strerror(e.errno).lower()}; free some space (or raise the "
+                                "file-size limit) and re-run (with --resume for a run)") from None
         raise
+    except RuntimeError as e:
+        if "write failed" not in str(e) and "unexpected pos" not in str(e):
+            raise
+        raise DiskFullError(f"cannot write {path}: the write failed ({str(e).strip().splitlines()[0] if str(e).strip() else 'torch'}); "
+                            "the disk is probably full or the file over a size limit: free some space and re-run "
+                            "(with --resume for a run)") from None
 
 
 class UnsafePath(OfeError):

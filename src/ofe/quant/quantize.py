@@ -4,6 +4,7 @@ beside each layer's kurtosis. Used by ``ofe quantize RUN_DIR``."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,8 @@ def quantize_run(run_dir: str | Path, cfg: QuantizeOptions = QuantizeOptions(), 
     """Evaluate the run's formats and save the result in the run directory (``ofe quantize``):
     one result for the final weights and one per kept step (:meth:`RunDir.quant_path`)."""
     step = matched_step(run_dir, cfg.matched_to, log) if cfg.matched_to else (None if cfg.step < 0 else cfg.step)
+    if Path(run_dir).is_dir() and not os.access(run_dir, os.W_OK | os.X_OK):  # before minutes of evaluation
+        raise QuantError(f"cannot write the result into {run_dir}: the folder is not writable (check its permissions)")
     result = evaluate_run(run_dir, cfg.quant, cfg.eval_sequences, cfg.sweep, log=log, step=step,
                           real_int8=cfg.real_int8, calib_draws=cfg.calib_draws if cfg.sweep else 1)
     RunDir(run_dir).write_quant(result, step)

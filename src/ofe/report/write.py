@@ -22,6 +22,7 @@ from ofe.analysis.fair import BAND_FLOOR, arm_key, lr_bands, tuned_lrs
 from ofe.analysis.runs import (EVIDENCE_SCHEMA, Run, RunError, arm_name, label_runs, load_runs, order_and_label,
                                run_evidence, run_from_evidence)
 from ofe.errors import OfeError
+from ofe.io import LockHeld, exclusive_lock, pause_point
 from ofe.report import figures as F
 
 
@@ -213,7 +214,7 @@ def _check_report_dir(out: Path) -> None:
                           "another --out_dir")
     if not out.is_dir():
         raise ReportError(f"{out} exists and is not a directory; choose another --out_dir")
-    if not any(out.iterdir()):
+    if not [p for p in out.iterdir() if p.name != REPORT_LOCK]:  # new, or a first report killed before its files
         return
     try:
         summary = json.loads((out / "summary.json").read_text())
@@ -247,12 +248,34 @@ def write_report(runs: list[Run], out_dir: str | Path, title: str = "Outlier fea
     a directory that is not an ofe report is refused."""
     out = Path(out_dir)
     _check_report_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive_lock(out / REPORT_LOCK):
+            return _write_report_locked(runs, out, title)
+    except LockHeld as e:
+        raise ReportError(f"another ofe process (pid {e.pid}) is writing the report in {out}; wait for it") from None
+
+
+REPORT_LOCK = ".report.lock"
+DRAFT_MARK = ".ofe-report-draft"  # inside a draft folder: what a killed writer leaves is recognisably ours
+
+
+def _remove_stale_drafts(out: Path) -> None:
+    """Draft folders of this report that a killed writer left beside it (under the report's lock, so no
+    live writer owns one); only folders with ofe's name pattern and mark, never through a link."""
+    for draft in out.parent.glob(f".{out.name}-*"):
+        if draft.is_dir() and not draft.is_symlink() and (draft / DRAFT_MARK).is_file():
+            shutil.rmtree(draft)
+
+
+def _write_report_locked(runs: list[Run], out: Path, title: str) -> list[ClaimResult]:
+    _remove_stale_drafts(out)
     groups = label_runs(runs)
     rows = [run_row(r) for r in runs]
     claims = evaluate_claims(runs)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
+        (tmp / DRAFT_MARK).write_text("")
         (tmp / "figures").mkdir()
         made = _draw(groups, tmp / "figures")
         corpora = sorted({r.corpus_description for r in runs if r.corpus_description})
@@ -284,6 +307,7 @@ def write_report(runs: list[Run], out_dir: str | Path, title: str = "Outlier fea
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
         (tmp / "claims.json").write_text(json.dumps(claims_json(claims, runs), indent=1))
         _write_evidence(tmp / EVIDENCE, runs, title)
+        pause_point("report-drafted")
         _install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -167,7 +167,7 @@ def test_claims_json_carries_each_verdict_its_rule_and_its_numbers(tmp_path):
     out = tmp_path / "report"
     assert main(["report", str(root), "--out_dir", str(out)]) == 0
     doc = json.loads((out / "claims.json").read_text())
-    assert doc["schema"] == 2 and [c["id"] for c in doc["claims"]] == ["C1", "C2", "C3a", "C3b", "C4", "C5", "C6", "C7a", "C7b", "C8",
+    assert doc["schema"] == 3 and [c["id"] for c in doc["claims"]] == ["C1", "C2", "C3a", "C3b", "C4", "C5", "C6", "C7a", "C7b", "C8",
                                                                      "C9a", "C9b", "C9c", "C9d"]
     for c in doc["claims"]:
         assert set(c) == {"id", "statement", "verdict", "rule", "rule_version", "evidence", "effect", "data"}

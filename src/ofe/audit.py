@@ -13,6 +13,7 @@ directory, and printed. Nothing is downloaded: the model must be a local directo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -67,6 +68,9 @@ class AuditOptions:
 
 
 def _transformers():
+    # torch logs a deprecation warning per enum that torchao (imported by transformers) registers: noise
+    # before ofe's own output, about code that is not the user's
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
         import transformers
     except ImportError:
@@ -146,10 +150,10 @@ def corpus_windows(tokenizer, vocab_size: int, n: int, seq_len: int, files: list
     text = read_bytes_sample(stdlib_files() if files is None else files, n * body * 8).decode("utf-8", errors="replace")
     ids = ByteTokenizer().encode(text) if tokenizer is None else tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = np.asarray(ids, dtype=np.int64)
-    if ids.size and max(ids.max(), *prefix, *suffix) >= vocab_size:
+    largest = max([int(ids.max()) if ids.size else -1, *prefix, *suffix])
+    if largest >= vocab_size:
         source = "the byte fallback (no usable tokenizer)" if tokenizer is None else "the model's tokenizer"
-        raise AuditError(f"{source} produces token id {int(max(ids.max(), *prefix, *suffix))}, outside the model's "
-                         f"vocabulary of {vocab_size}")
+        raise AuditError(f"{source} produces token id {largest}, outside the model's vocabulary of {vocab_size}")
     if len(ids) < n * body:
         ids = np.resize(ids, n * body)  # a very coarse tokenizer: repeat the sample
     rows = ids[: n * body].reshape(n, body)

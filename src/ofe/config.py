@@ -129,14 +129,17 @@ def load_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.suffix not in (".toml", ".json"):
+        raise ConfigError(f"config file {path}: expected a .toml or .json file")
     try:
-        if path.suffix == ".toml":
-            return tomllib.loads(path.read_text())
-        if path.suffix == ".json":
-            return json.loads(path.read_text())
+        data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot parse config file {path}: {e}") from None
-    raise ConfigError(f"config file {path}: expected a .toml or .json file")
+    except RecursionError:
+        raise ConfigError(f"cannot parse config file {path}: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a table of keys, not {type(data).__name__}")
+    return data
 
 
 def _field_type(cls: type, dotted: str) -> Any:

@@ -49,6 +49,8 @@ CASES = [
     TRAIN + " --optim.betas 2,3",
     TRAIN + " --optim.rotation.precondition_frequency 3",
     TRAIN + " --model.block foo",
+    TRAIN + " --device foo",
+    TRAIN + " --device cuda:99",  # no such device here (no CUDA at all on the test machines)
     TRAIN + " --preset nope",
     TRAIN + " --model.n_head 3",
     TRAIN + " --batch_size 3 --grad_accum 2",
@@ -87,6 +89,7 @@ CASES = [
     "reproduce --optimizers sgd",
     "reproduce --preset nope",
     "reproduce --steps -5",
+    "reproduce --device gpu",
     "zoo --blocks foo",
     "zoo --preset nope",
     "zoo --batch_size 0",

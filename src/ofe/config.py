@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -47,6 +48,9 @@ def _type_name(tp: Any) -> str:
 
 
 SEED_LIMIT = 2**32  # every option named seed (or a list named seeds) is a seed: torch, numpy and Python all take these
+
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,3})?")  # every option named "device"; availability: ofe.train.distributed
 
 
 def _is_seed(key: str) -> bool:
@@ -94,6 +98,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        if key.rsplit(".", 1)[-1] == "device" and not DEVICE.fullmatch(value):
+            raise ConfigError(f"config key '{key}': unknown device {value!r} (auto, cpu, cuda, cuda:N)")
         return value
     raise TypeError(f"unsupported config annotation {tp!r} for key '{key}'")
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ofe.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -29,6 +31,12 @@ def setup(device: str) -> DistEnv:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device': {device} asked for, but this machine has no usable CUDA device "
+                          "(torch.cuda.is_available() is False); use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"config key 'device': {device} asked for, but this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "cuda":
         dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)

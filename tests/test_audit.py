@@ -71,6 +71,11 @@ def test_audit_every_family(family, tmp_path, capsys):
     assert k["seq_kurtosis"] == max(r["seq_kurtosis"] for r in result["layers"])
     assert k["token_excess_kurtosis"] == pytest.approx(sum(r["token_excess_kurtosis"] for r in result["layers"]) / 4)
     assert result["layers"][0]["module"] == "embeddings" and result["layers"][1]["module"].endswith(".0")
+    # what the audit measures is what the model returns as output_hidden_states (all but the last, which
+    # GPT-2 / OPT / NeoX / Llama return after their final norm; BERT has none)
+    check = result["hidden_states_check"]
+    assert check["matches"] and check["max_rel_diff"] < 1e-4, check
+    assert check["last"].startswith("the last block" if family == "bert" else "after the final norm"), check
     w = result["w8a8"]
     if family == "bert":
         assert w["metric"].startswith("cosine") and 0.9 < w["quantized"] <= 1.0 + 1e-6
@@ -155,6 +160,14 @@ def test_audit_finds_a_planted_position0_spike_and_names_its_token(tmp_path):
     for row in result["layers"]:
         assert [(t["position"], t["channel"]) for t in row["top"][:4]] == [(0, 5)] * 4
         assert {t["token"] for t in row["top"][:4]} <= {tokenizer.decode([int(w)]) for w in windows[:, 0]}
+    # Sun et al.'s table: the largest over all layers sit at position 0, channel 5, and channel 5 recurs in every layer
+    massive = result["massive_activations"]
+    assert all((r["position"], r["channel"]) == (0, 5) for r in massive["top"][:4])
+    assert massive["recurring_channels"][0] == {"channel": 5, "layers": [0, 1, 2, 3]}
+    values = [abs(r["value"]) for r in massive["top"]]
+    assert values == sorted(values, reverse=True)
+    assert values[0] == pytest.approx(max(row["max_abs"] for row in result["layers"]), rel=1e-6)  # the per-layer metric
+    assert values[0] == pytest.approx(max(h.abs().max().item() for h in hidden[:-1]), rel=1e-4)  # float64 reference
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt", "llama", "bert"])

@@ -209,6 +209,38 @@ def _largest(hidden: torch.Tensor, windows: torch.Tensor, tokenizer, k: int) -> 
     return rows
 
 
+def massive_activations(tops: list[list[dict[str, Any]]], k: int = 10) -> dict[str, Any]:
+    """The ``k`` largest ``|x|`` over every layer (Sun et al. 2024's table: layer, position, token,
+    channel, value), and the channels among the per-layer largest that recur in several layers
+    (``{"channel", "layers"}``, most layers first): a massive activation lives in fixed channels."""
+    rows = [{"layer": layer, **row} for layer, top in enumerate(tops) for row in top]
+    rows.sort(key=lambda r: -abs(r["value"]))
+    layers_of: dict[int, set[int]] = {}
+    for r in rows:
+        layers_of.setdefault(r["channel"], set()).add(r["layer"])
+    recurring = [{"channel": c, "layers": sorted(ls)} for c, ls in layers_of.items() if len(ls) >= 2]
+    recurring.sort(key=lambda r: (-len(r["layers"]), r["channel"]))
+    return {"top": rows[:k], "recurring_channels": recurring}
+
+
+@torch.no_grad()
+def check_hidden_states(model, states: list[torch.Tensor], windows: torch.Tensor) -> dict[str, Any]:
+    """Whether the block outputs the audit captured are what the model itself returns as
+    ``output_hidden_states`` (a metric placed on the wrong tensor is a known trap): the largest
+    relative difference over layers 0..L-1, and whether the model's last hidden state is the last
+    block's output or (as in GPT-2, Llama, ...) that output after the final norm."""
+    out = model(input_ids=windows[:1], output_hidden_states=True)
+    theirs = [h.float() for h in out.hidden_states]
+    ours = [h[:1].float() for h in states]
+    if len(theirs) != len(ours):
+        return {"matches": False, "reason": f"the model returns {len(theirs)} hidden states, the audit captured {len(ours)}"}
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))  # noqa: E731
+    inner = max((rel(a, b) for a, b in zip(ours[:-1], theirs[:-1])), default=0.0)
+    last = rel(ours[-1], theirs[-1])
+    return {"matches": inner < 1e-4, "max_rel_diff": inner,
+            "last": "the last block's output" if last < 1e-4 else "after the final norm (the table shows the block's output)"}
+
+
 @torch.no_grad()
 def _final_hidden(model, windows: torch.Tensor) -> torch.Tensor:
     return model(input_ids=windows).last_hidden_state.float()
@@ -231,6 +263,7 @@ def audit(model_dir: str | Path, cfg: AuditOptions, log=print) -> dict[str, Any]
 
     stack_name, stack = find_block_stack(model)
     states, tops = hidden_states(model, stack, windows, tokenizer)
+    checked = check_hidden_states(model, states, windows)
     costs = Costs(max_tokens=None, mmr_max_rows=None)
     layers = []
     for i, (x, top) in enumerate(zip(states, tops)):  # i: Hugging Face's hidden_states index
@@ -263,7 +296,8 @@ def audit(model_dir: str | Path, cfg: AuditOptions, log=print) -> dict[str, Any]
         "evaluation_text": f"the first {len(eval_files)} files of the corpus",
         "calibration_text": f"{q.calib_batches} x {q.calib_batch_size} windows from the other files, in an order drawn "
                             f"from quant.seed {q.seed} (no text shared with the evaluation)",
-        "w8a8": cost, "layers": layers,
+        "w8a8": cost, "layers": layers, "massive_activations": massive_activations(tops),
+        "hidden_states_check": checked,
     }
 
 
@@ -337,7 +371,30 @@ def format_summary(result: dict[str, Any]) -> str:
               f"{r.get('token_excess_kurtosis', math.nan):.3g} | {r['mmr']:.2f} | {r['max_abs']:.3g} | {r['abs_max_median']:.3g} | "
               f"{r['position0_share']:.2f} | {r['input_correlation']:.3f} | {_tops(r.get('top', []))} |"
               for r in result["layers"]]
+    lines += _massive_lines(result)
     return "\n".join(lines)
+
+
+def _massive_lines(result: dict[str, Any]) -> list[str]:
+    """The massive-activation table and the hidden-state check, as markdown lines."""
+    out = []
+    massive = result.get("massive_activations")
+    if massive:
+        out += ["", "Largest activations over all layers (Sun et al. 2024's view: massive activations sit on a few "
+                "tokens, in a few fixed channels):", "", "| layer | position | token | channel | value |",
+                "| --- | --- | --- | --- | --- |"]
+        out += [f"| {r['layer']} | {r['position']} | {json.dumps(r['token'])[1:-1]} | {r['channel']} | {r['value']:.4g} |".replace(
+            "|  |", "| |") for r in massive["top"]]
+        rec = massive["recurring_channels"]
+        out += ["", "Channels among each layer's largest that recur across layers: " + (
+            ", ".join(f"{r['channel']} (layers {', '.join(map(str, r['layers']))})" for r in rec[:10]) if rec else "none") + "."]
+    check = result.get("hidden_states_check")
+    if check:
+        verdict = (f"equal to the model's `output_hidden_states` (largest relative difference {check['max_rel_diff']:.1e}); "
+                   f"its last hidden state is {check['last']}") if check.get("matches") else (
+            f"**not** equal to the model's `output_hidden_states`: {check.get('reason', check.get('max_rel_diff'))}")
+        out += ["", f"Measured tensors: the captured block outputs are {verdict}."]
+    return out
 
 
 def _fed(result: dict[str, Any]) -> str:

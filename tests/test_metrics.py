@@ -320,3 +320,25 @@ def test_token_excess_kurtosis_matches_a_float64_reference_and_closed_forms():
     assert token_excess_kurtosis(with_constant).item() == pytest.approx(token_excess_kurtosis(one_hot).item())
     assert math.isnan(token_excess_kurtosis(torch.ones(3, d)).item())
     assert token_excess_kurtosis(x.bfloat16(), keep_dims=1).shape == (4,)
+
+
+def test_int8_sqnr_matches_a_float64_reference_and_falls_with_an_outlier():
+    """Per-tensor symmetric int8 round-to-nearest SQNR, against numpy in float64; about 39-40 dB for
+    Gaussian values (6 dB per bit: 20 log10(127 / 4.7) + 10 log10(12)), and a planted massive activation
+    (300 on one channel of each sequence's first token) costs it over 20 dB."""
+    import numpy as np
+    from ofe.metrics import int8_sqnr_db
+    torch.manual_seed(0)
+    x = torch.randn(16, 32, 64)
+    ref = x.double().numpy().reshape(-1)
+    scale = np.abs(ref).max() / 127
+    q = np.clip(np.round(ref / scale), -127, 127) * scale
+    expected = 10 * np.log10((ref ** 2).sum() / ((ref - q) ** 2).sum())
+    assert int8_sqnr_db(x).item() == pytest.approx(expected, abs=1e-3)
+    assert 38 < expected < 41
+    grouped = int8_sqnr_db(x, keep_dims=1)  # one value per leading group
+    assert grouped.shape == (16,) and grouped[3].item() == pytest.approx(int8_sqnr_db(x[3]).item(), abs=1e-4)
+    spiked = x.clone()
+    spiked[:, 0, 5] = 300.0  # a massive activation: one channel of the first token of each sequence
+    assert int8_sqnr_db(spiked).item() < expected - 20  # the bulk now rounds to a few grid levels
+    assert int8_sqnr_db(x, bits=4).item() == pytest.approx(expected - 24, abs=2.0)  # ~6 dB per bit

@@ -290,6 +290,25 @@ def token_excess_kurtosis(x: Tensor, keep_dims: int = 0) -> Tensor:
     return excess.nanmean(-1)
 
 
+def int8_sqnr_db(x: Tensor, bits: int = 8, keep_dims: int = 0) -> Tensor:
+    """How well one scale of ``bits``-bit integers holds the whole tensor: the signal-to-quantisation-noise
+    ratio in dB, ``10 log10(sum x^2 / sum (x - q(x))^2)``, with ``q`` symmetric round-to-nearest on the
+    grid ``max|x| / (2^(bits-1) - 1)`` (one per-tensor scale from the tensor's own range, as a W8A8
+    activation quantiser calibrated on it would use).
+
+    About 40 dB for Gaussian values at 8 bits; each doubling of the largest |x| relative to the
+    bulk costs about 6 dB, so it falls as massive activations grow: quantisability, watched during
+    training. It weighs errors by energy: an outlier channel that carries most of the tensor's energy
+    hides what the rounding does to the other channels (read it beside the kurtosis). ``x`` is ``(..., d)``; returns ``x.shape[:keep_dims]``; inf for an exactly representable
+    tensor, NaN for an all-zero or non-finite one.
+    """
+    v = _rows(x, keep_dims, "int8_sqnr_db").flatten(-2)
+    levels = 2 ** (bits - 1) - 1
+    scale = v.abs().amax(-1, keepdim=True) / levels
+    noise = v - (v / scale).round().clamp(-levels, levels) * scale
+    return 10 * torch.log10(v.square().sum(-1) / noise.square().sum(-1))
+
+
 def int8_token_frac(x: Tensor, threshold: float = 6.0) -> Tensor:
     """Per dimension, the fraction of token positions with ``|x_ij| >= threshold``: float ``(d,)``
     for one layer's activations ``(..., d)``. The per-layer input of :func:`int8_outlier_dims`."""

@@ -25,7 +25,8 @@ ACTIVATION_METRICS: dict[str, Callable[[Tensor], Tensor]] = {
     "seq_max_abs": M.sequence_max_abs,
     "seq_kurtosis": M.sequence_kurtosis,
     "token_excess_kurtosis": M.token_excess_kurtosis,
-    "int8_outlier_dims": M.int8_token_frac,  # per-layer token fractions, combined over layers by combine()
+    "int8_outlier_dims": M.int8_token_frac,
+    "int8_sqnr_db": M.int8_sqnr_db,  # per-layer token fractions, combined over layers by combine()
     "abs_max_median": M.abs_max_median,
     "position0_share": M.position0_share,
 }
@@ -34,8 +35,9 @@ PROBS_METRICS: dict[str, Callable[[Tensor], Tensor]] = {"attention_entropy": M.a
 DEFAULT_METRICS = ("kurtosis", "mmr", "input_correlation", "max_abs", "attention_entropy")
 ALL_METRICS = tuple(ACTIVATION_METRICS) + tuple(PROBS_METRICS)
 PROBS_SITE = "attn_probs"
-# What training logs: the defaults plus where the largest activations sit (massive activations, sinks).
-TRAIN_METRICS = DEFAULT_METRICS + ("abs_max_median", "position0_share", "sink_score")
+# What training logs: the defaults plus where the largest activations sit (massive activations, sinks)
+# and how well one int8 scale holds each layer's activations (quantisability, step by step).
+TRAIN_METRICS = DEFAULT_METRICS + ("abs_max_median", "position0_share", "sink_score", "int8_sqnr_db")
 # Metrics that need a (..., T, d) tensor with T >= 2: skipped for 2-D outputs.
 SEQUENCE_METRICS = frozenset({"input_correlation", "seq_max_abs", "seq_kurtosis", "position0_share"})
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import warnings
 from pathlib import Path
 
@@ -97,30 +99,38 @@ def kurtosis_vs_step(groups: dict[str, list[Run]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _metric_curve(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Monitored steps and the largest per-layer value of ``key`` at each (empty if not logged)."""
-    rows = [(r["step"], max(r[key])) for r in run.monitored if r.get(key)]
+def _metric_curve(run: Run, key: str, reduce: Callable[[list[float]], float] = max) -> tuple[np.ndarray, np.ndarray]:
+    """Monitored steps and the largest (``reduce``) per-layer value of ``key`` at each (empty if not logged)."""
+    rows = [(r["step"], reduce(r[key])) for r in run.monitored if r.get(key)]
     return (np.array([s for s, _ in rows]), np.array([v for _, v in rows], dtype=float)) if rows else (np.zeros(0), np.zeros(0))
 
 
 def massive_activations(groups: dict[str, list[Run]], colour: dict[str, tuple], path: Path) -> Path | None:
     """Largest |activation| over the median (left) and the share of the 50 largest at position 0
-    (right), the highest layer at each monitored step; one line per run. None if not logged."""
-    if not any(_metric_curve(r, "abs_max_median")[0].size for runs in groups.values() for r in runs):
+    (middle), the highest layer at each monitored step, and where logged (ofe >= 0.4) the lowest
+    layer's int8 SQNR (right: quantisability during training); one line per run. None if not logged."""
+    runs_all = [r for runs in groups.values() for r in runs]
+    if not any(_metric_curve(r, "abs_max_median")[0].size for r in runs_all):
         return None
-    fig, (ax_m, ax_p) = plt.subplots(1, 2, figsize=(11, 4))
+    panels = [("abs_max_median", max), ("position0_share", max)]
+    if any(_metric_curve(r, "int8_sqnr_db", min)[0].size for r in runs_all):
+        panels.append(("int8_sqnr_db", min))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     for label, runs in groups.items():
         for i, r in enumerate(runs):
-            for ax, key in ((ax_m, "abs_max_median"), (ax_p, "position0_share")):
-                steps, values = _metric_curve(r, key)
+            for ax, (key, reduce) in zip(axes, panels):
+                steps, values = _metric_curve(r, key, reduce)
                 if steps.size:
                     ax.plot(steps, values, color=colour[label], lw=1, alpha=0.85, label=label if i == 0 else None)
+    ax_m, ax_p = axes[0], axes[1]
     ax_m.set_yscale("log")
     _plain_ticks(ax_m)
     ax_m.set_ylabel("max |x| / median |x|")
     ax_p.set_ylabel("share of top-50 |x| at position 0")
     ax_p.set_ylim(0, 1.02)
-    for ax in (ax_m, ax_p):
+    if len(panels) == 3:
+        axes[2].set_ylabel("int8 SQNR of the worst layer (dB, per-tensor scale)")
+    for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     _legend(ax_m, fig)

@@ -166,7 +166,8 @@ FIGURES: dict[str, Figure] = {
                                       "(bars: min-max over seeds).", F.final_kurtosis_by_layer),
     "massive_activations": Figure("massive_activations.png", "Massive activations: the largest |activation| over "
                                   "the median |activation| of the residual stream (left, log scale) and the share of "
-                                  "the 50 largest that sit at position 0 (right), highest layer, every run.",
+                                  "the 50 largest that sit at position 0 (middle), highest layer; where logged, the "
+                                  "int8 SQNR of the worst layer (right: quantisability during training); every run.",
                                   F.massive_activations),
     "loss_curves": Figure("loss_curves.png", "Training and validation loss.", F.loss_curves),
     "kurtosis_vs_loss": Figure("kurtosis_vs_loss.png", "Kurtosis against training loss: configurations at matched "

@@ -380,3 +380,23 @@ def test_a_report_killed_before_installing_leaves_a_draft_the_next_report_remove
     (tmp_path / ".report-mine").mkdir()  # the user's, not a draft
     assert main(["report", str(tmp_path / "runs"), "--out_dir", str(out)]) == 0
     assert (out / "report.md").is_file() and not drafts[0].exists() and (tmp_path / ".report-mine").is_dir()
+
+
+@pytest.mark.parametrize("name,content,needle", [
+    ("quant.json", {"formats": []}, "'fp_ppl' is missing"),
+    ("quant.json", {"fp_ppl": 2.0, "w8a8_ppl": 3.0, "formats": [{"format": 1}]}, "a format entry"),
+    ("quant.json", {"fp_ppl": 2.0, "w8a8_ppl": "x"}, "'w8a8_ppl' is missing or not a number"),
+    ("quant.json", {"fp_ppl": 2.0, "w8a8_ppl": 3.0, "calibration_draws": [1]}, "calibration_draws"),
+    ("metrics.jsonl", '{"step": 0, "kurtosis": "abc"}\n{"step": 1, "kurtosis": [1.0]}\n', "field 'kurtosis' has the wrong type"),
+    ("metrics.jsonl", '{"step": "x"}\n{"step": 1, "kurtosis": [1.0]}\n', "'step' is 'x'"),
+    ("metrics.jsonl", '{"step": 0, "val_loss": [1]}\n{"step": 1, "kurtosis": [1.0]}\n', "field 'val_loss'"),
+    ("metrics.jsonl", '{"step": 0, "mmr": {"a": 1}}\n{"step": 1, "kurtosis": [1.0]}\n', "field 'mmr'"),
+])
+def test_files_read_back_are_checked_field_by_field(tmp_path, capsys, name, content, needle):
+    """Valid JSON of the wrong shape in a run's files is one line naming the file and the field, not a
+    traceback deep in the report (issue 29: every file read is validated)."""
+    run = make_run(tmp_path / "runs", "r", "pre-ln", "adamw", 0, 8.0, 2.0, w8a8=5.0, w8a4=200.0, steps=20)
+    (run / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    assert main(["report", str(tmp_path / "runs"), "--out_dir", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and name in err[0], err

@@ -294,6 +294,7 @@ class RunDir:
                 record = json.loads(line)
                 if not isinstance(record, dict) or "step" not in record:
                     raise ValueError("not a record with a step")
+                _check_record(record)
             except ValueError as e:
                 if number == len(lines):
                     warnings.warn(f"{self.metrics_path}: dropped a torn last line (the run was interrupted mid-write)",
@@ -406,8 +407,9 @@ class RunDir:
         if not path.is_file():
             return None
         quant = _read_json(path)
-        if not isinstance(quant, dict):
-            raise RunDirError(f"{path} does not hold a quantisation result")
+        problem = _quant_problem(quant)
+        if problem:
+            raise RunDirError(f"{path} does not hold a quantisation result ({problem}); re-run ofe quantize")
         return quant
 
     def write_quant(self, result: dict[str, Any], step: int | None = None) -> None:
@@ -455,3 +457,55 @@ def find_runs(folder: str | Path) -> list[RunDir]:
     if not runs:
         raise RunDirError(f"{folder} holds no run (no {CONFIG} in it or its sub-directories)")
     return runs
+
+
+# What a metrics record may hold: these scalars, the decomposition's table of per-layer lists, the
+# per-layer kurtosis, and otherwise a number or per-layer numbers. NaN is a number (a diverged value).
+_RECORD_SCALARS = frozenset({"lr", "tokens", "train_loss", "val_loss", "tokens_per_s", "threads"})
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _numbers(v: Any) -> bool:
+    return isinstance(v, list) and all(x is None or _is_number(x) for x in v)
+
+
+def _check_record(record: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first field of a metrics record with the wrong type."""
+    if not isinstance(record["step"], int) or isinstance(record["step"], bool) or record["step"] < 0:
+        raise ValueError(f"'step' is {record['step']!r}, not a step number")
+    for key, value in record.items():
+        if key == "step":
+            continue
+        if key in _RECORD_SCALARS:
+            ok = value is None or _is_number(value)
+        elif key == "kurtosis_update":
+            ok = isinstance(value, dict) and all(_numbers(v) for v in value.values())
+        elif key == "kurtosis":  # per layer: what every claim reads
+            ok = _numbers(value)
+        else:  # another metric: per layer, or one number
+            ok = value is None or _is_number(value) or _numbers(value)
+        if not ok:
+            raise ValueError(f"field {key!r} has the wrong type ({type(value).__name__})")
+
+
+def _quant_problem(quant: Any) -> str | None:
+    """What is wrong with a quantisation result read from disk, or None."""
+    if not isinstance(quant, dict):
+        return f"a {type(quant).__name__}, not a table"
+    for key in ("fp_ppl", "w8a8_ppl"):
+        if key in quant or key == "fp_ppl" and "step" not in quant:
+            if not _is_number(quant.get(key)):
+                return f"'{key}' is missing or not a number"
+    formats = quant.get("formats", [])
+    if not isinstance(formats, list):
+        return "'formats' is not a list"
+    for f in formats:
+        if not isinstance(f, dict) or not isinstance(f.get("format"), str) or not _is_number(f.get("increase_pct")):
+            return "a format entry without a name and an increase_pct"
+    draws = quant.get("calibration_draws", [])
+    if not isinstance(draws, list) or not all(isinstance(d, dict) and _is_number(d.get("increase_pct")) for d in draws):
+        return "'calibration_draws' is not a list of results"
+    return None

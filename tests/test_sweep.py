@@ -171,3 +171,15 @@ def test_parallel_workers_train_the_same_runs_as_one_at_a_time(tmp_path, small_c
         assert final["threads"] == threads  # each worker ran on cpu_count / 2 threads, recorded with the run
     with pytest.raises(ConfigError, match="workers"):
         run_sweep(parse_spec(one), workers=0)
+
+
+def test_a_damaged_sweep_settings_file_is_one_line(tmp_path, small_corpus, capsys):
+    s = spec(tmp_path / "sweep", small_corpus, grid={"model.block": ["op"]})
+    s["base"]["steps"] = 2
+    path = _write(tmp_path, s)
+    assert main(["sweep", str(path), "--progress", "false"]) == 0
+    (tmp_path / "sweep" / "op" / "sweep_run.json").write_text("[]")
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--progress", "false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sweep_run.json holds a list" in err[0], err

@@ -428,8 +428,15 @@ class RunDir:
         atomic_write(self.path / DIVERGED, lambda tmp: tmp.write_text(reason.strip() + "\n"))
 
     def read_sweep_settings(self) -> dict[str, Any] | None:
+        """The settings a sweep gave this run (None outside a sweep); a file that is not a table is an error."""
         path = self.path / SWEEP_SETTINGS
-        return _read_json(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        settings = _read_json(path)
+        if not isinstance(settings, dict):
+            raise RunDirError(f"{path} holds a {type(settings).__name__}, not the table of a sweep's settings; "
+                              "remove the run's folder to train it again")
+        return settings
 
     def write_sweep_settings(self, settings: dict[str, Any]) -> None:
         _write_json(self.path / SWEEP_SETTINGS, settings)

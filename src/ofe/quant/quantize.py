@@ -4,6 +4,7 @@ beside each layer's kurtosis. Used by ``ofe quantize RUN_DIR``."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from torch import Tensor
 from ofe import config as C
 from ofe.data import TokenData, prepare, train_batch, val_windows
 from ofe.errors import OfeError
-from ofe.metrics import abs_max_median, kurtosis, position0_share
+from ofe.metrics import abs_max_median, kurtosis, position0_share, sequence_kurtosis, token_excess_kurtosis
 from ofe.models import GPT
 from ofe.quant.simulate import SITE_FAMILIES, QuantConfig, SimulatedQuantModel, block_outputs, perplexity, sqnr_db
 from ofe.run_dir import RunDir
@@ -98,7 +99,8 @@ def evaluate_run(run_dir: str | Path, qcfg: QuantConfig, eval_sequences: int = 0
     families = site_family_costs(model, qcfg, calib, windows, fp_ppl, log) if sweep else []
     draws = (calibration_draws(model, data, cfg, qcfg, windows, fp_ppl, calib_draws, ppl_of.get(protocol_w8a8(qcfg)),
                                log) if calib_draws > 1 else [])
-    layers = [{"layer": i, "kurtosis": kurtosis(f).item(), "max_abs": f.abs().max().item(),
+    layers = [{"layer": i, "kurtosis": kurtosis(f).item(), "seq_kurtosis": sequence_kurtosis(f).item(),
+               "token_excess_kurtosis": token_excess_kurtosis(f).item(), "max_abs": f.abs().max().item(),
                "abs_max_median": abs_max_median(f).item(), "position0_share": position0_share(f).item(),
                "sqnr_db": sqnr_db(f, q)}
               for i, (f, q) in enumerate(zip(float_hidden, quant_hidden))]
@@ -175,10 +177,13 @@ def format_table(result: dict[str, Any]) -> str:
     if check := result.get("real_int8"):
         lines.append(real_int8_line(check))
     pad = len(result["quant_format"]) + 13
-    lines.append(f"per layer ({result['quant_format']}): {'layer':>5} {'kurtosis':>9} {'max|x|':>8} {'max/med':>8} "
-                 f"{'top@pos0':>8} {'SQNR dB':>8}")
-    lines += [f"{'':>{pad}}{row['layer']:>5} {row['kurtosis']:>9.3f} {row['max_abs']:>8.1f} {row['abs_max_median']:>8.1f} "
+    lines.append(f"per layer ({result['quant_format']}): {'layer':>5} {'kurtosis':>9} {'Pearson':>8} {'OSP':>8} "
+                 f"{'max|x|':>8} {'max/med':>8} {'top@pos0':>8} {'SQNR dB':>8}")
+    lines += [f"{'':>{pad}}{row['layer']:>5} {row['kurtosis']:>9.3f} {row.get('seq_kurtosis', math.nan):>8.3g} "
+              f"{row.get('token_excess_kurtosis', math.nan):>8.3g} {row['max_abs']:>8.1f} {row['abs_max_median']:>8.1f} "
               f"{row['position0_share']:>8.2f} {row['sqnr_db']:>8.2f}" for row in result["layers"]]
+    lines.append(f"{'':>{pad}}(kurtosis: He et al.'s Eq. 1; Pearson: Bondarenko et al.'s; OSP: per-token excess, "
+                 "docs/metrics.md)")
     return "\n".join(lines)
 
 

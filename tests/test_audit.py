@@ -197,3 +197,18 @@ def test_sequences_start_and_end_as_the_tokenizer_frames_them(family, tmp_path):
     assert plain["special_tokens"]["prefix"] == [] and plain["special_tokens"]["position_0"] not in ("<s>", "</s>", "[CLS]")
     from ofe.audit import format_summary
     assert f"position 0 is {json.dumps(framed['special_tokens']['position_0'])}" in format_summary(framed)
+
+
+def test_the_audit_prints_nothing_of_third_party_libraries(tmp_path):
+    """In a fresh process (imports included): no torchao kernel-loading lines, torch pytree deprecations
+    or transformers progress bars before or around ofe's own output."""
+    import subprocess
+    import sys
+    model_dir = tmp_path / "gpt2"
+    _build("gpt2").save_pretrained(model_dir)
+    _save_tokenizer(model_dir)
+    done = subprocess.run([sys.executable, "-m", "ofe", "audit", str(model_dir), "--out_dir", str(tmp_path / "out"),
+                           "--sequences", "2", "--seq_len", "16", "--quant.calib_batches", "1",
+                           "--quant.calib_batch_size", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "", done.stderr

@@ -68,14 +68,16 @@ class AuditOptions:
 
 
 def _transformers():
-    # torch logs a deprecation warning per enum that torchao (imported by transformers) registers: noise
-    # before ofe's own output, about code that is not the user's
+    # torch logs a deprecation warning per enum that torchao (imported by transformers) registers, and
+    # torchao one line per GPU kernel library it cannot load: noise before ofe's own output
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    logging.getLogger("torchao").setLevel(logging.ERROR)  # optional GPU kernels it cannot load on this machine
     try:
         import transformers
     except ImportError:
         raise AuditError("ofe audit needs transformers: pip install 'ofe[hf]'") from None
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar is not ofe's output
     return transformers
 
 

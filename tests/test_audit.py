@@ -23,6 +23,12 @@ def _build(family: str):
         return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**SMALL, intermediate_size=64))
     if family == "llama":
         return tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL, num_key_value_heads=2, intermediate_size=64))
+    if family == "mistral":
+        return tf.MistralForCausalLM(tf.MistralConfig(**SMALL, num_key_value_heads=2, intermediate_size=64))
+    if family == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**SMALL, num_key_value_heads=2, intermediate_size=64))
+    if family == "roberta":
+        return tf.RobertaModel(tf.RobertaConfig(**{**SMALL, "max_position_embeddings": 66}, intermediate_size=64))
     return tf.BertModel(tf.BertConfig(**SMALL, intermediate_size=64))
 
 
@@ -47,11 +53,11 @@ def _save_tokenizer(directory, family: str = "gpt2"):
     tf.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(directory)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "opt", "gpt_neox", "llama", "bert"])
+@pytest.mark.parametrize("family", ["gpt2", "opt", "gpt_neox", "llama", "mistral", "qwen2", "bert", "roberta"])
 def test_audit_every_family(family, tmp_path, capsys):
     model_dir, out = tmp_path / family, tmp_path / "report"
     _build(family).save_pretrained(model_dir)
-    with_tokenizer = family in ("gpt2", "bert")
+    with_tokenizer = family in ("gpt2", "bert", "roberta")
     if with_tokenizer:
         _save_tokenizer(model_dir)
     args = ["audit", str(model_dir), "--out_dir", str(out), "--sequences", "4", "--seq_len", "32",
@@ -74,10 +80,10 @@ def test_audit_every_family(family, tmp_path, capsys):
     # what the audit measures is what the model returns as output_hidden_states (all but the last, which
     # GPT-2 / OPT / NeoX / Llama return after their final norm; BERT has none)
     check = result["hidden_states_check"]
-    assert check["matches"] and check["max_rel_diff"] < 1e-4, check
-    assert check["last"].startswith("the last block" if family == "bert" else "after the final norm"), check
+    assert check["matches"] and check["max_rel_diff"] < 1e-6, check
+    assert check["last"].startswith("the last block" if family in ("bert", "roberta") else "after the final norm"), check
     w = result["w8a8"]
-    if family == "bert":
+    if family in ("bert", "roberta"):
         assert w["metric"].startswith("cosine") and 0.9 < w["quantized"] <= 1.0 + 1e-6
     else:
         assert w["metric"] == "perplexity" and abs(w["increase_pct"]) < 5

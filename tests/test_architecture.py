@@ -102,7 +102,7 @@ ALLOWED: dict[str, set[str]] = {
     "run_config": FOUNDATION | {"models", "data", "optim"},  # settings only
     "run_dir": FOUNDATION | {"run_config"},
     "monitor": FOUNDATION | {"metrics"},
-    "train": FOUNDATION | {"metrics", "models", "data", "optim", "monitor", "run_config", "run_dir"},
+    "train": FOUNDATION | {"metrics", "models", "data", "optim", "monitor", "run_config", "run_dir", "quant"},  # the probe
     "quant": FOUNDATION | {"metrics", "models", "data", "monitor", "run_config", "run_dir", "analysis"},
     "analysis": FOUNDATION | {"metrics", "models", "optim", "monitor", "run_config", "run_dir"},
     "report": FOUNDATION | {"metrics", "analysis", "run_dir"},

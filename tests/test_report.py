@@ -400,3 +400,20 @@ def test_files_read_back_are_checked_field_by_field(tmp_path, capsys, name, cont
     assert main(["report", str(tmp_path / "runs"), "--out_dir", str(tmp_path / "report")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0] and name in err[0], err
+
+
+def test_the_report_draws_the_probe_curves_and_names_each_onset(tmp_path):
+    """Runs logged with `--quant_probe`: the report draws int8 cost over training and names the onset,
+    the first probe at or above 0.3%, per run (and "never" for a run that stays below)."""
+    root = tmp_path / "runs"
+    for name, costs in (("spiky", [0.0, 0.1, 0.5, 2.0]), ("calm", [0.0, 0.05, 0.1, 0.2])):
+        run = make_run(root, name, "pre-ln", "adamw" if name == "spiky" else "soap", 0, 8.0, 2.0, steps=30)
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        for r in records:
+            if r["step"] % 10 == 0:
+                r["w8a8_probe_pct"], r["w4a4_probe_pct"] = costs[r["step"] // 10], 10 * costs[r["step"] // 10]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "report"
+    assert main(["report", str(root), "--out_dir", str(out)]) == 0
+    assert (out / "figures" / "quant_probe.png").read_bytes()[:4] == b"\x89PNG"
+    assert "spiky step 20; calm never." in (out / "report.md").read_text()

@@ -281,3 +281,27 @@ def test_bf16_on_a_cpu_without_bf16_units_trains_in_float32_with_a_warning(tmp_p
     train(tiny_cfg(tmp_path / "bf16", small_corpus, steps=2, dtype="bfloat16", **soap), log=quiet)
     saved = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert saved["dtype"] == "bfloat16" and saved["optim"]["rotation"]["matmul_dtype"] == "bfloat16"
+
+
+def test_the_quantisation_probe_logs_the_cost_and_leaves_training_untouched(tmp_path, small_corpus):
+    """`--quant_probe 4`: every 4 updates and at the end, the W8A8 and W4A4 perplexity cost of the simulated
+    model on a fixed held-out batch is logged; the trained weights are bitwise those of a run without it;
+    the final value is what the probe gives on the saved weights."""
+    from ofe.models import GPT
+    from ofe.quant.probe import QuantProbe
+
+    train(tiny_cfg(tmp_path / "probed", small_corpus, quant_probe=4), log=quiet)
+    train(tiny_cfg(tmp_path / "plain", small_corpus), log=quiet)
+    a, b = load_file(tmp_path / "probed" / "model.safetensors"), load_file(tmp_path / "plain" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = RunDir(tmp_path / "probed").read_metrics()
+    probed = [r for r in records if "w8a8_probe_pct" in r]
+    assert [r["step"] for r in probed] == [0, 4, 8, 12]
+    assert all("w4a4_probe_pct" in r and r["w4a4_probe_pct"] > r["w8a8_probe_pct"] for r in probed[1:])
+    assert not any("w8a8_probe_pct" in r for r in RunDir(tmp_path / "plain").read_metrics())
+    # the logged final value, recomputed from the saved weights with the probe's own data
+    trainer = loop_module.build_trainer(tiny_cfg(tmp_path / "again", small_corpus, quant_probe=4), log=quiet)
+    model = RunDir(tmp_path / "probed").load_weights(GPT(trainer.cfg.model))
+    again = trainer.probe.measure(model)
+    assert again["w8a8_probe_pct"] == pytest.approx(probed[-1]["w8a8_probe_pct"], abs=1e-6)
+    assert isinstance(trainer.probe, QuantProbe)

@@ -25,7 +25,7 @@ from ofe.optim import OptimConfig
 from ofe.optim.config import MOVED, drop_unread, upgrade_optim
 
 # Keys that may differ when resuming: they change how or where a run executes, not what it computes.
-RESUME_MUTABLE = frozenset({"resume", "progress", "compile", "device", "out_dir"})
+RESUME_MUTABLE = frozenset({"resume", "progress", "compile", "device", "out_dir", "quant_probe"})
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ class TrainConfig:
     eval_interval: int = field(100, "evaluate validation loss every this many updates (and at the end)")
     eval_batches: int = field(4, "validation batches of batch_size sequences")
     monitor_interval: int = field(10, "log outlier metrics every this many updates")
+    quant_probe: int = field(0, "every this many updates, log the W8A8 and W4A4 perplexity cost of the simulated "
+                                "quantised model on a fixed held-out batch (ofe.quant.probe; 0: off)")
     decomposition_sequences: int = field(8, "validation sequences on which the kurtosis-update terms are "
                                             "computed at monitor steps (fixed inputs); 0 disables")
     ckpt_interval: int = field(100, "write the resumable checkpoint every this many updates (and at the end)")
@@ -58,6 +60,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "monitor_interval", "ckpt_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config key '{name}' must be positive, got {getattr(self, name)}")
+        if self.quant_probe < 0:
+            raise ConfigError(f"config key 'quant_probe' must be >= 0 (0: off), got {self.quant_probe}")
         if self.decomposition_sequences < 0:
             raise ConfigError(f"config key 'decomposition_sequences' must be >= 0, got {self.decomposition_sequences}")
         if self.batch_size % self.grad_accum:

@@ -382,3 +382,43 @@ def remedies_scatter(rows: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=130, format="png")
     plt.close(fig)
     return path
+
+
+PROBE_ONSET_PCT = 0.3  # a W8A8 cost at or above this (C8's floor) is the run's onset of an int8 cost
+
+
+def probe_onset(run: Run, key: str = "w8a8_probe_pct", threshold: float = PROBE_ONSET_PCT) -> int | None:
+    """The first probed step whose cost (``ofe train --quant_probe``) is at least ``threshold`` percent."""
+    for r in run.records:
+        if isinstance(r.get(key), (int, float)) and r[key] >= threshold:
+            return int(r["step"])
+    return None
+
+
+def quant_probe(groups: dict[str, list[Run]], colour: dict[str, tuple], path: Path) -> Path | None:
+    """W8A8 (left) and W4A4 (right) perplexity cost over training from the quantisation probe, one line
+    per run, each run's onset step (W8A8 cost first >= PROBE_ONSET_PCT) marked. None without probes."""
+    keys = ("w8a8_probe_pct", "w4a4_probe_pct")
+    if not any(key in r for runs in groups.values() for run in runs for r in run.records for key in keys):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, runs in groups.items():
+        for i, run in enumerate(runs):
+            for ax, key in zip(axes, keys):
+                rows = [(r["step"], r[key]) for r in run.records if isinstance(r.get(key), (int, float))]
+                if not rows:
+                    continue
+                steps, values = map(np.array, zip(*rows))
+                ax.plot(steps, values, color=colour[label], lw=1, alpha=0.85, label=label if i == 0 else None)
+            onset = probe_onset(run)
+            if onset is not None:
+                value = next(r["w8a8_probe_pct"] for r in run.records if r["step"] == onset and "w8a8_probe_pct" in r)
+                axes[0].plot([onset], [value], marker="v", color=colour[label], ms=8)
+    for ax, name in zip(axes, ("W8A8", "W4A4")):
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.axhline(PROBE_ONSET_PCT, color="grey", ls=":", lw=1) if name == "W8A8" else None
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{name} perplexity cost (%), held-out probe")
+        ax.grid(alpha=0.3)
+    _legend(axes[0], fig)
+    return _save(fig, path)

@@ -183,6 +183,10 @@ FIGURES: dict[str, Figure] = {
     "quantisation": Figure("quantisation.png", "Perplexity cost of post-training quantisation: against "
                            "activation bit-width (left) and for every format run (right); mean over seeds, error bars "
                            "min-max.", F.quantisation),
+    "quant_probe": Figure("quant_probe.png", "Quantisability during training (`ofe train --quant_probe N`): the "
+                          "W8A8 (left) and W4A4 (right) perplexity cost of the simulated model on a fixed held-out "
+                          f"batch; a triangle marks each run's onset, the first probe with a W8A8 cost >= "
+                          f"{F.PROBE_ONSET_PCT:g}%.", F.quant_probe),
 }
 
 
@@ -284,7 +288,7 @@ def _write_report_locked(runs: list[Run], out: Path, title: str) -> list[ClaimRe
               *(f"{c[0].upper()}{c[1:]}." for c in corpora), *([""] if corpora else []),
               "## Runs", "", "Validation perplexity at the end of training; W8A8 / W8A4 cost: perplexity increase of "
               "the simulated quantised model over the float one (`ofe quantize`); kurtosis: residual stream after each "
-              "block at the last step, averaged / maximised over layers.", "", runs_table(rows), "", *_threads_line(runs),
+              "block at the last step, averaged / maximised over layers.", "", runs_table(rows), "", *_threads_line(runs), *_onset_lines(runs),
               "## Claims", "", "Tested on these runs only; `untested` means no pair of runs isolates the setting.", "",
               claims_table(claims), "", "How each verdict is decided (the numbers behind it are in `claims.json`):", ""]
         md += [f"- **{c.id}** (rule v{c.rule_version}, docs/claims-protocol.md): {c.rule}." for c in claims] + [""]
@@ -313,6 +317,16 @@ def _write_report_locked(runs: list[Run], out: Path, title: str) -> list[ClaimRe
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return claims
+
+
+def _onset_lines(runs: list[Run]) -> list[str]:
+    """Each probed run's onset step (the first quantisation probe with a W8A8 cost >= the threshold)."""
+    probed = [r for r in runs if any("w8a8_probe_pct" in x for x in r.records)]
+    if not probed:
+        return []
+    cells = [f"{r.path.name} {'step ' + str(F.probe_onset(r)) if F.probe_onset(r) is not None else 'never'}" for r in probed]
+    return [f"Onset of an int8 cost (the first quantisation probe with W8A8 >= {F.PROBE_ONSET_PCT:g}%): "
+            + "; ".join(cells) + ".", ""]
 
 
 def _threads_line(runs: list[Run]) -> list[str]:

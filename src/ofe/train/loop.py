@@ -26,11 +26,15 @@ from ofe.data import train_batch
 from ofe.io import pause_point
 from ofe.models import lm_loss
 from ofe.optim import lr_at
+from ofe.quant.probe import QuantProbe
 from ofe.run_dir import RunDir
 from ofe.train import distributed as D
 from ofe.train.build import Parts, TrainError, build, check_run_dir, rng_state
 from ofe.run_config import TrainConfig
 from ofe.train.logger import RunLogger
+
+
+PROBE_SEED = 4321  # the quantisation probe's calibration batches (ofe train --quant_probe)
 
 
 class NonFiniteLoss(TrainError):
@@ -71,6 +75,15 @@ class Trainer:
         self.previous_checkpoint: int | None = None
         self.unverified_checkpoint: int | None = self.last_checkpoint
         self.log = log if self.env.is_main else (lambda *a, **k: None)
+        self.probe = self._quant_probe() if self.cfg.quant_probe and self.env.is_main else None
+
+    def _quant_probe(self) -> QuantProbe:
+        """The probe's fixed data: the first 16 validation windows, two calibration batches of 8 training
+        sequences drawn with a seed of their own (so the curve follows the model, not the data)."""
+        p, T, device = self.parts, self.cfg.model.seq_len, self.env.device
+        calib = [train_batch(p.data.train, 8, T, PROBE_SEED, step=i, bos_id=p.data.bos_id)[:, :-1].to(device)
+                 for i in range(2)]
+        return QuantProbe(self.val[:16].to(device), calib)
 
     # ---- pieces of a step ----------------------------------------------------------------------
     def _autocast(self):
@@ -175,6 +188,8 @@ class Trainer:
             self.forward(x)
         final.update(monitor_record(self.monitor.collect(reduce=D.mean_across_ranks)))
         final.update(self._decomposition_record())
+        if self.probe is not None:
+            final.update(self.probe.measure(self.model))
         return final
 
     # ---- the run ---------------------------------------------------------------------------------
@@ -222,6 +237,8 @@ class Trainer:
                     run_dir.keep_weights(step, self.model)
             if self.monitor.due(step):
                 record.update(self._decomposition_record())
+            if self.probe is not None and step % self.cfg.quant_probe == 0:
+                record.update(self.probe.measure(self.model))
             loss, stats = self._train_step(step)
             record["train_loss"] = loss
             record.update(monitor_record(stats))

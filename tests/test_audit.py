@@ -218,3 +218,25 @@ def test_the_audit_prints_nothing_of_third_party_libraries(tmp_path):
                            "--quant.calib_batch_size", "2"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == "", done.stderr
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}}, "already quantised checkpoint (quant_method bitsandbytes)"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "already quantised checkpoint (quant_method gptq)"),
+    ({"n_layer": 0}, "the config has 0 layers"),
+    ({"n_positions": 1}, "cannot load the weights"),
+    ({"attn_implementation": "flash_attention_2", "_attn_implementation": "flash_attention_2"}, None),  # audited with PyTorch's attention
+])
+def test_configs_that_change_loading_are_refused_or_handled_in_one_line(tmp_path, capsys, change, needle):
+    model_dir = tmp_path / "model"
+    _build("gpt2").save_pretrained(model_dir)
+    _save_tokenizer(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, **change}))
+    code = main(["audit", str(model_dir), "--out_dir", str(tmp_path / "out"), "--sequences", "2", "--seq_len", "16",
+                 "--quant.calib_batches", "1", "--quant.calib_batch_size", "2"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ofe audit")]  # not the save's bar
+    if needle is None:
+        assert code == 0 and (tmp_path / "out" / "audit.json").is_file()
+    else:
+        assert code == 2 and len(err) == 1 and needle in err[0], err

@@ -97,10 +97,15 @@ def load_model(model_dir: Path):
     kind = SUPPORTED.get(config.model_type)
     if kind is None:
         raise AuditError(f"unsupported architecture '{config.model_type}'; supported: {', '.join(SUPPORTED)}")
+    _check_config(config, model_dir)
     cls = tf.AutoModelForCausalLM if kind == "causal" else tf.AutoModel
+    # a config may ask for FlashAttention or another kernel that needs a GPU package: the audit's numbers
+    # are the model's, whatever attention kernel computes them, so it uses PyTorch's own
+    attention = getattr(config, "_attn_implementation", None) or getattr(config, "attn_implementation", None)
+    options = {} if attention in (None, "eager", "sdpa") else {"attn_implementation": "eager"}
     try:
-        model = cls.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False).eval()
-    except (OSError, ValueError, RuntimeError) as e:
+        model = cls.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False, **options).eval()
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
         raise AuditError(f"cannot load the weights in {model_dir}: {str(e).splitlines()[0]}") from None
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
@@ -112,6 +117,19 @@ def load_model(model_dir: Path):
     if tokenizer is None:
         warnings.warn(f"{model_dir} has no usable tokenizer: falling back to bytes (ids modulo the vocabulary)", stacklevel=2)
     return model, kind, tokenizer
+
+
+def _check_config(config, model_dir: Path) -> None:
+    """Refuse, in one line, a config the audit cannot measure: an already quantised checkpoint (its
+    weights are not the float model's), or one without blocks."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else getattr(quantization, "quant_method", "?")
+        raise AuditError(f"{model_dir} holds an already quantised checkpoint (quant_method {method}); ofe audit measures "
+                         "float checkpoints: audit the model it was quantised from")
+    layers = next((getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(config, k)), None)
+    if isinstance(layers, int) and layers < 1:
+        raise AuditError(f"{model_dir}: the config has {layers} layers; there is no block to measure")
 
 
 def max_positions(config) -> int | None:

@@ -163,3 +163,34 @@ def test_bos_grows_the_vocabulary_and_trains(tmp_path, small_corpus):
                               "eval_batches": 1, "progress": False, "data": {"corpus": str(small_corpus), "bos": True}})
     train(cfg, log=lambda *a: None)
     assert RunDir(tmp_path / "run").config().model.vocab_size == 257
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda d: (d / "meta.json").write_text("{garbage"), "meta.json unreadable"),
+    (lambda d: (d / "train.bin").write_bytes(b""), "train.bin holds 0 bytes"),
+    (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json is missing"),
+    (lambda d: (d / "meta.json").write_text(json.dumps({**json.loads((d / "meta.json").read_text()), "train_tokens": 7})),
+     "does not match its checksum"),
+    (lambda d: (d / "meta.json").write_text(json.dumps({"dtype": 3})), "lacks a field"),
+])
+def test_a_damaged_token_cache_is_rebuilt_with_a_warning(small_corpus, tmp_path, damage, reason):
+    from ofe.data import DataConfig, prepare
+    cfg = DataConfig(corpus=str(small_corpus), cache_dir=str(tmp_path / "cache"))
+    fresh = prepare(cfg, log=lambda *a: None)
+    train, val = np.array(fresh.train), np.array(fresh.val)
+    damage(fresh.directory)
+    with pytest.warns(UserWarning, match=f"is damaged \\((meta.json )?{reason}"):
+        again = prepare(cfg, log=lambda *a: None)
+    assert np.array_equal(np.array(again.train), train) and np.array_equal(np.array(again.val), val)
+    assert dataset_module.cache_problem(again.directory) is None
+
+
+def test_a_damaged_cache_entry_with_foreign_files_is_refused_not_deleted(small_corpus, tmp_path):
+    from ofe.data import CorpusError, DataConfig, prepare
+    cfg = DataConfig(corpus=str(small_corpus), cache_dir=str(tmp_path / "cache"))
+    directory = prepare(cfg, log=lambda *a: None).directory
+    (directory / "train.bin").write_bytes(b"")
+    (directory / "notes.txt").write_text("mine")
+    with pytest.warns(UserWarning), pytest.raises(CorpusError, match="holds files ofe did not write"):
+        prepare(cfg, log=lambda *a: None)
+    assert (directory / "notes.txt").read_text() == "mine"

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -91,6 +92,9 @@ def prepare(cfg: DataConfig, log=print) -> TokenData:
     """Tokenise ``cfg.corpus`` into the cache (once) and map it. Raises :class:`CorpusError`."""
     corpus = open_corpus(cfg.corpus, cfg.glob, cfg.text_field)
     directory = cfg.resolved_cache_dir() / cache_key(cfg, corpus.fingerprint())
+    if (directory / "meta.json").exists() and (problem := cache_problem(directory)):
+        warnings.warn(f"token cache {directory} is damaged ({problem}): rebuilding it", stacklevel=2)
+        _remove_cache_entry(directory)
     if not (directory / "meta.json").exists():
         with disk_errors(directory):
             _build(cfg, corpus, directory, log)
@@ -98,6 +102,54 @@ def prepare(cfg: DataConfig, log=print) -> TokenData:
     if cfg.bos:
         data.bos_id = data.tokenizer.vocab_size
     return data
+
+
+CACHE_FILES = ("meta.json", "train.bin", "val.bin", TOKENIZER_FILE)
+META_FIELDS = {"corpus": str, "tokenizer": str, "vocab_size": int, "dtype": str, "train_tokens": int, "val_tokens": int}
+
+
+def _meta_checksum(meta: dict) -> str:
+    """SHA-256 of the metadata without its own checksum (canonical JSON): a damaged meta.json shows."""
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def cache_problem(directory: Path) -> str | None:
+    """What is wrong with a token-cache entry, or None: meta.json readable, of the right fields and
+    matching its checksum (caches written before the checksum have none), each split file as long as
+    the metadata says, the tokenizer present."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"meta.json unreadable: {type(e).__name__}"
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool)
+                                         for k, t in META_FIELDS.items()):
+        return "meta.json lacks a field or has the wrong type"
+    if "checksum" in meta and meta["checksum"] != _meta_checksum(meta):
+        return "meta.json does not match its checksum"
+    try:
+        itemsize = np.dtype(meta["dtype"]).itemsize
+    except TypeError:
+        return f"unknown dtype {meta['dtype']!r}"
+    for split in ("train", "val"):
+        path, expected = directory / f"{split}.bin", meta[f"{split}_tokens"] * itemsize
+        size = path.stat().st_size if path.is_file() else (0 if not expected else -1)
+        if size != expected:
+            return f"{split}.bin holds {max(size, 0)} bytes, the metadata says {expected}"
+    if not (directory / TOKENIZER_FILE).is_file():
+        return f"{TOKENIZER_FILE} is missing"
+    return None
+
+
+def _remove_cache_entry(directory: Path) -> None:
+    """Delete a damaged cache entry: only the files a cache entry holds; anything else there is refused."""
+    others = [p.name for p in directory.iterdir() if p.name not in CACHE_FILES]
+    if others or directory.is_symlink():
+        raise CorpusError(f"token cache {directory} is damaged and holds files ofe did not write ({', '.join(others[:3])}); "
+                          "remove it by hand")
+    for name in CACHE_FILES:
+        (directory / name).unlink(missing_ok=True)
+    directory.rmdir()
 
 
 def load_token_data(directory: Path) -> TokenData:
@@ -128,6 +180,7 @@ def _build(cfg: DataConfig, corpus, directory: Path, log) -> None:
         meta = {"corpus": cfg.corpus, "tokenizer": cfg.tokenizer, "vocab_size": tok.vocab_size, "dtype": dtype.name,
                 "train_docs": len(train_texts), "val_docs": len(val_texts), "skipped_files": corpus.skipped,
                 "train_tokens": counts["train"], "val_tokens": counts["val"], "val_fraction": cfg.val_fraction}
+        meta["checksum"] = _meta_checksum(meta)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             os.replace(tmp, directory)

@@ -183,3 +183,40 @@ def test_a_damaged_sweep_settings_file_is_one_line(tmp_path, small_corpus, capsy
     assert main(["sweep", str(path), "--progress", "false"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sweep_run.json holds a list" in err[0], err
+
+
+def test_ctrl_c_during_a_parallel_sweep_is_one_line_and_a_rerun_finishes(tmp_path, small_corpus):
+    """A terminal's Ctrl-C (SIGINT to the process group) while both workers are at a named instant:
+    `ofe sweep` ends with one "interrupted" line and exit code 130; re-running it finishes every run,
+    each with the weights of an uninterrupted sweep."""
+    import signal
+    import subprocess
+    import sys
+    s = spec(tmp_path / "sweep", small_corpus, grid={"model.block": ["pre-ln", "op"]})
+    path = _write(tmp_path, s)
+    argv = [sys.executable, "-m", "ofe", "sweep", str(path), "--progress", "false", "--workers", "2"]
+    proc = subprocess.Popen(argv, env={**os.environ, "OFE_PAUSE_AT": "step-3"}, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    paused = 0
+    for line in proc.stderr:
+        paused += line.strip() == "ofe: paused at step-3"
+        if paused == 2:  # both runs stopped themselves at the same instant
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGCONT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, rest
+    ours = [line for line in rest.splitlines() if line.startswith("ofe sweep")]
+    assert ours == ["ofe sweep: interrupted"] and "Traceback" not in rest, rest
+    assert main(["sweep", str(path), "--progress", "false", "--workers", "2"]) == 0
+    reference = dict(s, out_dir=str(tmp_path / "reference"))
+    threads, before = max(1, (os.cpu_count() or 1) // 2), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_sweep(parse_spec(reference), progress=False, log=lambda *a: None)
+    finally:
+        torch.set_num_threads(before)
+    for name in ("pre-ln", "op"):
+        a = load_file(tmp_path / "sweep" / name / "model.safetensors")
+        b = load_file(tmp_path / "reference" / name / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name

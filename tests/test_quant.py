@@ -223,6 +223,14 @@ def test_ofe_quantize_writes_quant_json(tmp_path, small_corpus, capsys):
                                                         "W8A8-token", "W4A4-token"]
     assert len(result["layers"]) == 2 and all(r["kurtosis"] >= 1 and r["sqnr_db"] > 0 for r in result["layers"])
     assert result["w8a8_ppl"] == pytest.approx(result["formats"][0]["ppl"])
+    # while another process holds the run (a second quantize, a resumed training), quantize is refused at once
+    from ofe.run_dir import RunDir
+    import os
+    capsys.readouterr()
+    with RunDir(run).lock():
+        assert main(["quantize", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"is in use by pid {os.getpid()}" in err and len(err.strip().splitlines()) == 1
     assert "W8A8" in out and "SQNR" in out and "W8A8 over 3 calibration draws" in out
     # the quantiser's own spread: W8A8 on calibration seeds 1234, 1235, 1236; the first is the W8A8 above, the
     # others equal an independent evaluation with that seed

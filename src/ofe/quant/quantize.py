@@ -3,6 +3,7 @@ beside each layer's kurtosis. Used by ``ofe quantize RUN_DIR``."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -245,7 +246,11 @@ def quantize_run(run_dir: str | Path, cfg: QuantizeOptions = QuantizeOptions(), 
     step = matched_step(run_dir, cfg.matched_to, log) if cfg.matched_to else (None if cfg.step < 0 else cfg.step)
     if Path(run_dir).is_dir() and not os.access(run_dir, os.W_OK | os.X_OK):  # before minutes of evaluation
         raise QuantError(f"cannot write the result into {run_dir}: the folder is not writable (check its permissions)")
-    result = evaluate_run(run_dir, cfg.quant, cfg.eval_sequences, cfg.sweep, log=log, step=step,
-                          real_int8=cfg.real_int8, calib_draws=cfg.calib_draws if cfg.sweep else 1)
-    RunDir(run_dir).write_quant(result, step)
+    run = RunDir(run_dir)
+    # a finished run is locked while quantised, so that a second `ofe quantize` (or a resumed training)
+    # on it is refused with the other pid instead of racing on quant.json
+    with run.lock() if run.is_finished() else contextlib.nullcontext():
+        result = evaluate_run(run_dir, cfg.quant, cfg.eval_sequences, cfg.sweep, log=log, step=step,
+                              real_int8=cfg.real_int8, calib_draws=cfg.calib_draws if cfg.sweep else 1)
+        run.write_quant(result, step)
     return result

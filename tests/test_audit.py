@@ -240,3 +240,11 @@ def test_configs_that_change_loading_are_refused_or_handled_in_one_line(tmp_path
         assert code == 0 and (tmp_path / "out" / "audit.json").is_file()
     else:
         assert code == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_tokens_in_the_markdown_tables_cannot_break_a_row():
+    from ofe.audit import _massive_lines, _tops
+    rows = [{"layer": 0, "position": 3, "token": "a|b\n", "channel": 1, "value": 2.0}]
+    line = _massive_lines({"massive_activations": {"top": rows, "recurring_channels": []}})[5]
+    assert line == "| 0 | 3 | a\\|b\\n | 1 | 2 |" and line.count("|") - line.count("\\|") == 6
+    assert _tops(rows) == "3: a\\|b\\n"

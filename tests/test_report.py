@@ -384,6 +384,7 @@ def test_a_report_killed_before_installing_leaves_a_draft_the_next_report_remove
 
 @pytest.mark.parametrize("name,content,needle", [
     ("quant.json", {"formats": []}, "'fp_ppl' is missing"),
+    ("quant.json", {"step": 20, "w8a8_ppl": 3.0, "formats": []}, "'fp_ppl' is missing"),  # as ofe quantize writes it
     ("quant.json", {"fp_ppl": 2.0, "w8a8_ppl": 3.0, "formats": [{"format": 1}]}, "a format entry"),
     ("quant.json", {"fp_ppl": 2.0, "w8a8_ppl": "x"}, "'w8a8_ppl' is missing or not a number"),
     ("quant.json", {"fp_ppl": 2.0, "w8a8_ppl": 3.0, "calibration_draws": [1]}, "calibration_draws"),

@@ -403,8 +403,8 @@ def _massive_lines(result: dict[str, Any]) -> list[str]:
         out += ["", "Largest activations over all layers (Sun et al. 2024's view: massive activations sit on a few "
                 "tokens, in a few fixed channels):", "", "| layer | position | token | channel | value |",
                 "| --- | --- | --- | --- | --- |"]
-        out += [f"| {r['layer']} | {r['position']} | {json.dumps(r['token'])[1:-1]} | {r['channel']} | {r['value']:.4g} |".replace(
-            "|  |", "| |") for r in massive["top"]]
+        out += [f"| {r['layer']} | {r['position']} | {_token_cell(r['token'])} | {r['channel']} | {r['value']:.4g} |"
+                for r in massive["top"]]
         rec = massive["recurring_channels"]
         out += ["", "Channels among each layer's largest that recur across layers: " + (
             ", ".join(f"{r['channel']} (layers {', '.join(map(str, r['layers']))})" for r in rec[:10]) if rec else "none") + "."]
@@ -426,8 +426,13 @@ def _fed(result: dict[str, Any]) -> str:
     return f"each sequence as the tokenizer frames it ({frame}; position 0 is {json.dumps(sp['position_0'])})"
 
 
+def _token_cell(token: str) -> str:
+    """A token as a markdown table cell: escapes shown (\\n), a pipe escaped."""
+    return json.dumps(token)[1:-1].replace("|", "\\|")
+
+
 def _tops(rows: list[dict[str, Any]]) -> str:
-    return ", ".join(f"{r['position']}: {json.dumps(r['token'])[1:-1]!s}".replace("|", "\\|") for r in rows)
+    return ", ".join(f"{r['position']}: {_token_cell(r['token'])}" for r in rows)
 
 
 def run_audit(model_dir: str | Path, cfg: AuditOptions, log=print) -> list[Path]:

@@ -37,11 +37,12 @@ def disk_errors(path: Path) -> Iterator[None]:
                                 "file-size limit) and re-run (with --resume for a run)") from None
         raise
     except RuntimeError as e:
-        if "write failed" not in str(e) and "unexpected pos" not in str(e):
+        message = str(e).strip()
+        if "write failed" not in message and "unexpected pos" not in message:
             raise
-        raise DiskFullError(f"cannot write {path}: the write failed ({str(e).strip().splitlines()[0] if str(e).strip() else 'torch'}); "
-                            "the disk is probably full or the file over a size limit: free some space and re-run "
-                            "(with --resume for a run)") from None
+        raise DiskFullError(f"cannot write {path}: the write failed ({message.splitlines()[0]}); the disk is probably "
+                            "full or the file over a size limit: free some space and re-run (with --resume for a "
+                            "run)") from None
 
 
 class UnsafePath(OfeError):

@@ -299,8 +299,9 @@ def int8_sqnr_db(x: Tensor, bits: int = 8, keep_dims: int = 0) -> Tensor:
     About 40 dB for Gaussian values at 8 bits; each doubling of the largest |x| relative to the
     bulk costs about 6 dB, so it falls as massive activations grow: quantisability, watched during
     training. It weighs errors by energy: an outlier channel that carries most of the tensor's energy
-    hides what the rounding does to the other channels (read it beside the kurtosis). ``x`` is ``(..., d)``; returns ``x.shape[:keep_dims]``; inf for an exactly representable
-    tensor, NaN for an all-zero or non-finite one.
+    hides what the rounding does to the other channels (read it beside the kurtosis). ``x`` is
+    ``(..., d)``; returns ``x.shape[:keep_dims]``; inf for an exactly representable tensor, NaN for an
+    all-zero or non-finite one.
     """
     v = _rows(x, keep_dims, "int8_sqnr_db").flatten(-2)
     levels = 2 ** (bits - 1) - 1

@@ -407,7 +407,7 @@ class RunDir:
         if not path.is_file():
             return None
         quant = _read_json(path)
-        problem = _quant_problem(quant)
+        problem = _quant_problem(quant, final=step is None)
         if problem:
             raise RunDirError(f"{path} does not hold a quantisation result ({problem}); re-run ofe quantize")
         return quant
@@ -498,14 +498,14 @@ def _check_record(record: dict[str, Any]) -> None:
             raise ValueError(f"field {key!r} has the wrong type ({type(value).__name__})")
 
 
-def _quant_problem(quant: Any) -> str | None:
-    """What is wrong with a quantisation result read from disk, or None."""
+def _quant_problem(quant: Any, final: bool) -> str | None:
+    """What is wrong with a quantisation result read from disk, or None. ``final``: the result of the
+    final weights, whose float perplexity the report reads (a kept step's needs only its formats)."""
     if not isinstance(quant, dict):
         return f"a {type(quant).__name__}, not a table"
     for key in ("fp_ppl", "w8a8_ppl"):
-        if key in quant or key == "fp_ppl" and "step" not in quant:
-            if not _is_number(quant.get(key)):
-                return f"'{key}' is missing or not a number"
+        if (key in quant or (key == "fp_ppl" and final)) and not _is_number(quant.get(key)):
+            return f"'{key}' is missing or not a number"
     formats = quant.get("formats", [])
     if not isinstance(formats, list):
         return "'formats' is not a list"

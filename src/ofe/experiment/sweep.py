@@ -228,7 +228,7 @@ def _run_parallel(todo: list[tuple[SweepRun, str]], quantize: bool, workers: int
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch threads inherited from a fork
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {pool.submit(_train_and_quantise, run, state, quantize, _quiet, threads): run for run, state in todo}
+        futures = [pool.submit(_train_and_quantise, run, state, quantize, _quiet, threads) for run, state in todo]
         try:
             for future in concurrent.futures.as_completed(futures):
                 write(future.result())

@@ -25,8 +25,8 @@ ACTIVATION_METRICS: dict[str, Callable[[Tensor], Tensor]] = {
     "seq_max_abs": M.sequence_max_abs,
     "seq_kurtosis": M.sequence_kurtosis,
     "token_excess_kurtosis": M.token_excess_kurtosis,
-    "int8_outlier_dims": M.int8_token_frac,
-    "int8_sqnr_db": M.int8_sqnr_db,  # per-layer token fractions, combined over layers by combine()
+    "int8_outlier_dims": M.int8_token_frac,  # per-layer token fractions, combined over layers by combine()
+    "int8_sqnr_db": M.int8_sqnr_db,
     "abs_max_median": M.abs_max_median,
     "position0_share": M.position0_share,
 }

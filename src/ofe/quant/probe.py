@@ -15,8 +15,11 @@ from torch import Tensor, nn
 from ofe.quant.simulate import QuantConfig, SimulatedQuantModel, perplexity
 
 # The formats a probe measures: the log field is ``<label lower-cased>_probe_pct`` (w8a8_probe_pct, ...).
-PROBE_FORMATS = (QuantConfig(weight_range="minmax", calib_batches=1),
-                 QuantConfig(weight_bits=4, act_bits=4, weight_range="minmax", calib_batches=1))
+PROBE_FORMATS = (QuantConfig(weight_range="minmax"), QuantConfig(weight_bits=4, act_bits=4, weight_range="minmax"))
+# Its calibration data: two batches of 8 training sequences with a seed of their own, the same at every
+# probe (ofe.quant.quantize.calibration_batches draws them), so the curve follows the model, not the data.
+PROBE_CALIBRATION = QuantConfig(calib_batches=2, calib_batch_size=8, seed=4321)
+PROBE_WINDOWS = 16  # held-out windows: the first of the validation split
 
 
 def probe_field(cfg: QuantConfig) -> str:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
+from ofe.analysis.claims import C8_MIN_PCT  # noqa: E402
 from ofe.analysis.fair import LR, arm_key, lr_bands  # noqa: E402
 from ofe.analysis.runs import Run, arm_name  # noqa: E402
 
@@ -384,39 +384,37 @@ def remedies_scatter(rows: list[dict], path: Path) -> Path:
     return path
 
 
-PROBE_ONSET_PCT = 0.3  # a W8A8 cost at or above this (C8's floor) is the run's onset of an int8 cost
+PROBE_ONSET_PCT = C8_MIN_PCT  # a W8A8 cost at or above C8's floor is the run's onset of an int8 cost
+PROBE_KEYS = ("w8a8_probe_pct", "w4a4_probe_pct")  # what `ofe train --quant_probe` logs
 
 
-def probe_onset(run: Run, key: str = "w8a8_probe_pct", threshold: float = PROBE_ONSET_PCT) -> int | None:
-    """The first probed step whose cost (``ofe train --quant_probe``) is at least ``threshold`` percent."""
-    for r in run.records:
-        if isinstance(r.get(key), (int, float)) and r[key] >= threshold:
-            return int(r["step"])
-    return None
+def _probe_curve(run: Run, key: str) -> list[tuple[int, float]]:
+    """``(step, cost %)`` of every probe of ``key`` in the run's records."""
+    return [(int(r["step"]), float(r[key])) for r in run.records if isinstance(r.get(key), (int, float))]
+
+
+def probe_onset(run: Run) -> tuple[int, float] | None:
+    """The first probe whose W8A8 cost is at least :data:`PROBE_ONSET_PCT` percent, ``(step, cost)``."""
+    return next(((s, v) for s, v in _probe_curve(run, PROBE_KEYS[0]) if v >= PROBE_ONSET_PCT), None)
 
 
 def quant_probe(groups: dict[str, list[Run]], colour: dict[str, tuple], path: Path) -> Path | None:
     """W8A8 (left) and W4A4 (right) perplexity cost over training from the quantisation probe, one line
     per run, each run's onset step (W8A8 cost first >= PROBE_ONSET_PCT) marked. None without probes."""
-    keys = ("w8a8_probe_pct", "w4a4_probe_pct")
-    if not any(key in r for runs in groups.values() for run in runs for r in run.records for key in keys):
+    if not any(_probe_curve(run, key) for runs in groups.values() for run in runs for key in PROBE_KEYS):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for label, runs in groups.items():
         for i, run in enumerate(runs):
-            for ax, key in zip(axes, keys):
-                rows = [(r["step"], r[key]) for r in run.records if isinstance(r.get(key), (int, float))]
-                if not rows:
-                    continue
-                steps, values = map(np.array, zip(*rows))
-                ax.plot(steps, values, color=colour[label], lw=1, alpha=0.85, label=label if i == 0 else None)
-            onset = probe_onset(run)
-            if onset is not None:
-                value = next(r["w8a8_probe_pct"] for r in run.records if r["step"] == onset and "w8a8_probe_pct" in r)
-                axes[0].plot([onset], [value], marker="v", color=colour[label], ms=8)
+            for ax, key in zip(axes, PROBE_KEYS):
+                if rows := _probe_curve(run, key):
+                    steps, values = zip(*rows)
+                    ax.plot(steps, values, color=colour[label], lw=1, alpha=0.85, label=label if i == 0 else None)
+            if (onset := probe_onset(run)) is not None:
+                axes[0].plot([onset[0]], [onset[1]], marker="v", color=colour[label], ms=8)
+    axes[0].axhline(PROBE_ONSET_PCT, color="grey", ls=":", lw=1)
     for ax, name in zip(axes, ("W8A8", "W4A4")):
         ax.set_yscale("symlog", linthresh=0.1)
-        ax.axhline(PROBE_ONSET_PCT, color="grey", ls=":", lw=1) if name == "W8A8" else None
         ax.set_xlabel("step")
         ax.set_ylabel(f"{name} perplexity cost (%), held-out probe")
         ax.grid(alpha=0.3)

@@ -321,10 +321,10 @@ def _write_report_locked(runs: list[Run], out: Path, title: str) -> list[ClaimRe
 
 def _onset_lines(runs: list[Run]) -> list[str]:
     """Each probed run's onset step (the first quantisation probe with a W8A8 cost >= the threshold)."""
-    probed = [r for r in runs if any("w8a8_probe_pct" in x for x in r.records)]
-    if not probed:
+    onsets = [(r.path.name, F.probe_onset(r)) for r in runs if any(F.PROBE_KEYS[0] in x for x in r.records)]
+    if not onsets:
         return []
-    cells = [f"{r.path.name} {'step ' + str(F.probe_onset(r)) if F.probe_onset(r) is not None else 'never'}" for r in probed]
+    cells = [f"{name} {'never' if onset is None else f'step {onset[0]}'}" for name, onset in onsets]
     return [f"Onset of an int8 cost (the first quantisation probe with W8A8 >= {F.PROBE_ONSET_PCT:g}%): "
             + "; ".join(cells) + ".", ""]
 

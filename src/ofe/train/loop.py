@@ -26,15 +26,13 @@ from ofe.data import train_batch
 from ofe.io import pause_point
 from ofe.models import lm_loss
 from ofe.optim import lr_at
-from ofe.quant.probe import QuantProbe
+from ofe.quant.probe import PROBE_CALIBRATION, PROBE_WINDOWS, QuantProbe
+from ofe.quant.quantize import calibration_batches
 from ofe.run_dir import RunDir
 from ofe.train import distributed as D
 from ofe.train.build import Parts, TrainError, build, check_run_dir, rng_state
 from ofe.run_config import TrainConfig
 from ofe.train.logger import RunLogger
-
-
-PROBE_SEED = 4321  # the quantisation probe's calibration batches (ofe train --quant_probe)
 
 
 class NonFiniteLoss(TrainError):
@@ -78,12 +76,11 @@ class Trainer:
         self.probe = self._quant_probe() if self.cfg.quant_probe and self.env.is_main else None
 
     def _quant_probe(self) -> QuantProbe:
-        """The probe's fixed data: the first 16 validation windows, two calibration batches of 8 training
-        sequences drawn with a seed of their own (so the curve follows the model, not the data)."""
-        p, T, device = self.parts, self.cfg.model.seq_len, self.env.device
-        calib = [train_batch(p.data.train, 8, T, PROBE_SEED, step=i, bos_id=p.data.bos_id)[:, :-1].to(device)
-                 for i in range(2)]
-        return QuantProbe(self.val[:16].to(device), calib)
+        """The probe's fixed data (:mod:`ofe.quant.probe`): the first validation windows and its own
+        calibration batches."""
+        device = self.env.device
+        calib = [b.to(device) for b in calibration_batches(self.parts.data, self.cfg, PROBE_CALIBRATION)]
+        return QuantProbe(self.val[:PROBE_WINDOWS].to(device), calib)
 
     # ---- pieces of a step ----------------------------------------------------------------------
     def _autocast(self):

@@ -107,7 +107,7 @@ ALLOWED: dict[str, set[str]] = {
     "analysis": FOUNDATION | {"metrics", "models", "optim", "monitor", "run_config", "run_dir"},
     "report": FOUNDATION | {"metrics", "analysis", "run_dir"},
     "audit": FOUNDATION | {"metrics", "data", "monitor", "quant"},
-    "callbacks": FOUNDATION | {"monitor"},
+    "callbacks": FOUNDATION | {"models", "monitor", "quant"},  # the quantisation probe
     "zoo": FOUNDATION | {"metrics", "models", "data", "monitor"},
     "experiment": FOUNDATION | {"metrics", "models", "data", "optim", "monitor", "run_config", "run_dir", "train",
                                 "quant", "analysis", "report"},

@@ -9,9 +9,13 @@ perplexity increase over the float model in percent. The float model is not chan
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
+from ofe.models import GPT
+from ofe.monitor import find_block_stack
 from ofe.quant.simulate import QuantConfig, SimulatedQuantModel, perplexity
 
 # The formats a probe measures: the log field is ``<label lower-cased>_probe_pct`` (w8a8_probe_pct, ...).
@@ -27,11 +31,39 @@ def probe_field(cfg: QuantConfig) -> str:
     return f"{cfg.label.lower().replace('-', '_')}_probe_pct"
 
 
+def model_sites(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Where :class:`SimulatedQuantModel` quantises ``model``: an ``ofe`` GPT at every protocol site
+    (its defaults); any other model (a Hugging Face causal LM) at the inputs of its linear layers and
+    the outputs of its blocks (the residual stream), with its LM head kept in float, as ``ofe audit``
+    does. Returns the keyword arguments ``float_modules`` / ``output_modules``."""
+    if isinstance(model, GPT):
+        return {}
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    head_name = next((n for n, m in model.named_modules() if m is head), "") if head is not None else ""
+    stack_name, stack = find_block_stack(model)
+    return {"float_modules": (head_name,) if head_name else (),
+            "output_modules": tuple(f"{stack_name}.{i}" for i in range(len(stack)))}
+
+
+def formats_for(model: nn.Module, formats: tuple[QuantConfig, ...]) -> tuple[QuantConfig, ...]:
+    """``formats`` as they apply to ``model``: only an ``ofe`` GPT has the protocol's full site list,
+    other models are quantised at their linear layers' inputs."""
+    if isinstance(model, GPT):
+        return formats
+    return tuple(dataclasses.replace(f, sites="linear-inputs") for f in formats)
+
+
 class QuantProbe:
     """Perplexity cost of each of ``formats`` on ``windows`` ``(N, T + 1)``, calibrated on ``calib``
-    (a list of ``(B, T)`` token batches): the same data at every step, so the curve is the model's."""
+    (a list of ``(B, T)`` token batches): the same data at every step, so the curve is the model's.
+    Works on an ``ofe`` GPT and on a Hugging Face causal LM (:func:`model_sites`)."""
 
     def __init__(self, windows: Tensor, calib: list[Tensor], formats: tuple[QuantConfig, ...] = PROBE_FORMATS) -> None:
+        if windows.dim() != 2 or windows.shape[1] < 2 or not len(windows):
+            raise ValueError(f"probe windows must be (N, T + 1) token ids with N >= 1, T >= 1; got {tuple(windows.shape)}")
+        if not calib or any(b.dim() != 2 for b in calib):
+            raise ValueError("probe calibration must be a non-empty list of (B, T) token batches")
         self.windows, self.calib, self.formats = windows, calib, formats
 
     @torch.no_grad()
@@ -42,8 +74,9 @@ class QuantProbe:
         try:
             fp = perplexity(model, self.windows)
             out = {}
-            for cfg in self.formats:
-                sim = SimulatedQuantModel(model, cfg)
+            sites = model_sites(model)
+            for cfg in formats_for(model, self.formats):
+                sim = SimulatedQuantModel(model, cfg, **sites)
                 sim.calibrate(self.calib)
                 out[probe_field(cfg)] = 100.0 * (perplexity(sim, self.windows) / fp - 1.0)
             return out

@@ -20,7 +20,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -300,13 +300,23 @@ class SimulatedQuantModel:
         return self.model(idx)
 
 
+def output_logits(output: Any) -> Tensor:
+    """The ``(B, T, V)`` logits of a model's output: an ``ofe`` GPT returns them, a Hugging Face causal
+    LM returns an output object holding them."""
+    logits = getattr(output, "logits", output)
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"the model returned {type(output).__name__}, which holds no logits tensor")
+    return logits
+
+
 @torch.no_grad()
 def perplexity(model, windows: Tensor, batch_size: int = 16) -> float:
-    """``exp`` of the mean next-token cross-entropy over ``windows`` ``(N, T + 1)``."""
+    """``exp`` of the mean next-token cross-entropy over ``windows`` ``(N, T + 1)`` (an ``ofe`` GPT or a
+    Hugging Face causal LM)."""
     total, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
         chunk = windows[i : i + batch_size]
-        total += lm_loss(model(chunk[:, :-1]), chunk[:, 1:]).item() * len(chunk)
+        total += lm_loss(output_logits(model(chunk[:, :-1])), chunk[:, 1:]).item() * len(chunk)
         count += len(chunk)
     return math.exp(total / count)
 

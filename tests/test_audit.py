@@ -8,29 +8,9 @@ import torch
 from ofe.cli import main
 from ofe.quant import QuantConfig
 
+from hf_families import FAMILIES, SMALL, build as _build
+
 tf = pytest.importorskip("transformers")
-
-SMALL = dict(vocab_size=300, max_position_embeddings=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4)
-
-
-def _build(family: str):
-    torch.manual_seed(0)
-    if family == "gpt2":
-        return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=3, n_head=4))
-    if family == "opt":
-        return tf.OPTForCausalLM(tf.OPTConfig(**SMALL, ffn_dim=64, word_embed_proj_dim=32))
-    if family == "gpt_neox":
-        return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**SMALL, intermediate_size=64))
-    if family == "llama":
-        return tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL, num_key_value_heads=2, intermediate_size=64))
-    if family == "mistral":
-        return tf.MistralForCausalLM(tf.MistralConfig(**SMALL, num_key_value_heads=2, intermediate_size=64))
-    if family == "qwen2":
-        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**SMALL, num_key_value_heads=2, intermediate_size=64))
-    if family == "roberta":
-        return tf.RobertaModel(tf.RobertaConfig(**{**SMALL, "max_position_embeddings": 66}, intermediate_size=64))
-    return tf.BertModel(tf.BertConfig(**SMALL, intermediate_size=64))
-
 
 # Each family's sequence template, as its real tokenizers frame one text: GPT-2 none, OPT and Llama a
 # start token, BERT [CLS] ... [SEP].
@@ -53,7 +33,7 @@ def _save_tokenizer(directory, family: str = "gpt2"):
     tf.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(directory)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "opt", "gpt_neox", "llama", "mistral", "qwen2", "bert", "roberta"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_audit_every_family(family, tmp_path, capsys):
     model_dir, out = tmp_path / family, tmp_path / "report"
     _build(family).save_pretrained(model_dir)

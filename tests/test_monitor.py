@@ -196,31 +196,35 @@ def test_bad_arguments_are_clear():
 
 # ---- Hugging Face models ---------------------------------------------------------------------------
 transformers = pytest.importorskip("transformers")
+from hf_families import FAMILIES, NO_FINAL_NORM, build as build_hf  # noqa: E402
 
 
-def _hf_models():
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    yield "gpt2", GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=32, n_embd=32, n_layer=3, n_head=4))
-    yield "llama", LlamaForCausalLM(
-        LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    )
-
-
-@pytest.mark.parametrize("name,model", list(_hf_models()))
-def test_hugging_face_hidden_states(name, model):
-    model.eval()
-    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hugging_face_hidden_states(family):
+    """The monitor's residual stream of every supported family is what the model returns as
+    ``output_hidden_states``: block i's output is ``hidden_states[i + 1]``, except the last block of a
+    family with a final norm (GPT-2, OPT, NeoX with its parallel residual, Llama, Mistral, Qwen2), whose
+    last entry is taken after that norm; the monitor observes the block's own output there."""
+    model = build_hf(family).eval()
+    idx = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     stack_name, stack = find_block_stack(model)
     assert len(stack) == 3
-    r = OutlierMonitor(model, metrics=("kurtosis", "input_correlation")).measure(idx)
+    r = OutlierMonitor(model, metrics=("kurtosis", "max_abs", "mmr"), mmr_max_rows=None).measure(idx)
     with torch.no_grad():
         hidden = model(idx, output_hidden_states=True).hidden_states
-    # hidden_states[i + 1] is block i's output, except the last entry, which has the final norm applied
-    for layer in range(2):
-        assert r["resid"]["kurtosis"][layer] == pytest.approx(M.kurtosis(hidden[layer + 1]).item(), rel=1e-5)
+        outs = []
+        handle = stack[2].register_forward_hook(lambda m, i, o: outs.append(o[0] if isinstance(o, tuple) else o))
+        model(idx)
+        handle.remove()
+    compared = [hidden[1], hidden[2], hidden[3] if family in NO_FINAL_NORM else outs[0]]
+    if family not in NO_FINAL_NORM:
+        assert not torch.allclose(hidden[3], outs[0])  # the last entry really is after the final norm
+    for layer, h in enumerate(compared):
+        h64 = h.double()
+        rms2 = h64.square().flatten(0, -2).mean(0)
+        kurt = (rms2.square().mean() / rms2.mean().square()).item()  # Eq. 1 in float64
+        assert r["resid"]["kurtosis"][layer] == pytest.approx(kurt, rel=1e-6), (family, layer)
+        assert r["resid"]["max_abs"][layer] == pytest.approx(h64.abs().max().item(), rel=1e-6), (family, layer)
     assert len(r["resid"]["kurtosis"]) == 3
 
 

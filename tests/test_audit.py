@@ -228,3 +228,17 @@ def test_tokens_in_the_markdown_tables_cannot_break_a_row():
     line = _massive_lines({"massive_activations": {"top": rows, "recurring_channels": []}})[5]
     assert line == "| 0 | 3 | a\\|b\\n | 1 | 2 |" and line.count("|") - line.count("\\|") == 6
     assert _tops(rows) == "3: a\\|b\\n"
+
+
+def test_audit_keeps_the_checkpoints_dtype_unless_asked(tmp_path):
+    """A bf16 checkpoint is audited in bf16 (no float32 copy: half the memory); --dtype converts."""
+    model_dir = tmp_path / "bf16"
+    _build("llama").to(torch.bfloat16).save_pretrained(model_dir)
+    for dtype, expected in (("auto", "bfloat16"), ("float32", "float32")):
+        out = tmp_path / f"audit-{dtype}"
+        with pytest.warns(UserWarning, match="no usable tokenizer"):
+            assert main(["audit", str(model_dir), "--out_dir", str(out), "--sequences", "2", "--seq_len", "16",
+                         "--dtype", dtype, "--quant.calib_batches", "1", "--quant.calib_batch_size", "2"]) == 0
+        result = json.loads((out / "audit.json").read_text())
+        assert result["dtype"] == expected
+        assert f"parameters in {expected}" in (out / "audit.md").read_text()

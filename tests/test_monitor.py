@@ -139,7 +139,9 @@ def test_training_with_monitor_is_unchanged():
         assert torch.equal(a, b)
 
 
-def test_gradient_accumulation_averages_micro_batches():
+def test_gradient_accumulation_measures_both_micro_batches_together():
+    """A layer observed on two micro-batches reports the kurtosis of their activations together (the
+    step's whole batch), not the mean of two kurtoses."""
     model = tiny_model()
     mon = OutlierMonitor(model, metrics=("kurtosis",), sites=("resid",))
     a, b = torch.randint(0, 256, (2, 2, 16), generator=torch.Generator().manual_seed(3))
@@ -147,9 +149,10 @@ def test_gradient_accumulation_averages_micro_batches():
         model(a)
         model(b)
     r = mon.collect()
-    ka = M.kurtosis(capture_block_outputs(model, a)[1]).item()
-    kb = M.kurtosis(capture_block_outputs(model, b)[1]).item()
-    assert r["resid"]["kurtosis"][1] == pytest.approx((ka + kb) / 2, rel=1e-6)
+    both = torch.cat([capture_block_outputs(model, a)[1], capture_block_outputs(model, b)[1]]).double()
+    ka, kb = (M.kurtosis(capture_block_outputs(model, x)[1]).item() for x in (a, b))
+    assert r["resid"]["kurtosis"][1] == pytest.approx(M.kurtosis(both).item(), rel=1e-9)
+    assert abs(r["resid"]["kurtosis"][1] - (ka + kb) / 2) > 1e-3  # which differs from the mean of the two
 
 
 def test_close_removes_hooks():
@@ -177,6 +180,57 @@ def test_generic_module_by_names_and_pattern():
     flat_net = nn.Sequential(nn.Linear(8, 16))
     r = OutlierMonitor(flat_net, modules=["0"]).measure(torch.randn(5, 8))  # 2-D output: no sequence metrics
     assert "input_correlation" not in r["output"] and "kurtosis" in r["output"]
+
+
+EXACT = tuple(m for m in ALL_METRICS if m not in ("abs_max_median", "int8_sqnr_db"))  # ofe.monitor.reduce
+
+
+def _observed(monitor, model, x):
+    """The partials one forward pass of ``x`` leaves in the monitor (what one rank would gather)."""
+    with torch.no_grad(), monitor.observe():
+        model(x)
+    pending, monitor._pending = monitor._pending, []
+    return pending
+
+
+def test_partials_of_two_ranks_give_the_global_batch_metrics():
+    """Two 'ranks' holding halves of a batch, combined through a gather of their partials, give the
+    metrics of the whole batch in one process: exactly for the decomposable metrics (to 1e-9)."""
+    from ofe.monitor.measure import combine
+
+    model = tiny_model().eval()
+    x = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # a few large channels, so the top-k and the outlier counts are not trivial
+        model.pos_emb.weight[0, :3] = 40.0
+    monitor = OutlierMonitor(model, metrics="all", mmr_max_rows=None, probs_max_batch=None)
+    whole = combine(_observed(monitor, model, x))
+    rank0, rank1 = _observed(monitor, model, x[:2]), _observed(monitor, model, x[2:])
+    flat1 = torch.cat([v.reshape(-1) for *_, v in rank1])
+    both = combine(rank0, gather=lambda flat0: torch.stack([flat0, flat1]))
+    for site, by_metric in whole.items():
+        for name, value in by_metric.items():
+            if name in EXACT:
+                flat = lambda v: [x for row in v for x in (row if isinstance(row, list) else [row])] if isinstance(v, list) else [v]  # noqa: E731
+                assert flat(both[site][name]) == pytest.approx(flat(value), rel=1e-9, abs=1e-12), (site, name)
+    # and the whole-batch values are the metric functions' (float32) on the whole batch
+    with torch.no_grad():
+        resid = [o for o in _block_outputs(model, x)]
+    for layer, h in enumerate(resid):
+        assert whole["resid"]["kurtosis"][layer] == pytest.approx(M.kurtosis(h).item(), rel=1e-5)
+        assert whole["resid"]["seq_kurtosis"][layer] == pytest.approx(M.sequence_kurtosis(h).item(), rel=1e-5)
+        assert whole["resid"]["position0_share"][layer] == pytest.approx(M.position0_share(h).item())
+        assert whole["resid"]["token_excess_kurtosis"][layer] == pytest.approx(M.token_excess_kurtosis(h).item(), rel=1e-5)
+        assert whole["resid"]["mmr"][layer] == pytest.approx(M.max_median_ratio(h).item(), rel=1e-5)
+    assert whole["resid"]["position0_share"][0] >= 12 / 50  # the 3 planted channels of 4 sequences are in the top 50
+
+
+def _block_outputs(model, x):
+    outs = []
+    handles = [b.register_forward_hook(lambda m, i, o: outs.append(o)) for b in model.blocks]
+    model(x)
+    for h in handles:
+        h.remove()
+    return outs
 
 
 def test_bad_arguments_are_clear():

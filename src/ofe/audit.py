@@ -18,7 +18,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -56,6 +56,8 @@ class AuditOptions:
     out_dir: str = C.field("", "output directory; empty: audit-<model directory name> in the current directory")
     seq_len: int = C.field(128, "tokens per sequence (at most the model's maximum)")
     sequences: int = C.field(16, "evaluation sequences")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = C.field(
+        "auto", "weights' dtype: auto keeps the checkpoint's (config torch_dtype / dtype), or convert to this one")
     special_tokens: bool = C.field(True, "start (and end) each sequence as the model's tokenizer does: BOS, or "
                                          "[CLS] ... [SEP]; false: plain text windows")
     quant: QuantConfig = QuantConfig(sites="linear-inputs")
@@ -81,8 +83,9 @@ def _transformers():
     return transformers
 
 
-def load_model(model_dir: Path):
-    """``(model, kind, tokenizer or None)`` from a local Hugging Face directory."""
+def load_model(model_dir: Path, dtype: str = "auto"):
+    """``(model, kind, tokenizer or None)`` from a local Hugging Face directory, its weights in
+    ``dtype`` (auto: as the checkpoint stores them)."""
     tf = _transformers()
     hf_config = model_dir / tf.utils.CONFIG_NAME  # Hugging Face's model config, not an ofe run's
     if not model_dir.is_dir() or not hf_config.is_file():
@@ -104,7 +107,8 @@ def load_model(model_dir: Path):
     attention = getattr(config, "_attn_implementation", None) or getattr(config, "attn_implementation", None)
     options = {} if attention in (None, "eager", "sdpa") else {"attn_implementation": "eager"}
     try:
-        model = cls.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False, **options).eval()
+        model = cls.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False,
+                                    dtype=dtype if dtype == "auto" else getattr(torch, dtype), **options).eval()
     except (OSError, ValueError, RuntimeError, ImportError) as e:
         raise AuditError(f"cannot load the weights in {model_dir}: {str(e).splitlines()[0]}") from None
     try:
@@ -268,7 +272,7 @@ def _final_hidden(model, windows: torch.Tensor) -> torch.Tensor:
 
 def audit(model_dir: str | Path, cfg: AuditOptions, log=print) -> dict[str, Any]:
     model_dir = Path(model_dir)
-    model, kind, tokenizer = load_model(model_dir)
+    model, kind, tokenizer = load_model(model_dir, cfg.dtype)
     config = model.config
     max_len = max_positions(config) or cfg.seq_len
     T = min(cfg.seq_len, max_len)
@@ -293,22 +297,24 @@ def audit(model_dir: str | Path, cfg: AuditOptions, log=print) -> dict[str, Any]
 
     head = model.get_output_embeddings() if kind == "causal" else None
     head_name = next((n for n, m in model.named_modules() if m is head), "") if head is not None else ""
+    parameters, dtype = sum(p.numel() for p in model.parameters()), str(next(model.parameters()).dtype).removeprefix("torch.")
+    # the float model's numbers first: then it is quantised in place (one set of weights in memory)
+    reference = _causal_ppl(model, windows) if kind == "causal" else _final_hidden(model, windows)
     sim = SimulatedQuantModel(model, q, float_modules=(head_name,) if head_name else (),
-                              output_modules=tuple(f"{stack_name}.{i}" for i in range(len(stack))))
+                              output_modules=tuple(f"{stack_name}.{i}" for i in range(len(stack))), inplace=True)
     sim.calibrate(calib)
     if kind == "causal":
-        fp, quant = _causal_ppl(model, windows), _causal_ppl(sim.model, windows)
+        fp, quant = reference, _causal_ppl(sim.model, windows)
         cost = {"metric": "perplexity", "float": fp, "quantized": quant, "increase_pct": 100 * (quant / fp - 1)}
     else:
-        a, b = _final_hidden(model, windows), _final_hidden(sim.model, windows)
-        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).mean().item()
+        cos = torch.nn.functional.cosine_similarity(reference, _final_hidden(sim.model, windows), dim=-1).mean().item()
         cost = {"metric": "cosine similarity of final hidden states", "float": 1.0, "quantized": cos}
     kurtoses = {key: summary([row[key] for row in layers]) for key, _, summary in KURTOSES}
     return {
         "kurtoses": kurtoses,
         "model_dir": str(model_dir), "model_type": config.model_type, "kind": kind,
         "name": getattr(config, "_name_or_path", "") or model_dir.name,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": parameters, "dtype": dtype,
         "tokenizer": "model's own" if tokenizer is not None else "bytes (fallback)",
         "sequences": cfg.sequences, "seq_len": T, "quant": C.to_dict(q), "quant_format": q.label,
         "special_tokens": {"prefix": _token_names(tokenizer, template[0]), "suffix": _token_names(tokenizer, template[1]),
@@ -370,11 +376,17 @@ def write_audit(result: dict[str, Any], out_dir: Path) -> list[Path]:
     return [js, md, png]
 
 
+def _size(result: dict[str, Any]) -> str:
+    """``, 1100.0M parameters in bfloat16`` (what an older audit.json records of it)."""
+    params = f", {result['parameters'] / 1e6:.1f}M parameters" if result.get("parameters") else ""
+    return params + (f" in {result['dtype']}" if result.get("dtype") else "")
+
+
 def format_summary(result: dict[str, Any]) -> str:
     w = result["w8a8"]
     change = f" ({w['increase_pct']:+.2f}%)" if "increase_pct" in w else ""
     lines = [f"# Outlier audit: {result['model_dir']}", "",
-             f"{result['model_type']} ({result['kind']}), {result['sequences']} x {result['seq_len']} tokens of the "
+             f"{result['model_type']} ({result['kind']}{_size(result)}), {result['sequences']} x {result['seq_len']} tokens of the "
              f"standard-library corpus, tokenizer: {result['tokenizer']}; {_fed(result)}.", "",
              f"{result['quant_format']} ({result['quant']['sites']}): {w['metric']} {w['float']:.6g} -> "
              f"{w['quantized']:.6g}{change}; evaluated on {result.get('evaluation_text', '?')}, calibrated on "

@@ -21,7 +21,7 @@ from ofe import config as C
 from ofe.config import ConfigError, field
 from ofe.data import DataConfig
 from ofe.models import PRESETS, GPTConfig, preset_fields
-from ofe.optim import OptimConfig
+from ofe.optim import OPTIMIZERS, OptimConfig
 from ofe.optim.config import MOVED, drop_unread, upgrade_optim
 
 # Keys that may differ when resuming: they change how or where a run executes, not what it computes.
@@ -53,6 +53,10 @@ class TrainConfig:
     device: str = field("auto", "auto (cuda if available), cpu, cuda, cuda:N")
     dtype: Literal["float32", "bfloat16"] = field("float32", "compute dtype (bfloat16: autocast on GPU)")
     compile: bool = field(False, "torch.compile the model (the monitor keeps working)")
+    parallel: Literal["ddp", "fsdp"] = field(
+        "ddp", "how several processes (torchrun) share the work: ddp (a full replica per process, one checkpoint "
+               "file) or fsdp (FSDP2: parameters, gradients and optimiser state sharded per block; a sharded "
+               "torch.distributed.checkpoint directory that resumes at any world size; AdamW only)")
     resume: bool = field(False, "continue the run in out_dir from its checkpoint")
     progress: bool = field(True, "show a progress bar")
 
@@ -69,6 +73,11 @@ class TrainConfig:
         preset_model = preset_fields(self.preset)
         if self.model == GPTConfig():  # left at its default: the preset's model, so the two agree
             object.__setattr__(self, "model", GPTConfig(**preset_model))
+        if self.parallel == "fsdp" and not OPTIMIZERS[self.optim.name].shards:
+            sharding = ", ".join(n for n, e in OPTIMIZERS.items() if e.shards)
+            raise ConfigError(f"config key 'parallel': fsdp steps on sharded parameters, which optim.name "
+                              f"{self.optim.name} cannot (it needs whole matrices); with fsdp use optim.name "
+                              f"{sharding}, or parallel ddp")
         if not self.out_dir.strip():
             raise ConfigError("config key 'out_dir' is empty; name the run's directory")
 

@@ -11,6 +11,9 @@ A run directory (``ofe train --out_dir DIR``) holds:
 ``tb/``                       the same scalars as TensorBoard events
 ``checkpoint.pt``             the resumable state (weights, optimiser, RNG, decomposition tracker)
 ``checkpoint.prev.pt``        the one before, until the newest one's weights have given a finite loss
+``checkpoint.dcp/``           ``--parallel fsdp``: the resumable state as a sharded torch.distributed.checkpoint
+                              directory (each process's shards, DCP's ``.metadata``, and ``state.pt``: step,
+                              RNG, config, decomposition tracker); ``checkpoint.prev.dcp/`` the one before
 ``model.safetensors``         the final weights: written last, so its presence means *finished*
 ``quant.json``                ``ofe quantize``'s result (optional)
 ``weights/step_NNNNNN.st``    the weights after NNNNNN updates, kept at every evaluation step when the
@@ -59,6 +62,12 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"  # kept until the newest checkpoint's weights give a finite loss
+SHARDED = "checkpoint.dcp"  # --parallel fsdp: a DCP directory, renamed into place whole
+PREVIOUS_SHARDED = "checkpoint.prev.dcp"
+SHARDED_STAGING = ".checkpoint.dcp.staging"  # where the processes write a sharded checkpoint before it is complete
+SHARDED_TRASH = ".checkpoint.dcp.trash"  # an old sharded checkpoint is renamed here before it is deleted
+SHARDED_STATE = "state.pt"  # in a sharded checkpoint: everything but the shards
+DCP_METADATA = ".metadata"  # written by DCP last, once every shard is written
 WEIGHTS = "model.safetensors"
 QUANT = "quant.json"
 KEPT_WEIGHTS = "weights"  # folder of step_NNNNNN.st
@@ -69,11 +78,12 @@ IDENTITY = "run.json"
 LOCK = ".lock"
 MARKER = ".ofe-run"
 # Files a run writes: a directory holding any of them without the marker or a config is not ofe's to write into.
-RUN_FILES = (CONFIG, TOKENIZER, METRICS, TENSORBOARD, CHECKPOINT, PREVIOUS_CHECKPOINT, WEIGHTS, QUANT, IDENTITY,
-             DIVERGED, KEPT_WEIGHTS)
+RUN_FILES = (CONFIG, TOKENIZER, METRICS, TENSORBOARD, CHECKPOINT, PREVIOUS_CHECKPOINT, SHARDED, PREVIOUS_SHARDED,
+             WEIGHTS, QUANT, IDENTITY, DIVERGED, KEPT_WEIGHTS)
 
-# What a checkpoint must hold to resume a run.
+# What a checkpoint must hold to resume a run (a sharded one holds the model and optimiser as shards).
 CHECKPOINT_KEYS = frozenset({"step", "model", "optimizer", "rng", "config"})
+SHARDED_KEYS = CHECKPOINT_KEYS - {"model", "optimizer"}
 
 
 class RunDirError(OfeError):
@@ -184,7 +194,7 @@ class RunDir:
         if not self.holds_run():
             if self.foreign_files():
                 return RunState.FOREIGN
-            leftovers = [p.name for p in (self.checkpoint_path, self.weights_path) if p.exists()]
+            leftovers = [p.name for p in (self.checkpoint_path, self.path / SHARDED, self.weights_path) if p.exists()]
             return RunState.BROKEN if leftovers else RunState.NEW
         try:
             config = _read_json(self.config_path)
@@ -214,6 +224,8 @@ class RunDir:
         try:
             with exclusive_lock(self.path / LOCK):
                 clean_stale_temporaries(self.path)  # of a writer killed mid-write: nobody else writes here now
+                for name in (SHARDED_STAGING, SHARDED_TRASH):  # a sharded checkpoint half written or half deleted
+                    self._remove_own_dir(self.path / name)
                 yield
         except LockHeld as e:
             raise RunDirError(f"run {self.path} is in use by pid {e.pid}") from None
@@ -331,13 +343,93 @@ class RunDir:
 
         atomic_write(self.checkpoint_path, write)
 
+    # ---- sharded checkpoints (--parallel fsdp) ---------------------------------------------------
+    @staticmethod
+    def _remove_own_dir(path: Path) -> None:
+        """Delete a directory of ofe's own naming: first renamed aside, so a kill midway never leaves a
+        half-deleted checkpoint under a name that is loaded; a link there is removed, never followed."""
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            if path.name != SHARDED_TRASH:
+                trash = path.parent / SHARDED_TRASH
+                RunDir._remove_own_dir(trash)
+                os.replace(path, trash)
+                path = trash
+            shutil.rmtree(path)
+
+    @property
+    def sharded_staging_path(self) -> Path:
+        """Where every process writes its shards of the checkpoint being saved."""
+        return self.path / SHARDED_STAGING
+
+    def begin_sharded_checkpoint(self) -> Path:
+        """Main process, before the shards are written: an empty staging directory for them."""
+        staging = self.path / SHARDED_STAGING
+        self._remove_own_dir(staging)
+        staging.mkdir()
+        return staging
+
+    def finish_sharded_checkpoint(self, state: dict[str, Any]) -> None:
+        """Main process, once every process has written its shards into the staging directory: add
+        ``state`` (step, RNG, config, ...) and rename the directory into place; the checkpoint it
+        replaces is kept as the previous one until :meth:`confirm_checkpoint`. Renames are atomic, so
+        a kill at any instant leaves a complete checkpoint under the loaded names, or none."""
+        missing = SHARDED_KEYS - set(state)
+        if missing:
+            raise ValueError(f"checkpoint state lacks {sorted(missing)}")
+        staging = self.path / SHARDED_STAGING
+        if not (staging / DCP_METADATA).is_file():
+            raise CheckpointError(f"sharded checkpoint in {staging} is incomplete (no {DCP_METADATA})")
+        atomic_write(staging / SHARDED_STATE, lambda tmp: torch.save(state, tmp))
+        current, previous = self.path / SHARDED, self.path / PREVIOUS_SHARDED
+        if current.is_dir():
+            self._remove_own_dir(previous)
+            os.replace(current, previous)
+            pause_point("checkpoint-set-aside")
+        os.replace(staging, current)
+        _fsync_dir(self.path)
+
+    @staticmethod
+    def _complete(directory: Path) -> bool:
+        return (not directory.is_symlink() and (directory / DCP_METADATA).is_file()
+                and (directory / SHARDED_STATE).is_file())
+
+    def _sharded(self) -> Path | None:
+        """The sharded checkpoint to resume from: the newest, or the previous one if a kill fell
+        between setting it aside and renaming the new one into place."""
+        return next((d for d in (self.path / SHARDED, self.path / PREVIOUS_SHARDED) if self._complete(d)), None)
+
+    def _load_sharded(self, directory: Path) -> dict[str, Any]:
+        """A sharded checkpoint's state, with ``"shards"``: the directory DCP loads the shards from."""
+        path = directory / SHARDED_STATE
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+            raise CheckpointError(f"checkpoint {path} is corrupt or truncated "
+                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from None
+        if not isinstance(state, dict) or not SHARDED_KEYS <= set(state):
+            have = set(state) if isinstance(state, dict) else set()
+            raise CheckpointError(f"checkpoint {path} lacks {sorted(SHARDED_KEYS - have)}: not an ofe checkpoint")
+        return {**state, "shards": str(directory)}
+
+    # ---- either kind -----------------------------------------------------------------------------
     def confirm_checkpoint(self) -> None:
         """The newest checkpoint's weights gave a finite loss: the previous one is no longer needed."""
         (self.path / PREVIOUS_CHECKPOINT).unlink(missing_ok=True)
+        self._remove_own_dir(self.path / PREVIOUS_SHARDED)
 
     def revert_checkpoint(self) -> bool:
         """The newest checkpoint's weights gave a non-finite loss: put the previous one back (True),
         or remove the newest if there is none before it (False)."""
+        if (self.path / SHARDED).is_dir() or (self.path / PREVIOUS_SHARDED).is_dir():
+            previous = self.path / PREVIOUS_SHARDED
+            if previous.is_dir():
+                self._remove_own_dir(self.path / SHARDED)
+                os.replace(previous, self.path / SHARDED)
+                return True
+            self._remove_own_dir(self.path / SHARDED)
+            return False
         previous = self.path / PREVIOUS_CHECKPOINT
         if previous.exists():
             os.replace(previous, self.checkpoint_path)
@@ -346,12 +438,17 @@ class RunDir:
         return False
 
     def has_checkpoint(self) -> bool:
-        return self.checkpoint_path.is_file() or (self.path / PREVIOUS_CHECKPOINT).is_file()
+        return (self.checkpoint_path.is_file() or (self.path / PREVIOUS_CHECKPOINT).is_file()
+                or self._sharded() is not None)
 
     def load_checkpoint(self) -> dict[str, Any]:
         """Load with ``weights_only=True`` (no code runs); any damage becomes a one-line :class:`CheckpointError`.
         If a kill fell between setting the old checkpoint aside and renaming the new one into place,
-        the old one is loaded."""
+        the old one is loaded. A sharded checkpoint's state has ``"shards"`` (its directory) in place
+        of ``"model"`` and ``"optimizer"``."""
+        sharded = self._sharded()
+        if sharded is not None:
+            return self._load_sharded(sharded)
         path = self.checkpoint_path
         if not path.is_file() and (self.path / PREVIOUS_CHECKPOINT).is_file():
             path = self.path / PREVIOUS_CHECKPOINT
@@ -516,3 +613,11 @@ def _quant_problem(quant: Any, final: bool) -> str | None:
     if not isinstance(draws, list) or not all(isinstance(d, dict) and _is_number(d.get("increase_pct")) for d in draws):
         return "'calibration_draws' is not a list of results"
     return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

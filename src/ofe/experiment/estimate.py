@@ -8,7 +8,7 @@ The model is built on PyTorch's meta device (shapes only, no memory), so the est
   the token embedding unless it is tied to the head), ``L`` layers, ``d`` width, ``T`` sequence length.
   Evaluation, the monitor and the optimiser's own work are left out.
 * **Memory**: weights, gradients and the optimiser's state at 4 bytes per float (ofe keeps them in
-  float32), counted from the parameters' shapes and the optimiser's rule (SOAP: Adam's two moments plus,
+  float32; divided by the processes under ``--parallel fsdp``, plus two gathered blocks), counted from the parameters' shapes and the optimiser's rule (SOAP: Adam's two moments plus,
   per rotated side of a matrix, a Kronecker factor and its eigenbasis); activations by Korthikanti et
   al. 2022's ``34 T b d`` bytes per layer in 16 bits (doubled for float32), without their ``5 a T^2 b``
   attention-matrix term unless attention runs through an explicit softmax (soft-capping), plus the
@@ -74,8 +74,13 @@ def estimate(cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
     if m.attn_softcap:
         per_layer += 5 * m.n_head * m.seq_len**2 * micro * bytes_per_act / 2
     activations = m.n_layer * per_layer + 2 * micro * m.seq_len * m.vocab_size * 4
-    memory = {"weights": 4 * params, "gradients": 4 * params, "optimizer": 4 * optimizer_floats(cfg, model),
-              "activations": activations}
+    state = {"weights": 4 * params, "gradients": 4 * params, "optimizer": 4 * optimizer_floats(cfg, model)}
+    if cfg.parallel == "fsdp" and world_size > 1:
+        # each process holds 1/world of the float32 state, plus the blocks being gathered: the current and
+        # the prefetched one, weights and gradients each
+        block = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
+        state = {k: v / world_size for k, v in state.items()} | {"gathered": 2 * 2 * 4 * block}
+    memory = {**state, "activations": activations}
     return {"params": params, "tokens": tokens, "train_flops": flops,
             "memory_gib": {k: v / GIB for k, v in memory.items()} | {"total": sum(memory.values()) / GIB}}
 

@@ -34,7 +34,9 @@ class Tap(nn.Module):
     tensor and may return a replacement (the model uses what the tap returns).
 
     ``max_batch``: for a site that costs extra work to materialise when only observed (attention
-    probabilities under SDPA), compute it for the first ``max_batch`` sequences only (None: all).
+    probabilities under SDPA), compute it for the first ``max_batch`` sequences only (None: all);
+    with ``batch_rank`` r (a data-parallel rank whose batch is the r-th slice of the global batch),
+    for those of the global batch's first ``max_batch`` that this process holds (:meth:`rows`).
     ``transform``: the site's value is used downstream (e.g. quantised attention scores and
     probabilities), so attention takes the explicit-softmax path instead of SDPA.
     """
@@ -44,6 +46,13 @@ class Tap(nn.Module):
         self.enabled = False
         self.transform = False
         self.max_batch: int | None = None
+        self.batch_rank = 0
+
+    def rows(self, batch: int) -> int:
+        """How many of this process's ``batch`` sequences to materialise (see ``max_batch``)."""
+        if self.max_batch is None:
+            return batch
+        return max(0, min(batch, self.max_batch - self.batch_rank * batch))
 
     def forward(self, x: Tensor) -> Tensor:
         return x
@@ -139,7 +148,7 @@ class Attention(nn.Module):
         if not explicit:
             y = _causal_sdpa(q, k, v)
             if self.probs_tap.enabled:  # observed only: computed on the side, not used
-                n = self.probs_tap.max_batch or B
+                n = self.probs_tap.rows(B)
                 with torch.no_grad():
                     self.probs_tap(self._probs(q[:n].detach(), k[:n].detach()))
         else:  # SDPA has no soft-cap and no access to scores/probabilities: materialise them

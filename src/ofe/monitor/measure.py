@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ofe import metrics as M
+from ofe.monitor.reduce import REDUCTIONS, finish
 
 ACTIVATION_METRICS: dict[str, Callable[[Tensor], Tensor]] = {
     "kurtosis": M.kurtosis,
@@ -51,6 +52,8 @@ class Costs:
 
     max_tokens: int | None = None  # tokens per sequence used by input_correlation
     mmr_max_rows: int | None = 256  # tokens the max-median ratio averages over, evenly spaced
+    rank: int = 0  # data-parallel rank and world size: a rank samples the tokens of the global batch's
+    world: int = 1  # mmr sample that fall in its slice, so the ranks together sample what one process would
 
 
 def check_metrics(metrics: Sequence[str] | str) -> tuple[str, ...]:
@@ -79,20 +82,45 @@ def site_metrics(site: str, x: Tensor, metrics: Sequence[str], costs: Costs) -> 
     return out
 
 
-def combine(pending: list[Pending], reduce: Callable[[Tensor], Tensor] | None = None) -> Results:
-    """Copy every pending value to the host in one transfer (after ``reduce``, e.g. a mean over
-    data-parallel ranks) and group it by site, metric and layer; repeated layers are averaged."""
-    flat_tensor = torch.cat([v.reshape(-1).float() for *_, v in pending])
-    flat = (reduce(flat_tensor) if reduce else flat_tensor).cpu().tolist()
-    grouped: dict[tuple[str, str], dict[int, list[list[float]]]] = {}
+def site_partials(site: str, x: Tensor, metrics: Sequence[str], costs: Costs) -> list[tuple[str, Tensor]]:
+    """``(metric, partial)`` for each metric that applies to ``site``'s activation ``x``: what
+    :func:`combine` reduces over observations and ranks (:mod:`ofe.monitor.reduce`)."""
+    if site == PROBS_SITE:
+        return [(name, REDUCTIONS[name].partial(x)) for name in metrics if name in PROBS_METRICS]
+    out = []
+    for name in metrics:
+        if name not in ACTIVATION_METRICS or (name in SEQUENCE_METRICS and x.dim() < 3):
+            continue
+        if name == "input_correlation":
+            value = REDUCTIONS[name].partial(x, costs.max_tokens)
+        elif name == "mmr":
+            value = REDUCTIONS[name].partial(x, costs.mmr_max_rows, costs.rank, costs.world)
+        else:
+            value = REDUCTIONS[name].partial(x)
+        out.append((name, value))
+    return out
+
+
+def gather_local(flat: Tensor) -> Tensor:
+    """One process's partials as the ``(1, K)`` rows a cross-rank gather would give."""
+    return flat[None]
+
+
+def combine(pending: list[Pending], gather: Callable[[Tensor], Tensor] = gather_local) -> Results:
+    """Reduce the partials of every observation (micro-batches) and, through ``gather`` (``(K,)`` ->
+    ``(world, K)``, one collective, e.g. :func:`ofe.train.distributed.gather_across_ranks`), of every
+    rank into each metric of everything observed; one transfer to the host. Every rank must have
+    observed the same sites, as often."""
+    rows = gather(torch.cat([v.reshape(-1) for *_, v in pending])).cpu()
+    grouped: dict[tuple[str, str], dict[int, list[Tensor]]] = {}
     offset = 0
     for site, layer, name, value in pending:
         n = value.numel()
-        grouped.setdefault((site, name), {}).setdefault(layer, []).append(flat[offset : offset + n])
+        grouped.setdefault((site, name), {}).setdefault(layer, []).append(rows[:, offset : offset + n])
         offset += n
     results: Results = {}
     for (site, name), by_layer in grouped.items():
-        per_layer = [_mean_rows(by_layer[layer]) for layer in sorted(by_layer)]
+        per_layer = [finish(name, torch.cat(by_layer[layer])) for layer in sorted(by_layer)]
         if name == "int8_outlier_dims":
             token_frac = torch.tensor(per_layer)  # (L, d)
             results.setdefault(site, {})[name] = int(M.outlier_dims_from_token_frac(token_frac).sum())
@@ -101,10 +129,6 @@ def combine(pending: list[Pending], reduce: Callable[[Tensor], Tensor] | None = 
         else:
             results.setdefault(site, {})[name] = [v[0] for v in per_layer]
     return results
-
-
-def _mean_rows(rows: list[list[float]]) -> list[float]:
-    return [sum(col) / len(rows) for col in zip(*rows)]
 
 
 def flatten_results(results: Results) -> dict[str, float]:

@@ -19,13 +19,15 @@ Three kinds of model are supported:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ofe.monitor.measure import DEFAULT_METRICS, PROBS_SITE, Costs, Pending, Results, check_metrics, combine, site_metrics
+from ofe.monitor.measure import (DEFAULT_METRICS, PROBS_SITE, Costs, Pending, Results, check_metrics, combine,
+                                 gather_local, site_partials)
 from ofe.monitor.sites import Target, find_targets
 
 
@@ -86,6 +88,16 @@ class OutlierMonitor:
                 target.module.max_batch = probs_max_batch
         self._handles = [t.module.register_forward_hook(self._hook_for(t)) for t in self._targets]
 
+    def shard(self, rank: int, world: int) -> None:
+        """Observe the ``rank``-th of ``world`` equal slices of each global batch (data parallelism):
+        the token and sequence samples (``mmr_max_rows``, ``probs_max_batch``) become this rank's part
+        of the sample one process would draw from the global batch, so that :meth:`collect` with a
+        gather across ranks gives the global batch's metrics."""
+        self.costs = dataclasses.replace(self.costs, rank=rank, world=world)
+        for target in self._targets:
+            if target.is_tap and target.site == PROBS_SITE:
+                target.module.batch_rank = rank
+
     def _hook_for(self, target: Target) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             if self._active:
@@ -96,8 +108,9 @@ class OutlierMonitor:
     @torch.compiler.disable
     @torch.no_grad()
     def _record(self, site: str, layer: int, x: Tensor) -> None:
-        """Compute this site's metrics for one layer now; keep only the (tiny) results."""
-        for name, value in site_metrics(site, x.detach(), self.metrics, self.costs):
+        """Compute this site's partials for one layer now (:mod:`ofe.monitor.reduce`); keep only
+        those (tiny) tensors, never the activation."""
+        for name, value in site_partials(site, x.detach(), self.metrics, self.costs):
             self._pending.append((site, layer, name, value))
 
     # ---- stepping ----------------------------------------------------------------------------
@@ -123,19 +136,21 @@ class OutlierMonitor:
         finally:
             self._set_active(False)
 
-    def collect(self, reduce: Callable[[Tensor], Tensor] | None = None) -> Results | None:
+    def collect(self, gather: Callable[[Tensor], Tensor] = gather_local) -> Results | None:
         """Results recorded since the last call, or None if nothing was recorded.
 
         Returns ``{site: {metric: [value per layer]}}`` where a value is a float
-        (``attention_entropy``: a list of per-head floats), plus ``int8_outlier_dims`` as one
-        int per site. Layers observed several times (gradient accumulation) are averaged.
-        One device-to-host transfer. ``reduce`` (e.g. a mean over data-parallel ranks) is applied
-        to the flat tensor of every value first; all ranks must have observed the same sites.
+        (``attention_entropy``, ``sink_score``: a list of per-head floats), plus ``int8_outlier_dims``
+        as one int per site. A layer observed several times (gradient accumulation) gives the metric
+        of everything it saw, and with ``gather`` (``(K,)`` -> ``(world, K)``, one collective, e.g.
+        :func:`ofe.train.distributed.gather_across_ranks`) of what every data-parallel rank saw: the
+        global batch's metric (:mod:`ofe.monitor.reduce` says which metrics are exact). One
+        device-to-host transfer; every rank must have observed the same sites.
         """
         if not self._pending:
             return None
         pending, self._pending = self._pending, []
-        return combine(pending, reduce)
+        return combine(pending, gather)
 
     def measure(self, *args: Any, **kwargs: Any) -> Results:
         """Run ``model(*args, **kwargs)`` once without gradients, observed, and return the results."""
@@ -152,6 +167,7 @@ class OutlierMonitor:
         for target in self._targets:
             if target.is_tap and target.site == PROBS_SITE:
                 target.module.max_batch = None
+                target.module.batch_rank = 0
 
     def __enter__(self) -> OutlierMonitor:
         return self

@@ -48,6 +48,9 @@ class OptimizerEntry:
     build: Callable[[OptimSettings, Groups], torch.optim.Optimizer]
     reads: frozenset[str]  # options beyond COMMON, dotted below ``optim.``
     help: str
+    # Steps on FSDP2's sharded parameters (elementwise on each shard); SOAP, the rotated AdaFactor and
+    # Muon need whole matrices (eigenbases, orthogonalisation), AdaFactor whole rows and columns.
+    shards: bool = False
 
 
 def _adamw(cfg: OptimSettings, groups: Groups) -> torch.optim.Optimizer:
@@ -91,7 +94,7 @@ def _muon(cfg: OptimSettings, groups: Groups) -> torch.optim.Optimizer:
 
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {
-    "adamw": OptimizerEntry(_adamw, frozenset({"eps"}), "AdamW (torch.optim; fused on CUDA)"),
+    "adamw": OptimizerEntry(_adamw, frozenset({"eps"}), "AdamW (torch.optim; fused on CUDA)", shards=True),
     "adafactor": OptimizerEntry(
         _adafactor,
         frozenset({"bias_correction", "adafactor.beta2_decay", "adafactor.momentum", "adafactor.clip_threshold",

@@ -200,10 +200,12 @@ class SimulatedQuantModel:
     """
 
     def __init__(self, model: nn.Module, cfg: QuantConfig, float_modules: tuple[str, ...] = ("lm_head",),
-                 output_modules: tuple[str, ...] = (), only_sites: tuple[str, ...] | None = None) -> None:
+                 output_modules: tuple[str, ...] = (), only_sites: tuple[str, ...] | None = None,
+                 inplace: bool = False) -> None:
         """``only_sites``: with ``sites = "all"``, quantise only the activations at these
         :meth:`GPT.taps` sites (e.g. one of :data:`SITE_FAMILIES`); None: every site. A transform
-        that does not apply to ``model`` raises its error here."""
+        that does not apply to ``model`` raises its error here. ``inplace``: quantise ``model`` itself
+        instead of a copy (no second set of weights in memory; the float model is gone afterwards)."""
         self.cfg = cfg
         self.only_sites = only_sites
         self.float_modules, self.output_modules = tuple(n for n in float_modules if n), output_modules
@@ -215,7 +217,7 @@ class SimulatedQuantModel:
         for transform in self.pending:
             if transform.check is not None:
                 transform.check(model)
-        self.model = copy.deepcopy(model).eval()
+        self.model = (model if inplace else copy.deepcopy(model)).eval()
         self.notes: dict[str, object] = {}  # what the transforms computed, by name (e.g. SmoothQuant's scales)
         self.n_weights = 0
         self.quantizers: dict[tuple[str, int], ActQuantizer] = {}

@@ -14,6 +14,7 @@ import platform
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from ofe.monitor import TRAIN_METRICS, KurtosisUpdateTracker, OutlierMonitor
 from ofe.optim import build_optimizer
 from ofe.run_dir import CheckpointError, RunDir, RunState
 from ofe.train import distributed as D
+from ofe.train import sharded as S
 from ofe.run_config import TrainConfig, incompatible_keys
 
 
@@ -225,11 +227,15 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 def restore(state: dict[str, Any] | None, model: GPT, optimizer: torch.optim.Optimizer, env: D.DistEnv) -> int:
-    """Load the checkpoint's weights, optimiser and RNG state; the step to start from."""
+    """Load the checkpoint's weights, optimiser and RNG state; the step to start from. A sharded
+    checkpoint (``"shards"``) loads into this process's shards, whatever world size wrote it."""
     if state is None:
         return 0
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if "shards" in state:
+        S.load(model, optimizer, Path(state["shards"]))
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"], env.device)
     return int(state["step"])
 
@@ -238,7 +244,7 @@ def wrap_model(model: GPT, cfg: TrainConfig, env: D.DistEnv) -> tuple[nn.Module,
     """``(ddp, forward)``: DDP over processes when there are several, compiled if asked.
     The monitor's hooks must be attached before this."""
     ddp: nn.Module = model
-    if env.world_size > 1:
+    if env.world_size > 1 and cfg.parallel == "ddp":
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     return ddp, (torch.compile(ddp) if cfg.compile else ddp)
@@ -256,8 +262,9 @@ def local_share(val: torch.Tensor, env: D.DistEnv) -> torch.Tensor:
 
 def build_tracker(cfg: TrainConfig, model: GPT, val: torch.Tensor, env: D.DistEnv,
                   state: dict[str, Any] | None) -> KurtosisUpdateTracker | None:
-    """Kurtosis-update terms on fixed validation sequences (main process only)."""
-    if not cfg.decomposition_sequences or not env.is_main:
+    """Kurtosis-update terms on fixed validation sequences: on the main process only, or, when the
+    model is sharded, on every process (its forward passes gather shards from all of them)."""
+    if not cfg.decomposition_sequences or not (env.is_main or S.is_sharded(env, cfg.parallel)):
         return None
     tracker = KurtosisUpdateTracker(model, val[: cfg.decomposition_sequences, :-1].to(env.device))
     if state is not None and "decomposition" in state:
@@ -285,9 +292,12 @@ def build(cfg: TrainConfig, env: D.DistEnv, run: RunDir, log: Callable[..., None
         start_run(cfg, run, data)
     seed_everything(cfg.seed)
     model = build_model(cfg, env)
+    if S.is_sharded(env, cfg.parallel):
+        S.shard(model, env, cfg.dtype)  # before the optimiser: the parameters become DTensors
     optimizer = build_optimizer(cfg.optim, model)
     start = restore(state, model, optimizer, env)
     monitor = OutlierMonitor(model, every=cfg.monitor_interval, metrics=TRAIN_METRICS)  # hooks before DDP / compile
+    monitor.shard(env.rank, env.world_size)  # each rank observes its slice; collect() gathers the global batch
     ddp, forward = wrap_model(model, cfg, env)
     val = validation_windows(cfg, data)
     tracker = build_tracker(cfg, model, val, env, state)

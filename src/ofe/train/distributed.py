@@ -54,6 +54,18 @@ def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gather_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """``(K,)`` -> ``(world, K)``: every process's tensor, on every process (one all-gather;
+    ``t[None]`` in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size()
+        out = t.new_empty(world * t.numel())
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch >= 2.13 renamed it
+        gather(out, t.contiguous().reshape(-1))
+        return out.view(world, *t.shape)
+    return t[None]
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -30,6 +30,7 @@ from ofe.quant.probe import PROBE_CALIBRATION, PROBE_WINDOWS, QuantProbe
 from ofe.quant.quantize import calibration_batches
 from ofe.run_dir import RunDir
 from ofe.train import distributed as D
+from ofe.train import sharded as S
 from ofe.train.build import Parts, TrainError, build, check_run_dir, rng_state
 from ofe.run_config import TrainConfig
 from ofe.train.logger import RunLogger
@@ -115,13 +116,13 @@ class Trainer:
             for micro in range(cfg.grad_accum):
                 x, y = self._micro_batch(step, micro)
                 sync = micro == cfg.grad_accum - 1 or self.env.world_size == 1
-                with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self._autocast():
+                with (contextlib.nullcontext() if sync else S.no_gradient_sync(self.ddp)), self._autocast():
                     loss = lm_loss(self.forward(x), y) / cfg.grad_accum
                     loss.backward()
                 loss_sum += loss.detach()
-        stats = self.monitor.collect(reduce=D.mean_across_ranks)
+        stats = self.monitor.collect(D.gather_across_ranks)
         if cfg.optim.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            grad_norm = S.reduce_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip))
         else:
             grad_norm = torch.zeros((), device=self.env.device)
         loss_value, norm_value = D.mean_across_ranks(torch.stack([loss_sum, grad_norm.float()])).tolist()
@@ -158,15 +159,38 @@ class Trainer:
         return "rank 0 keeps the last checkpoint whose loss was finite"
 
     def _save(self, step: int) -> None:
-        if self.env.is_main:
-            state = {
-                "step": step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "rng": rng_state(self.env.device), "config": json.dumps(C.to_dict(self.cfg)),
-            }
-            if self.tracker is not None:
-                state["decomposition"] = self.tracker.state_dict()
+        if self.cfg.parallel == "fsdp":
+            self._save_sharded(step)
+        elif self.env.is_main:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **self._run_state(step)}
             self.parts.run.save_checkpoint(state)
         self.previous_checkpoint, self.last_checkpoint, self.unverified_checkpoint = self.last_checkpoint, step, step
+
+    def _run_state(self, step: int) -> dict[str, Any]:
+        """What a checkpoint holds besides the weights and the optimiser state."""
+        state = {"step": step, "rng": rng_state(self.env.device), "config": json.dumps(C.to_dict(self.cfg))}
+        if self.tracker is not None:
+            state["decomposition"] = self.tracker.state_dict()
+        return state
+
+    def _save_sharded(self, step: int) -> None:
+        """Every process writes its shards into the run's staging directory; then the main process
+        adds the run state and renames the directory into place (:meth:`RunDir.finish_sharded_checkpoint`)."""
+        run = self.parts.run
+        if self.env.is_main:
+            run.begin_sharded_checkpoint()
+        D.barrier()
+        S.save(self.model, self.optimizer, run.sharded_staging_path)
+        D.barrier()
+        pause_point(f"shards-written-{step}")
+        if self.env.is_main:
+            run.finish_sharded_checkpoint(self._run_state(step))
+        D.barrier()
+
+    def _whole_model(self) -> torch.nn.Module | None:
+        """The unsharded model on the main process (None elsewhere); a collective when sharded, so
+        every process calls it at the same points."""
+        return S.gathered(self.model, self.cfg.model, self.env, self.cfg.parallel)
 
     def _decomposition_record(self) -> dict[str, Any]:
         """Kurtosis-update terms since the previous monitored step (fixed inputs), per layer."""
@@ -183,10 +207,12 @@ class Trainer:
         x, _ = self._micro_batch(cfg.steps, 0)
         with self.monitor.observe(), torch.no_grad(), self._autocast():
             self.forward(x)
-        final.update(monitor_record(self.monitor.collect(reduce=D.mean_across_ranks)))
+        final.update(monitor_record(self.monitor.collect(D.gather_across_ranks)))
         final.update(self._decomposition_record())
-        if self.probe is not None:
-            final.update(self.probe.measure(self.model))
+        if self.cfg.quant_probe:
+            whole = self._whole_model()
+            if self.probe is not None:
+                final.update(self.probe.measure(whole))
         return final
 
     # ---- the run ---------------------------------------------------------------------------------
@@ -230,12 +256,16 @@ class Trainer:
             record: dict[str, Any] = {"step": step, "lr": lr, "tokens": step * tokens_per_step}
             if step % cfg.eval_interval == 0:
                 record["val_loss"] = self.evaluate()
-                if cfg.keep_weights and self.env.is_main and step > 0:
-                    run_dir.keep_weights(step, self.model)
+                if cfg.keep_weights and step > 0:
+                    whole = self._whole_model()
+                    if self.env.is_main:
+                        run_dir.keep_weights(step, whole)
             if self.monitor.due(step):
                 record.update(self._decomposition_record())
-            if self.probe is not None and step % self.cfg.quant_probe == 0:
-                record.update(self.probe.measure(self.model))
+            if cfg.quant_probe and step % cfg.quant_probe == 0:
+                whole = self._whole_model()
+                if self.probe is not None:
+                    record.update(self.probe.measure(whole))
             loss, stats = self._train_step(step)
             record["train_loss"] = loss
             record.update(monitor_record(stats))
@@ -250,9 +280,10 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.3f}", max_kurt=f"{last_kurtosis:.2f}", tok_s=f"{record['tokens_per_s']:.0f}")
         final = self._final_record(tokens_per_step)
         logger.log(final)
+        whole = self._whole_model()
         if self.env.is_main:
             pause_point("before-weights")
-            run_dir.save_weights(self.model)
+            run_dir.save_weights(whole)
         return final
 
 

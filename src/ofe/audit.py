@@ -12,6 +12,7 @@ directory, and printed. Nothing is downloaded: the model must be a local directo
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
@@ -270,7 +271,23 @@ def _final_hidden(model, windows: torch.Tensor) -> torch.Tensor:
     return model(input_ids=windows).last_hidden_state.float()
 
 
+def fix_malloc_mmap_threshold(nbytes: int = 1 << 17) -> bool:
+    """Keep freed activation buffers from staying resident (glibc only; True if set).
+
+    glibc serves blocks above a threshold with their own mappings, returned to the system when freed,
+    but raises that threshold up to 32 MiB each time such a block is freed; after that, the audit's
+    large temporaries come from the heap, whose freed space fragments and stays resident: a 1.1B bf16
+    audit grew by 0.7 GiB during calibration alone. A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``,
+    as ``MALLOC_MMAP_THRESHOLD_`` would set) stops the growth (measured: docs/results/performance/audit_1b.md)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, nbytes))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def audit(model_dir: str | Path, cfg: AuditOptions, log=print) -> dict[str, Any]:
+    fix_malloc_mmap_threshold()
     model_dir = Path(model_dir)
     model, kind, tokenizer = load_model(model_dir, cfg.dtype)
     config = model.config

@@ -25,7 +25,8 @@ EXACT_ACROSS_RANKS = {"kurtosis", "mmr", "input_correlation", "max_abs", "positi
 def args(out: Path, corpus: Path, *extra: str) -> list[str]:
     return ["train", "--out_dir", str(out), "--preset", "tiny", "--steps", "6", "--batch_size", "8",
             "--eval_interval", "3", "--eval_batches", "1", "--monitor_interval", "2", "--ckpt_interval", "2",
-            "--progress", "false", "--parallel", "fsdp", "--data.corpus", str(corpus), *extra]
+            "--progress", "false", "--parallel", "fsdp", "--quant_probe", "3", "--keep_weights", "true",
+            "--data.corpus", str(corpus), *extra]
 
 
 def torchrun(argv: list[str], pause: str | None = None) -> subprocess.Popen:
@@ -120,6 +121,11 @@ def test_two_sharded_processes_train_as_one(whole, corpus, tmp_path):
                 assert r2[key] == pytest.approx(r1[key], rel=1e-5), (r1["step"], key)
         for key in EXACT_ACROSS_RANKS & r1.keys():  # the monitor logs the global batch's metrics on 2 ranks too
             assert r2[key] == pytest.approx(r1[key], rel=1e-6, abs=1e-9), (r1["step"], key)
+        if "w8a8_probe_pct" in r1:  # the probe of the whole model, gathered from the shards on rank 0
+            assert r2["w8a8_probe_pct"] == pytest.approx(r1["w8a8_probe_pct"], abs=1e-3), r1["step"]
+    assert sum("w8a8_probe_pct" in r for r in metrics(whole)) == 3  # steps 0, 3 and the final record
+    kept = load_file(whole / "weights" / "step_000003.st")  # kept at the evaluation of step 3, whole
+    assert kept.keys() == b.keys() and all(kept[k].shape == b[k].shape for k in kept)
 
 
 def test_killed_after_a_sharded_save_resumes_at_world_size_1_and_2(whole, corpus, tmp_path):

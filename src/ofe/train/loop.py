@@ -31,7 +31,7 @@ from ofe.quant.quantize import calibration_batches
 from ofe.run_dir import RunDir
 from ofe.train import distributed as D
 from ofe.train import sharded as S
-from ofe.train.build import Parts, TrainError, build, check_run_dir, rng_state
+from ofe.train.build import Parts, TrainError, build, check_run_dir, rng_state, validation_windows
 from ofe.run_config import TrainConfig
 from ofe.train.logger import RunLogger
 
@@ -77,11 +77,12 @@ class Trainer:
         self.probe = self._quant_probe() if self.cfg.quant_probe and self.env.is_main else None
 
     def _quant_probe(self) -> QuantProbe:
-        """The probe's fixed data (:mod:`ofe.quant.probe`): the first validation windows and its own
-        calibration batches."""
+        """The probe's fixed data (:mod:`ofe.quant.probe`): the first validation windows (the same at
+        any world size) and its own calibration batches."""
         device = self.env.device
         calib = [b.to(device) for b in calibration_batches(self.parts.data, self.cfg, PROBE_CALIBRATION)]
-        return QuantProbe(self.val[:PROBE_WINDOWS].to(device), calib)
+        windows = validation_windows(self.cfg, self.parts.data)[:PROBE_WINDOWS]  # all of them, not this rank's share
+        return QuantProbe(windows.to(device), calib)
 
     # ---- pieces of a step ----------------------------------------------------------------------
     def _autocast(self):

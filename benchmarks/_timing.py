@@ -54,3 +54,19 @@ def train_step_flops(model, batch_size: int) -> float:
     the attention products 12 x layers x T^2 x d per sequence (QK^T and PV, forward and backward)."""
     c = model.cfg
     return 6 * model.num_params() * batch_size * c.seq_len + 12 * c.n_layer * c.seq_len**2 * c.d_model * batch_size
+
+
+def mode_ratios(per_step: dict[str, list[float]], base: str = "off") -> dict[str, dict[str, object]]:
+    """Print each mode's mean step time and its ratio to ``base`` with a bootstrap 95% interval (blocks of
+    10 steps); return the same numbers, ``{mode: {"s_per_step", "ratio", "ratio_ci95"}}``."""
+    import statistics
+
+    mean_base = statistics.fmean(per_step[base])
+    print(f"{'mode':<10} {'mean s/step':>12} {'ratio':>7} {'95% CI of ratio':>18}")
+    out: dict[str, dict[str, object]] = {}
+    for name, times in per_step.items():
+        mean = statistics.fmean(times)
+        lo, hi = ratio_ci(times, per_step[base], block=10)
+        out[name] = {"s_per_step": mean, "ratio": mean / mean_base, "ratio_ci95": [lo, hi]}
+        print(f"{name:<10} {mean:>12.4f} {mean / mean_base:>7.3f} {f'[{lo:.3f}, {hi:.3f}]':>18}")
+    return out

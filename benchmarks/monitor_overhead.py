@@ -16,11 +16,10 @@ import argparse
 import contextlib
 import json
 import platform
-import statistics
 
 import torch
 
-from _timing import interleaved, ratio_ci
+from _timing import interleaved, mode_ratios
 
 from ofe.data import default_sample, random_windows
 from ofe.models import GPT, lm_loss, preset
@@ -77,19 +76,12 @@ def main() -> None:
             train_step()
     per_step = interleaved(trainers, args.steps)
 
-    base = statistics.fmean(per_step["off"])
     print(f"preset {args.preset}, batch {args.batch_size} x {cfg.seq_len}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"sites {','.join(sites)}; metrics {args.metrics}; {'exact' if args.exact else 'default sampling'}; "
           f"{args.steps} steps per mode, interleaved step by step")
-    print(f"{'mode':<10} {'mean s/step':>12} {'ratio':>7} {'95% CI of ratio':>18}")
     result = {"preset": args.preset, "batch_size": args.batch_size, "seq_len": cfg.seq_len, "sites": sites,
-              "metrics": args.metrics, "exact": args.exact, "steps": args.steps, "modes": {}}
-    for name in modes:
-        mean = statistics.fmean(per_step[name])
-        lo, hi = ratio_ci(per_step[name], per_step["off"], block=10)
-        result["modes"][name] = {"s_per_step": mean, "ratio": mean / base, "ratio_ci95": [lo, hi]}
-        print(f"{name:<10} {mean:>12.4f} {mean / base:>7.3f} {f'[{lo:.3f}, {hi:.3f}]':>18}")
+              "metrics": args.metrics, "exact": args.exact, "steps": args.steps, "modes": mode_ratios(per_step)}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

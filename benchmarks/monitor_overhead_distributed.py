@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.distributed as dist
 
-from _timing import cpu_name, interleaved, ratio_ci
+from _timing import cpu_name, interleaved, mode_ratios
 
 from ofe.data import default_sample, random_windows
 from ofe.models import GPT, lm_loss, preset
@@ -84,18 +83,12 @@ def main() -> None:
             train_step()
     per_step = interleaved(trainers, args.steps)
     if env.is_main:
-        base = statistics.fmean(per_step["off"])
-        print(f"{args.parallel}, {env.world_size} processes x {torch.get_num_threads()} threads, {cpu_name()}, "
+            print(f"{args.parallel}, {env.world_size} processes x {torch.get_num_threads()} threads, {cpu_name()}, "
               f"torch {torch.__version__}; preset {args.preset}, global batch {args.batch_size} x {cfg.seq_len}; "
               f"monitor: ofe train's metrics, gathered across ranks; {args.steps} steps per mode, interleaved")
-        print(f"{'mode':<10} {'mean s/step':>12} {'ratio':>7} {'95% CI of ratio':>18}")
         result = {"parallel": args.parallel, "world_size": env.world_size, "threads": torch.get_num_threads(),
-                  "cpu": cpu_name(), "preset": args.preset, "batch_size": args.batch_size, "steps": args.steps, "modes": {}}
-        for name in modes:
-            mean = statistics.fmean(per_step[name])
-            lo, hi = ratio_ci(per_step[name], per_step["off"], block=10)
-            result["modes"][name] = {"s_per_step": mean, "ratio": mean / base, "ratio_ci95": [lo, hi]}
-            print(f"{name:<10} {mean:>12.4f} {mean / base:>7.3f} {f'[{lo:.3f}, {hi:.3f}]':>18}")
+                  "cpu": cpu_name(), "preset": args.preset, "batch_size": args.batch_size, "steps": args.steps,
+                  "modes": mode_ratios(per_step)}
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)

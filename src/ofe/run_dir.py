@@ -402,16 +402,7 @@ class RunDir:
 
     def _load_sharded(self, directory: Path) -> dict[str, Any]:
         """A sharded checkpoint's state, with ``"shards"``: the directory DCP loads the shards from."""
-        path = directory / SHARDED_STATE
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-            raise CheckpointError(f"checkpoint {path} is corrupt or truncated "
-                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from None
-        if not isinstance(state, dict) or not SHARDED_KEYS <= set(state):
-            have = set(state) if isinstance(state, dict) else set()
-            raise CheckpointError(f"checkpoint {path} lacks {sorted(SHARDED_KEYS - have)}: not an ofe checkpoint")
-        return {**state, "shards": str(directory)}
+        return {**_load_state(directory / SHARDED_STATE, SHARDED_KEYS), "shards": str(directory)}
 
     # ---- either kind -----------------------------------------------------------------------------
     def confirm_checkpoint(self) -> None:
@@ -454,15 +445,7 @@ class RunDir:
             path = self.path / PREVIOUS_CHECKPOINT
         if not path.is_file():
             raise CheckpointError(f"no checkpoint at {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-            raise CheckpointError(f"checkpoint {path} is corrupt or truncated "
-                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from None
-        if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
-            have = set(state) if isinstance(state, dict) else set()
-            raise CheckpointError(f"checkpoint {path} lacks {sorted(CHECKPOINT_KEYS - have)}: not an ofe checkpoint")
-        return state
+        return _load_state(path, CHECKPOINT_KEYS)
 
     def save_weights(self, model: nn.Module) -> None:
         from safetensors.torch import save_model
@@ -613,6 +596,20 @@ def _quant_problem(quant: Any, final: bool) -> str | None:
     if not isinstance(draws, list) or not all(isinstance(d, dict) and _is_number(d.get("increase_pct")) for d in draws):
         return "'calibration_draws' is not a list of results"
     return None
+
+
+def _load_state(path: Path, keys: frozenset[str]) -> dict[str, Any]:
+    """A checkpoint state dict holding ``keys``, loaded with ``weights_only=True`` (no code runs); any
+    damage becomes a one-line :class:`CheckpointError`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated "
+                              f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from None
+    if not isinstance(state, dict) or not keys <= set(state):
+        have = set(state) if isinstance(state, dict) else set()
+        raise CheckpointError(f"checkpoint {path} lacks {sorted(keys - have)}: not an ofe checkpoint")
+    return state
 
 
 def _fsync_dir(path: Path) -> None:

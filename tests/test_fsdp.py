@@ -88,12 +88,8 @@ def metrics(run: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(60):
-        body = "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for j in range(40))
-        (root / f"m{i:03d}.py").write_text(f"# module {i}\nimport os\n\n{body}")
-    return root
+def corpus(small_corpus_module):
+    return small_corpus_module
 
 
 @pytest.fixture(scope="module")

@@ -63,13 +63,6 @@ def whole(tmp_path_factory, small_corpus_module):
     return out
 
 
-@pytest.fixture(scope="module")
-def small_corpus_module(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(60):
-        body = "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for j in range(40))
-        (root / f"m{i:03d}.py").write_text(f"# module {i}\nimport os\n\n{body}")
-    return root
 
 
 def assert_same_run(a: Path, b: Path) -> None:

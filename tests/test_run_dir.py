@@ -360,3 +360,35 @@ def test_a_diverging_run_records_its_state_and_resume_refuses_it(tmp_path, capsy
     assert run.state() is RunState.DIVERGED  # the refusal wrote nothing
     [loaded] = load_runs([out])
     assert loaded.diverged.startswith("loss became nan")
+
+
+def _sharded_save(run: RunDir, step: int, complete: bool = True) -> None:
+    """What the processes and rank 0 do for a sharded checkpoint, with a stand-in shard file."""
+    staging = run.begin_sharded_checkpoint()
+    (staging / "__0_0.distcp").write_bytes(b"shard")
+    if complete:
+        (staging / ".metadata").write_bytes(b"dcp")  # DCP writes it last, once every shard is in
+    run.finish_sharded_checkpoint({"step": step, "rng": {}, "config": "{}"})
+
+
+def test_sharded_checkpoints_replace_roll_back_and_never_load_a_torn_one(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.create()
+    assert not run.has_checkpoint()
+    _sharded_save(run, 2)
+    _sharded_save(run, 4)
+    state = run.load_checkpoint()
+    assert state["step"] == 4 and Path(state["shards"]).name == "checkpoint.dcp"
+    assert (run.path / "checkpoint.prev.dcp" / "state.pt").is_file()  # kept until step 4's weights are verified
+    assert run.revert_checkpoint()  # step 4's weights gave a non-finite loss: step 2 is put back
+    assert run.load_checkpoint()["step"] == 2 and not (run.path / "checkpoint.prev.dcp").exists()
+    _sharded_save(run, 4)
+    run.confirm_checkpoint()
+    assert not (run.path / "checkpoint.prev.dcp").exists()
+    with pytest.raises(CheckpointError, match="incomplete"):  # shards without DCP's metadata are not renamed in
+        _sharded_save(run, 6, complete=False)
+    assert run.load_checkpoint()["step"] == 4
+    (run.path / "checkpoint.dcp" / "state.pt").unlink()  # a damaged directory under the loaded name
+    assert not run.has_checkpoint()
+    with run.lock():  # the next run's lock removes the staging leftovers
+        assert not (run.path / ".checkpoint.dcp.staging").exists()

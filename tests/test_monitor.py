@@ -151,7 +151,7 @@ def test_gradient_accumulation_measures_both_micro_batches_together():
     r = mon.collect()
     both = torch.cat([capture_block_outputs(model, a)[1], capture_block_outputs(model, b)[1]]).double()
     ka, kb = (M.kurtosis(capture_block_outputs(model, x)[1]).item() for x in (a, b))
-    assert r["resid"]["kurtosis"][1] == pytest.approx(M.kurtosis(both).item(), rel=1e-9)
+    assert r["resid"]["kurtosis"][1] == pytest.approx(M.kurtosis(both).item(), rel=1e-6)  # float32 sums of squares
     assert abs(r["resid"]["kurtosis"][1] - (ka + kb) / 2) > 1e-3  # which differs from the mean of the two
 
 
@@ -195,7 +195,8 @@ def _observed(monitor, model, x):
 
 def test_partials_of_two_ranks_give_the_global_batch_metrics():
     """Two 'ranks' holding halves of a batch, combined through a gather of their partials, give the
-    metrics of the whole batch in one process: exactly for the decomposable metrics (to 1e-9)."""
+    metrics of the whole batch in one process: exactly for the decomposable metrics (to 1e-6: the
+    per-neuron sums of squares are accumulated in float32)."""
     from ofe.monitor.measure import combine
 
     model = tiny_model().eval()
@@ -211,7 +212,7 @@ def test_partials_of_two_ranks_give_the_global_batch_metrics():
         for name, value in by_metric.items():
             if name in EXACT:
                 flat = lambda v: [x for row in v for x in (row if isinstance(row, list) else [row])] if isinstance(v, list) else [v]  # noqa: E731
-                assert flat(both[site][name]) == pytest.approx(flat(value), rel=1e-9, abs=1e-12), (site, name)
+                assert flat(both[site][name]) == pytest.approx(flat(value), rel=1e-6, abs=1e-9), (site, name)
     # and the whole-batch values are the metric functions' (float32) on the whole batch
     with torch.no_grad():
         resid = [o for o in _block_outputs(model, x)]

@@ -50,6 +50,8 @@ class OutlierMonitor:
             per-token median is the one super-linear cost (None: all tokens, exact).
         probs_max_batch: ``ofe`` models: attention probabilities are materialised (SDPA never
             forms them) for the first this-many sequences of the batch only (None: all, exact).
+        median_max_elements: ``abs_max_median``'s median is taken over at most this many evenly
+            spaced entries of a layer's activation (None: all, exact).
 
     Use::
 
@@ -72,13 +74,14 @@ class OutlierMonitor:
         max_tokens: int | None = None,
         mmr_max_rows: int | None = 256,
         probs_max_batch: int | None = 2,
+        median_max_elements: int | None = 1 << 14,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self._model = model
         self.every = every
         self.metrics = check_metrics(metrics)
-        self.costs = Costs(max_tokens=max_tokens, mmr_max_rows=mmr_max_rows)
+        self.costs = Costs(max_tokens=max_tokens, mmr_max_rows=mmr_max_rows, median_max_elements=median_max_elements)
         self._active = False
         self._pending: list[Pending] = []
         self._targets = find_targets(model, sites, modules, pattern)

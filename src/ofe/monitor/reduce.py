@@ -51,10 +51,12 @@ def _count(n: int, like: Tensor) -> Tensor:
 
 # ---- per-neuron moments ------------------------------------------------------------------------
 def _kurtosis_partial(x: Tensor, center: bool = False) -> Tensor:
-    r = _rows64(x)
+    """Per-neuron sums of squares (accumulated in float32, then float64: the activation itself is never
+    copied to float64) and the row count."""
+    r = x.detach().reshape(-1, x.shape[-1]).float()
     if center:
         r = r - r.mean(-1, keepdim=True)
-    return torch.cat([r.square().sum(0), _count(len(r), r)])
+    return torch.cat([r.square().sum(0).to(F64), _count(len(r), r)])
 
 
 def _kurtosis_finish(rows: Tensor) -> Tensor:
@@ -154,9 +156,9 @@ def _top_finish(rows: Tensor, k: int = TOP_K) -> Tensor:
 
 
 # ---- averaged (not decomposable) ----------------------------------------------------------------
-def _averaged(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    def partial(x: Tensor) -> Tensor:
-        return torch.stack([fn(x).to(F64).reshape(()), torch.ones((), dtype=F64, device=x.device)])
+def _averaged(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def partial(x: Tensor, *args) -> Tensor:
+        return torch.stack([fn(x, *args).to(F64).reshape(()), torch.ones((), dtype=F64, device=x.device)])
     return partial
 
 

@@ -83,7 +83,7 @@ def main() -> None:
             train_step()
     per_step = interleaved(trainers, args.steps)
     if env.is_main:
-            print(f"{args.parallel}, {env.world_size} processes x {torch.get_num_threads()} threads, {cpu_name()}, "
+        print(f"{args.parallel}, {env.world_size} processes x {torch.get_num_threads()} threads, {cpu_name()}, "
               f"torch {torch.__version__}; preset {args.preset}, global batch {args.batch_size} x {cfg.seq_len}; "
               f"monitor: ofe train's metrics, gathered across ranks; {args.steps} steps per mode, interleaved")
         result = {"parallel": args.parallel, "world_size": env.world_size, "threads": torch.get_num_threads(),

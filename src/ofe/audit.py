@@ -32,6 +32,7 @@ from ofe.io import atomic_write
 from ofe.monitor import capture, find_block_stack
 from ofe.monitor.measure import Costs, site_metrics
 from ofe.quant import QuantConfig, SimulatedQuantModel
+from ofe.quant.probe import model_sites
 
 SUPPORTED: dict[str, str] = {
     "gpt2": "causal", "opt": "causal", "gpt_neox": "causal", "llama": "causal", "mistral": "causal",
@@ -312,13 +313,10 @@ def audit(model_dir: str | Path, cfg: AuditOptions, log=print) -> dict[str, Any]
         module = "embeddings" if i == 0 else f"{stack_name}.{i - 1}"
         layers.append({"layer": i, "module": module, **values, "top": top})
 
-    head = model.get_output_embeddings() if kind == "causal" else None
-    head_name = next((n for n, m in model.named_modules() if m is head), "") if head is not None else ""
     parameters, dtype = sum(p.numel() for p in model.parameters()), str(next(model.parameters()).dtype).removeprefix("torch.")
     # the float model's numbers first: then it is quantised in place (one set of weights in memory)
     reference = _causal_ppl(model, windows) if kind == "causal" else _final_hidden(model, windows)
-    sim = SimulatedQuantModel(model, q, float_modules=(head_name,) if head_name else (),
-                              output_modules=tuple(f"{stack_name}.{i}" for i in range(len(stack))), inplace=True)
+    sim = SimulatedQuantModel(model, q, **model_sites(model), inplace=True)  # head in float, block outputs quantised
     sim.calibrate(calib)
     if kind == "causal":
         fp, quant = reference, _causal_ppl(sim.model, windows)

@@ -77,6 +77,17 @@ STUDIES: dict[str, dict[str, Any]] = {
                      "lr": 3e-3, "lrs": {"pre-ln+adamw": [3e-3, 1e-2, 3e-2], "op+soap": [1e-3, 3e-3, 1e-2],
                                          "pre-ln+soap": 1e-2, "op+adamw": 3e-3},
                      "tune": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], "seeds": (0, 1, 2), "other_seeds": (0,)},
+    # Real text (the Python standard library, bytes) within two hours on 2 cores: the width-64 regime of
+    # docs/results/studies/realtext-search.md (probes B and C), in which Pre-LN + AdamW's W8A8 cost passes 2%
+    # at an lr tied for its best loss. BOS on every window, batch 16, 3000 steps, a constant lr after a 5%
+    # warmup, no weight decay, float32 (the probes' dtype, the same numbers on every processor). Only the
+    # C8 pair, three lrs each around the probes' best, on three seeds: 18 runs of ~8-11 min on one core.
+    "realtext-cpu": {"train": {"steps": 3000, "batch_size": 16, "eval_interval": 500, "eval_batches": 16,
+                               "monitor_interval": 250, "ckpt_interval": 1000, "dtype": "float32", "keep_weights": True,
+                               "data": {"bos": True}, "model": {"activation": "gelu"},
+                               "optim": {"weight_decay": 0.0, "decay": "constant", "warmup_frac": 0.05}},
+                     "lr": 1e-2, "lrs": {"pre-ln+adamw": [3e-3, 6e-3, 1e-2], "op+soap": [6e-3, 1e-2, 2e-2]},
+                     "tune": [3e-3, 6e-3, 1e-2, 2e-2], "seeds": (0, 1, 2), "other_seeds": ()},
     "codeparrot-130m": {"train": {"steps": 10000, "batch_size": 128, "eval_interval": 500, "monitor_interval": 100,
                                   "ckpt_interval": 1000, "dtype": "bfloat16", "compile": True, "keep_weights": True,
                                   "data": {"tokenizer": "bpe", "bpe_vocab_size": 32768}},

@@ -112,6 +112,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=256, seq_len=32, n_layer=2, n_head=4, d_model=32),
     # `ofe reproduce` on a 2-core CPU: byte-level, ~0.84M parameters, ~0.2 s per step of 32 x 128 tokens.
     "study-cpu": dict(vocab_size=256, seq_len=128, n_layer=4, n_head=4, d_model=128),
+    # Real text fast on a CPU (docs/results/studies/realtext-search.md): study-cpu at width 64, ~0.22M parameters.
+    "realtext-cpu": dict(vocab_size=256, seq_len=128, n_layer=4, n_head=4, d_model=64),
     # The Bigram-Backcopy task (data.corpus bigram-backcopy): 2 blocks, ~0.43M parameters, seq 64.
     "backcopy-cpu": dict(vocab_size=256, seq_len=64, n_layer=2, n_head=4, d_model=128),
     # A byte-level CPU experiment that trains in minutes (~4.8M parameters).

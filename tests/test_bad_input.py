@@ -60,6 +60,8 @@ CASES = [
     TRAIN + " --data.corpus {t}/empty.txt",
     TRAIN + " --data.corpus bigram-backcopy:triggers=x",
     TRAIN + " --data.corpus bigram-backcopy:nonsense=1",
+    TRAIN + " --data.corpus bigram-backcopy:docs=1000000000",  # ~90 TiB to generate: refused by the memory estimate
+    TRAIN + " --model.d_model 10000000",  # 2.4e15 parameters: refused before anything is allocated
     TRAIN + " --config {t}/missing.toml",
     TRAIN + " --config {t}/bad.toml",
     TRAIN + " --config {t}/unknown.toml",

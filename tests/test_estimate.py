@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ofe.cli import main
-from ofe.experiment.estimate import estimate, meta_model, optimizer_floats
+from ofe.train.estimate import estimate, meta_model, optimizer_floats
 from ofe.models import GPT, expected_param_count, lm_loss, preset
 from ofe.optim import OptimConfig, build_optimizer
 from ofe.run_config import TrainConfig

@@ -25,6 +25,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ofe.resources import too_big
+
 NAME = "bigram-backcopy"
 ALPHABET = string.ascii_letters + string.digits  # 62 symbols, one byte each
 
@@ -90,6 +92,9 @@ class BigramBackcopy:
         return float(np.where(copied, 0.0, nll).mean())
 
 
+# Generating and tokenising: the int64 symbol array, the text and its tokens held until the cache is written.
+PEAK_BYTES_PER_SYMBOL = 24
+
 SPEC_KEYS = {"triggers": ("n_triggers", int), "concentration": ("concentration", float), "docs": ("n_docs", int),
              "length": ("doc_len", int), "seed": ("seed", int)}
 
@@ -113,6 +118,10 @@ def from_spec(source: str) -> BigramBackcopy | None:
         except ValueError:
             raise ValueError(f"corpus {source}: {key} must be {kind.__name__}, got {value!r}") from None
     try:
-        return replace(BigramBackcopy(), **settings)
+        generator = replace(BigramBackcopy(), **settings)
     except ValueError as e:
         raise ValueError(f"corpus {source}: {e}") from None
+    symbols = generator.n_docs * generator.doc_len
+    if problem := too_big(symbols * PEAK_BYTES_PER_SYMBOL):
+        raise ValueError(f"corpus {source}: {symbols:,} symbols {problem}; lower docs or length")
+    return generator

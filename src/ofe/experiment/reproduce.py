@@ -30,7 +30,7 @@ from ofe.analysis import load_runs
 from ofe.analysis.claims import ClaimResult, c8_pairs, format_claims
 from ofe.analysis.fair import arm_key, matched_point, tuned_lrs
 from ofe.analysis.runs import Run
-from ofe.experiment.estimate import describe, estimate
+from ofe.train.estimate import describe, estimate
 from ofe.experiment.sweep import parse_spec, run_sweep
 from ofe.models import BLOCK_TYPES, preset_fields
 from ofe.optim import OPTIMIZERS
@@ -127,7 +127,7 @@ class ReproduceOptions:
                               "one-thread runs use 2 cores ~1.4x better than one two-thread run), 1 on a GPU")
     progress: bool = C.field(True, "show a progress bar over the study")
     dry_run: bool = C.field(False, "list the runs the study would train with their estimated FLOPs and memory "
-                                   "(ofe.experiment.estimate); train nothing")
+                                   "(ofe.train.estimate); train nothing")
 
     def __post_init__(self) -> None:
         preset_fields(self.preset)

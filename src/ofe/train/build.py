@@ -30,6 +30,8 @@ from ofe.optim import build_optimizer
 from ofe.run_dir import CheckpointError, RunDir, RunState
 from ofe.train import distributed as D
 from ofe.train import sharded as S
+from ofe.train.estimate import GIB, estimate
+from ofe.resources import too_big
 from ofe.run_config import TrainConfig, incompatible_keys
 
 
@@ -91,6 +93,16 @@ def check_batch_layout(cfg: TrainConfig, env: D.DistEnv) -> None:
     if cfg.batch_size % (env.world_size * cfg.grad_accum):
         raise TrainError(f"batch_size {cfg.batch_size} is not divisible by processes x grad_accum = "
                          f"{env.world_size} x {cfg.grad_accum}")
+
+
+def check_memory(cfg: TrainConfig, env: D.DistEnv) -> None:
+    """Refuse a run whose estimated memory per process (:func:`ofe.train.estimate.estimate`) exceeds what
+    the device has available, before anything is allocated."""
+    est = estimate(cfg, env.world_size)
+    if problem := too_big(est["memory_gib"]["total"] * GIB, env.device):
+        raise TrainError(f"this run ({est['params']:,} parameters, batch {cfg.batch_size} x {cfg.model.seq_len}) {problem}; "
+                         "lower --model.d_model / --model.n_layer / --batch_size, raise --grad_accum, or use more "
+                         "processes with --parallel fsdp")
 
 
 def build_data(cfg: TrainConfig, env: D.DistEnv, log: Callable[..., None]) -> TokenData:
@@ -276,6 +288,7 @@ def build(cfg: TrainConfig, env: D.DistEnv, run: RunDir, log: Callable[..., None
     """Every part of the run, restored from its checkpoint when resuming. The main process must
     hold ``run``'s lock."""
     check_batch_layout(cfg, env)
+    check_memory(cfg, env)
     if env.is_main:
         check_run_dir(cfg, run)
         run.create()

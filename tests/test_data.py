@@ -185,6 +185,43 @@ def test_a_damaged_token_cache_is_rebuilt_with_a_warning(small_corpus, tmp_path,
     assert dataset_module.cache_problem(again.directory) is None
 
 
+def _as_old_cache(directory):
+    """Drop the tokenizer checksum (as caches written before it), with meta.json's own checksum kept valid."""
+    meta = json.loads((directory / "meta.json").read_text())
+    meta.pop("tokenizer_sha256")
+    meta["checksum"] = dataset_module._meta_checksum(meta)
+    (directory / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda d: (d / "tokenizer.json").write_text("garbage"), "tokenizer.json does not match its checksum"),
+    (lambda d: (_as_old_cache(d), (d / "tokenizer.json").write_text("garbage")), "is not a tokenizer file"),
+    (lambda d: (_as_old_cache(d), (d / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')),
+     "is not a tokenizer file .Missing vocab"),
+    (lambda d: (_as_old_cache(d), (d / "tokenizer.json").write_bytes(b"\xff\xfe")), "is not a tokenizer file"),
+    (lambda d: (_as_old_cache(d), (d / "tokenizer.json").write_text('{"ofe_tokenizer": "byte"}')),
+     "tokenizer.json has 256 tokens, the metadata says 2[0-9][0-9]"),
+])
+def test_a_bpe_cache_with_a_damaged_tokenizer_is_rebuilt(tmp_path, damage, reason):
+    """A cache entry whose meta.json and splits are intact but whose tokenizer.json is not: rebuilt with a
+    warning naming the problem (it used to be a traceback from the tokenizers library)."""
+    from ofe.data import DataConfig, prepare
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    for i in range(30):
+        (corpus / f"f{i}.txt").write_text(" ".join(words[(i * j + j // 3) % 6] for j in range(200)))
+    cfg = DataConfig(corpus=str(corpus), cache_dir=str(tmp_path / "cache"), tokenizer="bpe", bpe_vocab_size=300)
+    fresh = prepare(cfg, log=lambda *a: None)
+    assert fresh.tokenizer.vocab_size == fresh.meta["vocab_size"] != 256
+    damage(fresh.directory)
+    with pytest.warns(UserWarning, match=f"is damaged \\(.*{reason}"):
+        again = prepare(cfg, log=lambda *a: None)
+    assert np.array_equal(np.array(again.train), np.array(fresh.train))
+    assert again.tokenizer.encode("alpha beta") == fresh.tokenizer.encode("alpha beta")
+    assert dataset_module.cache_problem(again.directory) is None
+
+
 def test_a_damaged_cache_entry_with_foreign_files_is_refused_not_deleted(small_corpus, tmp_path):
     from ofe.data import CorpusError, DataConfig, prepare
     cfg = DataConfig(corpus=str(small_corpus), cache_dir=str(tmp_path / "cache"))

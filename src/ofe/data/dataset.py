@@ -117,7 +117,7 @@ def _meta_checksum(meta: dict) -> str:
 def cache_problem(directory: Path) -> str | None:
     """What is wrong with a token-cache entry, or None: meta.json readable, of the right fields and
     matching its checksum (caches written before the checksum have none), each split file as long as
-    the metadata says, the tokenizer present."""
+    the metadata says, the tokenizer present, matching its checksum, loadable and of the metadata's size."""
     try:
         meta = json.loads((directory / "meta.json").read_text())
     except (OSError, ValueError) as e:
@@ -138,7 +138,19 @@ def cache_problem(directory: Path) -> str | None:
             return f"{split}.bin holds {max(size, 0)} bytes, the metadata says {expected}"
     if not (directory / TOKENIZER_FILE).is_file():
         return f"{TOKENIZER_FILE} is missing"
+    if "tokenizer_sha256" in meta and meta["tokenizer_sha256"] != _file_sha256(directory / TOKENIZER_FILE):
+        return f"{TOKENIZER_FILE} does not match its checksum"
+    try:
+        tokenizer = load_tokenizer(directory / TOKENIZER_FILE)
+    except (OSError, ValueError) as e:
+        return str(e)
+    if tokenizer.vocab_size != meta["vocab_size"]:
+        return f"{TOKENIZER_FILE} has {tokenizer.vocab_size} tokens, the metadata says {meta['vocab_size']}"
     return None
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _remove_cache_entry(directory: Path) -> None:
@@ -180,6 +192,7 @@ def _build(cfg: DataConfig, corpus, directory: Path, log) -> None:
         meta = {"corpus": cfg.corpus, "tokenizer": cfg.tokenizer, "vocab_size": tok.vocab_size, "dtype": dtype.name,
                 "train_docs": len(train_texts), "val_docs": len(val_texts), "skipped_files": corpus.skipped,
                 "train_tokens": counts["train"], "val_tokens": counts["val"], "val_fraction": cfg.val_fraction}
+        meta["tokenizer_sha256"] = _file_sha256(tmp / TOKENIZER_FILE)
         meta["checksum"] = _meta_checksum(meta)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:

@@ -70,10 +70,17 @@ Tokenizer = ByteTokenizer | BPETokenizer
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Read a tokenizer saved by :meth:`ByteTokenizer.save` or :meth:`BPETokenizer.save`."""
-    data = json.loads(Path(path).read_text())
-    if data.get("ofe_tokenizer") == "byte":
+    """Read a tokenizer saved by :meth:`ByteTokenizer.save` or :meth:`BPETokenizer.save`. Raises
+    ``ValueError`` naming the file when it is not one (garbage, truncated, another library's format)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a tokenizer file ({type(e).__name__})") from None
+    if isinstance(data, dict) and data.get("ofe_tokenizer") == "byte":
         return ByteTokenizer()
     from tokenizers import Tokenizer as HFTokenizer
 
-    return BPETokenizer(HFTokenizer.from_file(str(path)))
+    try:
+        return BPETokenizer(HFTokenizer.from_file(str(path)))
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        raise ValueError(f"{path} is not a tokenizer file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None

@@ -242,3 +242,49 @@ def test_audit_keeps_the_checkpoints_dtype_unless_asked(tmp_path):
         result = json.loads((out / "audit.json").read_text())
         assert result["dtype"] == expected
         assert f"parameters in {expected}" in (out / "audit.md").read_text()
+
+
+def test_the_output_folder_is_checked_before_the_audit_and_locked_during_it(tmp_path, capsys, monkeypatch):
+    """A folder of the user's (here holding their audit.md), an audit file that is a link out of the folder,
+    and a folder another audit holds are each refused in one line before any work; nothing there changes.
+    A folder an earlier audit wrote is re-used."""
+    import fcntl
+
+    model_dir = tmp_path / "model"
+    _build("llama").save_pretrained(model_dir)
+    args = [str(model_dir), "--sequences", "2", "--seq_len", "16", "--quant.calib_batches", "1", "--quant.calib_batch_size", "2"]
+    audited = []
+    import ofe.audit as A
+    real = A.audit
+    monkeypatch.setattr(A, "audit", lambda *a, **k: audited.append(1) or real(*a, **k))
+
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "audit.md").write_text("my notes")
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text("keep")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "audit.json").symlink_to(elsewhere)
+    capsys.readouterr()  # save_pretrained's own progress bar
+    for out, needle in ((users, "is not an ofe audit"), (linked, "is a symbolic link")):
+        assert main(["audit", *args, "--out_dir", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    assert (users / "audit.md").read_text() == "my notes" and sorted(p.name for p in users.iterdir()) == ["audit.md"]
+    assert elsewhere.read_text() == "keep" and not audited
+
+    out = tmp_path / "mine"
+    with pytest.warns(UserWarning, match="no usable tokenizer"):
+        assert main(["audit", *args, "--out_dir", str(out)]) == 0
+    first = json.loads((out / "audit.json").read_text())
+    with open(out / ".audit.lock", "r+") as held:  # another process's lock (flock: per open file)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate()
+        held.write("4242")
+        held.flush()
+        assert main(["audit", *args, "--out_dir", str(out)]) == 2
+        assert "another ofe audit (pid 4242)" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="no usable tokenizer"):
+        assert main(["audit", *args, "--out_dir", str(out)]) == 0  # an audit's own folder: written again
+    assert json.loads((out / "audit.json").read_text())["layers"] == first["layers"] and len(audited) == 2

@@ -135,6 +135,21 @@ def test_a_second_sweep_on_the_same_directory_is_refused(tmp_path, small_corpus,
     assert not (tmp_path / "sweep" / "op").exists()
 
 
+@pytest.mark.parametrize("command", ["reproduce", "remedies"])
+def test_a_second_study_on_the_same_directory_is_refused(tmp_path, small_corpus, capsys, command):
+    """ofe reproduce and ofe remedies hold the folder for their whole work (sweep, quantisation, outputs)."""
+    import fcntl
+    out = tmp_path / "study"
+    out.mkdir()
+    with open(out / ".study.lock", "w") as held:  # as a running study holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main([command, "--out_dir", str(out), "--preset", "tiny", "--steps", "2", "--corpus", str(small_corpus),
+                     "--progress", "false"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"another ofe {command} (pid" in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in out.iterdir()) == [".study.lock"]
+
+
 @pytest.mark.parametrize("variants,grid", [([{"name": "../escape"}], None), ([{"name": ".hidden"}], None),
                                            (None, {"data.glob": ["..", "*.py"]})])
 def test_names_that_would_escape_the_sweep_folder_are_refused(tmp_path, small_corpus, capsys, variants, grid):

@@ -28,7 +28,7 @@ from ofe import config as C
 from ofe.data import ByteTokenizer, stdlib_files
 from ofe.data.corpus import read_bytes_sample
 from ofe.errors import OfeError
-from ofe.io import atomic_write
+from ofe.io import LockHeld, atomic_write, clean_stale_temporaries, exclusive_lock, is_own_temporary
 from ofe.monitor import capture, find_block_stack
 from ofe.monitor.measure import Costs, site_metrics
 from ofe.quant import QuantConfig, SimulatedQuantModel
@@ -85,13 +85,19 @@ def _transformers():
     return transformers
 
 
+def check_model_dir(model_dir: Path) -> Path:
+    """A model directory has a Hugging Face config (returned); anything else is refused before any work."""
+    hf_config = model_dir / _transformers().utils.CONFIG_NAME  # Hugging Face's model config, not an ofe run's
+    if not model_dir.is_dir() or not hf_config.is_file():
+        raise AuditError(f"{model_dir} is not a model directory (no {hf_config.name})")
+    return hf_config
+
+
 def load_model(model_dir: Path, dtype: str = "auto"):
     """``(model, kind, tokenizer or None)`` from a local Hugging Face directory, its weights in
     ``dtype`` (auto: as the checkpoint stores them)."""
     tf = _transformers()
-    hf_config = model_dir / tf.utils.CONFIG_NAME  # Hugging Face's model config, not an ofe run's
-    if not model_dir.is_dir() or not hf_config.is_file():
-        raise AuditError(f"{model_dir} is not a model directory (no {hf_config.name})")
+    hf_config = check_model_dir(model_dir)
     try:
         config = tf.AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
@@ -462,10 +468,52 @@ def _tops(rows: list[dict[str, Any]]) -> str:
     return ", ".join(f"{r['position']}: {_token_cell(r['token'])}" for r in rows)
 
 
+AUDIT_FILES = ("audit.json", "audit.md", "audit.png")
+AUDIT_LOCK = ".audit.lock"
+
+
+def check_audit_dir(out: Path) -> None:
+    """Before any work: ``out`` may be new, empty, or an audit this command wrote (its audit.json has an
+    audit's keys); none of the audit's files may be a symbolic link."""
+    if links := [str(out / n) for n in AUDIT_FILES if (out / n).is_symlink()]:
+        raise AuditError(f"{links[0]} is a symbolic link; ofe does not write through links: remove it or choose "
+                         "another --out_dir")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise AuditError(f"{out} exists and is not a directory; choose another --out_dir")
+    if not [p for p in out.iterdir() if p.name != AUDIT_LOCK and not is_own_temporary(p.name)]:
+        return
+    try:
+        previous = json.loads((out / "audit.json").read_text())
+        ours = isinstance(previous, dict) and {"model_dir", "layers", "w8a8", "kurtoses"} <= set(previous)
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise AuditError(f"{out} exists and is not an ofe audit (no audit.json of ours); choose another --out_dir")
+
+
 def run_audit(model_dir: str | Path, cfg: AuditOptions, log=print) -> list[Path]:
-    """``ofe audit``: audit, write the report (default ``audit-<model directory name>``), print the summary."""
-    result = audit(model_dir, cfg, log=log)
-    paths = write_audit(result, Path(cfg.out_dir or f"audit-{Path(model_dir).resolve().name}"))
+    """``ofe audit``: audit, write the report (default ``audit-<model directory name>``), print the summary.
+    The output folder is checked first and locked for the whole audit."""
+    out = Path(cfg.out_dir or f"audit-{Path(model_dir).resolve().name}")
+    check_model_dir(Path(model_dir))
+    check_audit_dir(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive_lock(out / AUDIT_LOCK):
+            clean_stale_temporaries(out)
+            try:
+                result = audit(model_dir, cfg, log=log)
+            except BaseException:
+                if created:  # a folder this audit made and nothing written yet: leave no trace
+                    (out / AUDIT_LOCK).unlink(missing_ok=True)
+                    out.rmdir()
+                raise
+            paths = write_audit(result, out)
+    except LockHeld as e:
+        raise AuditError(f"another ofe audit (pid {e.pid}) is writing into {out}; wait for it") from None
     log(format_summary(result))
     log(f"\nwrote {', '.join(str(p) for p in paths)}")
     return paths

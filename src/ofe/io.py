@@ -53,6 +53,11 @@ TMP_SUFFIX = ".tmp"
 _OWN_TMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # .NAME.XXXXXXXX.tmp: what atomic_write creates
 
 
+def is_own_temporary(name: str) -> bool:
+    """Whether ``name`` is of the pattern :func:`atomic_write`'s temporaries have."""
+    return bool(_OWN_TMP.match(name))
+
+
 def refuse_link(path: Path) -> None:
     """Raise :class:`UnsafePath` when ``path`` is a symbolic link (writing there would write elsewhere)."""
     if path.is_symlink():

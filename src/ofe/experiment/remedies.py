@@ -32,7 +32,7 @@ from ofe.analysis.fair import arm_key, tuned_lrs
 from ofe.analysis.runs import Run
 from ofe.errors import OfeError
 from ofe.experiment.reproduce import DEFAULT_STUDY, STUDIES, ReproduceOptions, _base, study_of
-from ofe.experiment.sweep import parse_spec, run_sweep
+from ofe.experiment.sweep import exclusive_study, parse_spec, run_sweep
 from ofe.io import atomic_write
 from ofe.models import preset_fields
 from ofe.quant.quantize import evaluation_data, load_trained
@@ -321,6 +321,11 @@ def write_outputs(result: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def remedies(cfg: RemediesOptions, log=print) -> dict[str, Any]:
+    with exclusive_study(Path(cfg.out_dir), "remedies"):
+        return _remedies_locked(cfg, log)
+
+
+def _remedies_locked(cfg: RemediesOptions, log=print) -> dict[str, Any]:
     t0 = time.perf_counter()
     paths = run_sweep(parse_spec(study_spec(cfg)), progress=cfg.progress, log=log)
     t1 = time.perf_counter()

@@ -31,7 +31,7 @@ from ofe.analysis.claims import ClaimResult, c8_pairs, format_claims
 from ofe.analysis.fair import arm_key, matched_point, tuned_lrs
 from ofe.analysis.runs import Run
 from ofe.train.estimate import describe, estimate
-from ofe.experiment.sweep import parse_spec, run_sweep
+from ofe.experiment.sweep import exclusive_study, parse_spec, run_sweep
 from ofe.models import BLOCK_TYPES, preset_fields
 from ofe.optim import OPTIMIZERS
 from ofe.quant import QuantizeOptions, quantize_run
@@ -270,6 +270,11 @@ def reproduce(cfg: ReproduceOptions, log=print) -> list[ClaimResult]:
     if cfg.dry_run:
         dry_run(cfg, log)
         return []
+    with exclusive_study(Path(cfg.out_dir), "reproduce"):
+        return _reproduce_locked(cfg, log)
+
+
+def _reproduce_locked(cfg: ReproduceOptions, log=print) -> list[ClaimResult]:
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
     tuned, grid = tune(cfg, log=log) if cfg.tune else (None, [])

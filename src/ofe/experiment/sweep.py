@@ -167,6 +167,21 @@ def _exclusive(root: Path):
         raise ConfigError(f"another ofe sweep (pid {e.pid}) is running in {root}; wait for it or stop it") from None
 
 
+STUDY_LOCK = ".study.lock"
+
+
+@contextlib.contextmanager
+def exclusive_study(root: Path, command: str):
+    """Hold ``root``'s study lock for a whole ``ofe reproduce`` / ``ofe remedies`` (its sweep, the
+    quantisation after it and its outputs), so that a second one into the same folder is refused at once."""
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive_lock(root / STUDY_LOCK):
+            yield
+    except LockHeld as e:
+        raise ConfigError(f"another ofe {command} (pid {e.pid}) is running in {root}; wait for it or stop it") from None
+
+
 def run_sweep(sweep: Sweep, progress: bool = True, log: Callable[[str], None] = print, workers: int = 1) -> list[Path]:
     """Train (and quantise) every run not yet finished; returns the run directories in spec order.
 

@@ -137,3 +137,83 @@ def test_damaged_run_folders_for_report(damages, tmp_path_factory, outside, caps
     code, err = _run_in(work, ["report", str(work / "runs"), "--out_dir", str(work / "report")], capsys)
     _check(code, err, "report")
     assert _snapshot(outside) == before
+
+
+# Train options with the values a hurried or hostile user types. Sizes come from a list of edge values
+# (never a large valid size: a fuzzed run must stay tiny), as strings the way the shell hands them over.
+EDGE = ["-1", "0", "1", "2", "3", "0.5", "1e-3", "-1e-3", "1e39", "nan", "inf", "-inf", str(2**32), str(2**64),
+        str(-2**63), "", "abc", "1,2", "\udcff", "x" * 300]
+TRAIN_OPTIONS = {
+    "seed": EDGE, "steps": EDGE, "batch_size": EDGE, "grad_accum": EDGE, "eval_interval": EDGE, "eval_batches": EDGE,
+    "monitor_interval": EDGE, "ckpt_interval": EDGE, "quant_probe": EDGE, "optim.lr": EDGE, "optim.eps": EDGE,
+    "optim.weight_decay": EDGE, "optim.betas": EDGE + ["0.9,0.95", "0.9"], "optim.warmup_frac": EDGE,
+    "optim.name": ["adamw", "soap", "muon", "adafactor", "sgd", ""], "model.block": ["pre-ln", "op", "foo", ""],
+    "model.d_model": EDGE + ["10000000"], "model.n_head": EDGE, "model.n_layer": EDGE, "model.layerscale": EDGE,
+    "model.activation": ["gelu", "relu", "swiglu", "tanh", ""], "dtype": ["float32", "bfloat16", "float16", ""],
+    "device": ["cpu", "cuda", "cuda:99", "foo", "auto", "", "mps"], "data.glob": ["", "/", "/etc/*", "..", "*.txt", "**/*"],
+    "data.val_fraction": EDGE, "data.tokenizer": ["byte", "bpe", "words", ""], "data.bpe_vocab_size": EDGE,
+    "data.corpus": ["", "/", "bigram-backcopy:docs=1000000000", "bigram-backcopy:length=2", "missing"],
+    "out_dir": ["", "/", "run", "run/../../escape", "\udcff", "x" * 300, "a/" * 2500],
+    "resume": ["true", "false", "maybe"], "parallel": ["ddp", "fsdp", "tp"],
+}
+
+
+@settings(parent=FUZZ, max_examples=max(10, FUZZ_EXAMPLES // 2))
+@given(options=st.dictionaries(st.sampled_from(sorted(TRAIN_OPTIONS)), st.integers(0, 10**6), min_size=1, max_size=3))
+def test_generated_train_options(options, tmp_path_factory, outside, small_corpus, capsys):
+    work = tmp_path_factory.mktemp("work")
+    argv = ["train", "--preset", "tiny", "--steps", "1", "--batch_size", "2", "--eval_batches", "1", "--progress", "false",
+            "--data.corpus", str(small_corpus), "--out_dir", "run"]
+    for key, pick in options.items():
+        values = TRAIN_OPTIONS[key]
+        argv += [f"--{key}", values[pick % len(values)]]
+    before = _snapshot(outside)
+    try:
+        code, err = _run_in(work, argv, capsys)
+    except SystemExit as e:  # argparse: an unknown value of a choice, a missing value
+        code, err = e.code, capsys.readouterr().err
+    _check(code, err, "train")
+    assert _snapshot(outside) == before
+
+
+# Every name a run, its quantisation and its report write (and their temporaries' predictable stems).
+PLANTED = [".lock", ".ofe-run", "config.json", "run.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.prev.pt",
+           "model.safetensors", "quant.json", "tokenizer.json", "DIVERGED", ".write-test", ".config.json.tmp",
+           ".quant.json.tmp", "tb", "weights", "rep", "rep/summary.json", "rep/report.md", "rep/figures", "rep/.report.lock"]
+COMMANDS = {
+    "resume": ["train", "--out_dir", "run", "--resume", "true", "--progress", "false"],
+    "quantize": ["quantize", "run", "--eval_sequences", "2", "--quant.calib_batches", "1", "--quant.calib_batch_size", "2"],
+    "report": ["report", "run", "--out_dir", "rep"],
+}
+
+
+@pytest.fixture(scope="module")
+def unfinished_run(tmp_path_factory, small_corpus_module):
+    """A tiny run stopped after its step-2 checkpoint (4 steps asked): resumable, quantisable once finished."""
+    root = tmp_path_factory.mktemp("pristine")
+    assert main(["train", "--preset", "tiny", "--steps", "2", "--batch_size", "2", "--eval_batches", "1", "--eval_interval",
+                 "1", "--ckpt_interval", "1", "--progress", "false", "--data.corpus", str(small_corpus_module),
+                 "--out_dir", str(root / "run")]) == 0
+    return root / "run"
+
+
+@settings(parent=FUZZ, max_examples=max(8, FUZZ_EXAMPLES // 5))
+@given(plants=st.lists(st.tuples(st.sampled_from(PLANTED), st.booleans()), min_size=1, max_size=2),
+       command=st.sampled_from(sorted(COMMANDS)))
+def test_links_planted_where_a_command_writes(plants, command, tmp_path_factory, outside, unfinished_run, capsys):
+    """A symbolic link (to the user's file, or to a folder of theirs) at any name the command writes: it
+    finishes or refuses in one line, and nothing outside changes."""
+    work = tmp_path_factory.mktemp("work")
+    shutil.copytree(unfinished_run, work / "run", symlinks=True)
+    for name, to_folder in plants:
+        target = work / "run" / name if not name.startswith("rep") else work / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.is_dir():
+            shutil.rmtree(target)
+        target.symlink_to(outside if to_folder else outside / "keep.txt")
+    before = _snapshot(outside)
+    code, err = _run_in(work, COMMANDS[command], capsys)
+    _check(code, err, COMMANDS[command][0])
+    assert _snapshot(outside) == before and sorted(p.name for p in outside.iterdir()) == ["keep.txt"]

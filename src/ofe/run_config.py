@@ -28,6 +28,9 @@ from ofe.optim.config import MOVED, drop_unread, upgrade_optim
 RESUME_MUTABLE = frozenset({"resume", "progress", "compile", "device", "out_dir", "quant_probe"})
 
 
+MAX_COUNT = 10**9  # steps, intervals and batch sizes above this are typing mistakes, not runs
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     out_dir: str = field("runs/default", "output directory of the run")
@@ -64,6 +67,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "monitor_interval", "ckpt_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config key '{name}' must be positive, got {getattr(self, name)}")
+            if getattr(self, name) > MAX_COUNT:  # beyond a lifetime of steps; and int64 counters overflow
+                raise ConfigError(f"config key '{name}' must be at most {MAX_COUNT:.0e}, got {getattr(self, name)}")
         if self.quant_probe < 0:
             raise ConfigError(f"config key 'quant_probe' must be >= 0 (0: off), got {self.quant_probe}")
         if self.decomposition_sequences < 0:

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Literal
 
 import numpy as np
@@ -48,6 +48,9 @@ class DataConfig:
         if not self.corpus.strip():
             raise ConfigError("config key 'data.corpus' is empty; name a corpus ('stdlib', 'bigram-backcopy', a "
                               "directory or a file)")
+        if not self.glob.strip() or self.glob.startswith(("/", "~")) or ".." in PurePath(self.glob).parts:
+            raise ConfigError(f"config key 'data.glob' must be a non-empty pattern relative to the corpus directory, "
+                              f"without '..' (e.g. '**/*.txt'), got {self.glob!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.bpe_vocab_size < 257:

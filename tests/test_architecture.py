@@ -3,6 +3,7 @@ one module knows the run directory's file names, every user-facing error derives
 
 import ast
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 from pathlib import Path
@@ -109,6 +110,7 @@ ALLOWED: dict[str, set[str]] = {
     "report": FOUNDATION | {"metrics", "analysis", "run_dir"},
     "audit": FOUNDATION | {"metrics", "data", "monitor", "quant"},
     "callbacks": FOUNDATION | {"models", "monitor", "quant"},  # the quantisation probe
+    "titan": FOUNDATION | {"monitor", "optim", "callbacks"},  # ofe inside torchtitan
     "zoo": FOUNDATION | {"metrics", "models", "data", "monitor"},
     "experiment": FOUNDATION | {"metrics", "models", "data", "optim", "monitor", "run_config", "run_dir", "train",
                                 "quant", "analysis", "report"},
@@ -144,9 +146,12 @@ def test_one_module_names_each_run_directory_file(literal):
     assert holders == ["run_dir.py"], holders
 
 
+OPTIONAL = {"ofe.titan": "torchtitan"}  # modules of an optional extra, importable only with it
+
+
 def _all_modules():
     return [importlib.import_module(m.name) for m in pkgutil.walk_packages(ofe.__path__, "ofe.")
-            if m.name != "ofe.__main__"]
+            if m.name != "ofe.__main__" and importlib.util.find_spec(OPTIONAL.get(m.name, "ofe")) is not None]
 
 
 def test_every_ofe_error_class_derives_from_ofe_error():

@@ -110,9 +110,22 @@ def gather_local(flat: Tensor) -> Tensor:
     return flat[None]
 
 
+def gather_across_ranks(flat: Tensor, group: "torch.distributed.ProcessGroup | None" = None) -> Tensor:
+    """``(K,)`` -> ``(world, K)``: every process's partials (of ``group``, default all), on every process
+    (one all-gather; ``flat[None]`` in a single process)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        world = dist.get_world_size(group)
+        out = flat.new_empty(world * flat.numel())
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch >= 2.13 renamed it
+        gather(out, flat.contiguous().reshape(-1), group=group)
+        return out.view(world, *flat.shape)
+    return flat[None]
+
+
 def combine(pending: list[Pending], gather: Callable[[Tensor], Tensor] = gather_local) -> Results:
     """Reduce the partials of every observation (micro-batches) and, through ``gather`` (``(K,)`` ->
-    ``(world, K)``, one collective, e.g. :func:`ofe.train.distributed.gather_across_ranks`), of every
+    ``(world, K)``, one collective, e.g. :func:`gather_across_ranks`), of every
     rank into each metric of everything observed; one transfer to the host. Every rank must have
     observed the same sites, as often."""
     rows = gather(torch.cat([v.reshape(-1) for *_, v in pending])).cpu()

@@ -146,7 +146,7 @@ class OutlierMonitor:
         (``attention_entropy``, ``sink_score``: a list of per-head floats), plus ``int8_outlier_dims``
         as one int per site. A layer observed several times (gradient accumulation) gives the metric
         of everything it saw, and with ``gather`` (``(K,)`` -> ``(world, K)``, one collective, e.g.
-        :func:`ofe.train.distributed.gather_across_ranks`) of what every data-parallel rank saw: the
+        :func:`ofe.monitor.measure.gather_across_ranks`) of what every data-parallel rank saw: the
         global batch's metric (:mod:`ofe.monitor.reduce` says which metrics are exact). One
         device-to-host transfer; every rank must have observed the same sites.
         """

@@ -20,9 +20,13 @@ class Target:
 
 
 def find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The longest ``nn.ModuleList`` of same-class modules: the block stack of a transformer."""
+    """The longest stack of same-class modules: an ``nn.ModuleList``, or an ``nn.ModuleDict`` keyed
+    ``"0", "1", ...`` (torchtitan's ``layers``; returned as a list of the same modules, so that
+    ``f"{name}.{i}"`` still names block ``i``): the block stack of a transformer."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleDict) and list(module.keys()) == [str(i) for i in range(len(module))]:
+            module = nn.ModuleList(module.values())
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best[1])):
                 best = (name, module)

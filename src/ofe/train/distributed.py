@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ofe.config import ConfigError
+from ofe.monitor.measure import gather_across_ranks  # noqa: F401  (the trainer's name for it)
 
 
 @dataclass(frozen=True)
@@ -52,18 +53,6 @@ def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= dist.get_world_size()
     return t
-
-
-def gather_across_ranks(t: torch.Tensor) -> torch.Tensor:
-    """``(K,)`` -> ``(world, K)``: every process's tensor, on every process (one all-gather;
-    ``t[None]`` in a single process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        world = dist.get_world_size()
-        out = t.new_empty(world * t.numel())
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch >= 2.13 renamed it
-        gather(out, t.contiguous().reshape(-1))
-        return out.view(world, *t.shape)
-    return t[None]
 
 
 def barrier() -> None:

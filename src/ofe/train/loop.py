@@ -198,7 +198,7 @@ class Trainer:
         terms = self.tracker.update() if self.tracker is not None else None
         return {} if terms is None else {"kurtosis_update": terms}
 
-    def _final_record(self, tokens_per_step: int) -> dict[str, Any]:
+    def _final_record(self, tokens_per_step: int, whole: torch.nn.Module | None) -> dict[str, Any]:
         """Validation loss, monitor metrics and decomposition terms of the trained model."""
         cfg = self.cfg
         final = {"step": cfg.steps, "tokens": cfg.steps * tokens_per_step, "val_loss": self.evaluate(),
@@ -210,10 +210,8 @@ class Trainer:
             self.forward(x)
         final.update(monitor_record(self.monitor.collect(D.gather_across_ranks)))
         final.update(self._decomposition_record())
-        if self.cfg.quant_probe:
-            whole = self._whole_model()
-            if self.probe is not None:
-                final.update(self.probe.measure(whole))
+        if self.cfg.quant_probe and self.probe is not None:
+            final.update(self.probe.measure(whole))
         return final
 
     # ---- the run ---------------------------------------------------------------------------------
@@ -255,18 +253,17 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             record: dict[str, Any] = {"step": step, "lr": lr, "tokens": step * tokens_per_step}
+            keep = cfg.keep_weights and step > 0 and step % cfg.eval_interval == 0
+            probe = bool(cfg.quant_probe) and step % cfg.quant_probe == 0
+            whole = self._whole_model() if keep or probe else None  # one gather when both are due
             if step % cfg.eval_interval == 0:
                 record["val_loss"] = self.evaluate()
-                if cfg.keep_weights and step > 0:
-                    whole = self._whole_model()
-                    if self.env.is_main:
-                        run_dir.keep_weights(step, whole)
+                if keep and self.env.is_main:
+                    run_dir.keep_weights(step, whole)
             if self.monitor.due(step):
                 record.update(self._decomposition_record())
-            if cfg.quant_probe and step % cfg.quant_probe == 0:
-                whole = self._whole_model()
-                if self.probe is not None:
-                    record.update(self.probe.measure(whole))
+            if probe and self.probe is not None:
+                record.update(self.probe.measure(whole))
             loss, stats = self._train_step(step)
             record["train_loss"] = loss
             record.update(monitor_record(stats))
@@ -279,9 +276,9 @@ class Trainer:
                 pause_point(f"after-checkpoint-{step + 1}")
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", max_kurt=f"{last_kurtosis:.2f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        final = self._final_record(tokens_per_step)
+        whole = self._whole_model()  # the trained weights, once: the final probe and the saved weights
+        final = self._final_record(tokens_per_step, whole)
         logger.log(final)
-        whole = self._whole_model()
         if self.env.is_main:
             pause_point("before-weights")
             run_dir.save_weights(whole)

@@ -225,6 +225,34 @@ def test_partials_of_two_ranks_give_the_global_batch_metrics():
     assert whole["resid"]["position0_share"][0] >= 12 / 50  # the 3 planted channels of 4 sequences are in the top 50
 
 
+# Metrics that are sums (or maxima) over tokens: a sequence-parallel split of the tokens combines exactly.
+TOKEN_DECOMPOSABLE = ("kurtosis", "kurtosis_centered", "max_abs", "token_excess_kurtosis", "mmr", "int8_outlier_dims")
+
+
+def test_partials_of_token_shards_give_the_whole_sequences_metrics():
+    """Sequence parallelism: two 'ranks' holding the first and second half of every sequence's tokens,
+    combined through the same gather, give the whole activation's metrics for every metric that is a
+    sum or maximum over tokens (to 1e-6)."""
+    from ofe.monitor.measure import Costs, combine, site_partials
+
+    h = torch.randn(3, 24, 32, generator=torch.Generator().manual_seed(5))
+    h[:, 0, :2] = 60.0  # a first-token spike in two channels
+    h[1, 17, 5] = -45.0
+    costs = Costs(mmr_max_rows=None)
+
+    def partials(x):
+        return [("resid", 0, name, v) for name, v in site_partials("resid", x, TOKEN_DECOMPOSABLE, costs)]
+
+    whole = combine(partials(h))
+    first, second = partials(h[:, :12]), partials(h[:, 12:])
+    flat1 = torch.cat([v.reshape(-1) for *_, v in second])
+    both = combine(first, gather=lambda flat0: torch.stack([flat0, flat1]))
+    for name in TOKEN_DECOMPOSABLE:
+        assert both["resid"][name] == pytest.approx(whole["resid"][name], rel=1e-6), name
+    assert whole["resid"]["kurtosis"][0] == pytest.approx(M.kurtosis(h).item(), rel=1e-5)
+    assert whole["resid"]["max_abs"][0] == pytest.approx(60.0)
+
+
 def _block_outputs(model, x):
     outs = []
     handles = [b.register_forward_hook(lambda m, i, o: outs.append(o)) for b in model.blocks]

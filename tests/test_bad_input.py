@@ -18,6 +18,8 @@ def world(tmp_path, small_corpus):
     (tmp_path / "latin1.toml").write_bytes(b"# caf\xe9\nsteps = 3\n")  # not UTF-8
     (tmp_path / "unknown.toml").write_text("stepz = 3\n")
     (tmp_path / "notdir").write_text("a file")
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")  # a link loop
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "mine.txt").write_text("user data")
     run = tmp_path / "unfinished"
@@ -61,7 +63,10 @@ CASES = [
     TRAIN + " --data.corpus bigram-backcopy:triggers=x",
     TRAIN + " --data.corpus bigram-backcopy:nonsense=1",
     TRAIN + " --data.corpus bigram-backcopy:docs=1000000000",  # ~90 TiB to generate: refused by the memory estimate
-    TRAIN + " --model.d_model 10000000",  # 2.4e15 parameters: refused before anything is allocated
+    TRAIN + " --model.d_model 10000000",
+    TRAIN + " --model.layerscale 1e39",  # finite in Python, inf in the float32 parameter
+    TRAIN + " --model.beta 1e39",
+    TRAIN + " --data.corpus {t}/loop1",  # 2.4e15 parameters: refused before anything is allocated
     TRAIN + " --config {t}/missing.toml",
     TRAIN + " --config {t}/bad.toml",
     TRAIN + " --config {t}/unknown.toml",

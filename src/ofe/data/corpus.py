@@ -156,7 +156,10 @@ def open_corpus(source: str, glob: str = "**/*", text_field: str = "text") -> Co
         raise CorpusError(str(e)) from None
     if generator is not None:
         return Corpus("synthetic", Path(SYNTHETIC_NAME), generator=generator)
-    path = Path(source).expanduser().resolve()
+    try:
+        path = Path(source).expanduser().resolve()
+    except RuntimeError as e:  # Python < 3.13: a symbolic-link loop
+        raise CorpusError(f"corpus {source}: {e} (a link that points back to itself)") from None
     if not path.exists():
         raise CorpusError(f"corpus not found: {source}")
     if path.is_dir():

@@ -65,10 +65,11 @@ class GPTConfig:
             raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
         for name in ("attn_softcap", "layerscale", "init_std", "norm_eps"):
             value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ConfigError(f"model.{name} must be a positive finite number, got {value}")
-        if self.beta is not None and not math.isfinite(self.beta):
-            raise ConfigError(f"model.beta must be finite, got {self.beta}")
+            if value is not None and not (0 < value <= FLOAT32_MAX):
+                raise ConfigError(f"model.{name} must be a positive number a float32 holds (at most {FLOAT32_MAX:.3g}), "
+                                  f"got {value}")
+        if self.beta is not None and not abs(self.beta) <= FLOAT32_MAX:
+            raise ConfigError(f"model.beta must be finite in float32 (|beta| <= {FLOAT32_MAX:.3g}), got {self.beta}")
 
     # ---- resolution of block-dependent defaults -------------------------------------------------
     @property
@@ -106,6 +107,8 @@ class GPTConfig:
         """The block's norm; also used for the optional first and final norms (LayerNorm for op)."""
         return self.spec.norm
 
+
+FLOAT32_MAX = 3.4028234663852886e38  # the parameters are float32: a larger value is inf
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Unit tests: builds and runs in milliseconds.

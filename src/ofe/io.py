@@ -95,7 +95,12 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp_path)``, fsync, then rename over ``path``: a crash leaves the old file intact.
     A full disk is a :class:`DiskFullError` naming ``path``; the old file is left as it was."""
     with disk_errors(path):
-        _atomic_write(path, write)
+        try:
+            _atomic_write(path, write)
+        except OSError as e:  # name the file the user asked for, not its hidden temporary
+            if e.filename and is_own_temporary(Path(str(e.filename)).name):
+                raise OSError(e.errno, e.strerror, str(path)) from None
+            raise
 
 
 def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:

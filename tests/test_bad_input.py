@@ -163,3 +163,35 @@ def test_a_file_size_limit_is_one_disk_full_line(tmp_path, small_corpus):
     assert "checkpoint.pt" in err[0] and ("file too large" in err[0] or "size limit" in err[0]), err[0]
     assert subprocess.run(args + ["--resume", "true"], capture_output=True, timeout=120).returncode == 0
     assert (out / "model.safetensors").is_file()
+
+
+def test_a_full_disk_while_logging_is_the_one_line_that_names_the_metrics_file(tmp_path, small_corpus, capsys, monkeypatch):
+    """ENOSPC on the metrics log: the error the user sees is that one (naming metrics.jsonl), not a second
+    ENOSPC from closing the same file while the first one propagates."""
+    import errno
+
+    from ofe.train import logger as L
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            raise OSError(errno.ENOSPC, "No space left on device", "while closing")
+
+    real_init = L.RunLogger.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self._file.close()
+        self._file = FullDisk()
+
+    monkeypatch.setattr(L.RunLogger, "__init__", init)
+    code = main(["train", "--out_dir", str(tmp_path / "run"), "--preset", "tiny", "--steps", "2", "--batch_size", "4",
+                 "--progress", "false", "--data.corpus", str(small_corpus)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "metrics.jsonl" in err[0] and "no space" in err[0].lower() and "while closing" not in err[0], err[0]

@@ -159,6 +159,11 @@ class Trainer:
             return f"the only checkpoint (step {step}) gave it and was dropped"
         return "rank 0 keeps the last checkpoint whose loss was finite"
 
+    def _close(self, bar: tqdm, logger: RunLogger) -> None:
+        bar.close()
+        self.monitor.close()
+        logger.close()
+
     def _save(self, step: int) -> None:
         if self.cfg.parallel == "fsdp":
             self._save_sharded(step)
@@ -230,14 +235,13 @@ class Trainer:
                  f" x{self.env.world_size}, steps {self.start}..{cfg.steps}, output {run_dir}")
         try:
             final = self._steps(run_dir, logger, bar, tokens_per_step)
-        except NonFiniteLoss as e:
-            if self.env.is_main:
+        except BaseException as e:
+            if isinstance(e, NonFiniteLoss) and self.env.is_main:
                 run_dir.write_diverged(str(e))  # a run state: --resume refuses it, reports count it as diverged
+            with contextlib.suppress(OSError):  # a full disk fails the close too: the first error is the one to see
+                self._close(bar, logger)
             raise
-        finally:
-            bar.close()
-            logger.close()
-            self.monitor.close()
+        self._close(bar, logger)
         self.log(f"done: val_loss {final['val_loss']:.4f}, max kurtosis {max(final.get('kurtosis', [float('nan')])):.3f}; "
                  f"wrote {run_dir}")
         return final

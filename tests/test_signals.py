@@ -93,3 +93,25 @@ def test_sigint_stops_with_one_line_and_resume_finishes(tmp_path, whole, small_c
     assert err == ["ofe train: interrupted"]
     assert train_in_process([*args(out, small_corpus_module), "--resume", "true"]) == 0
     assert_same_run(whole, out)
+
+
+@pytest.mark.parametrize("point,line", [("cli-imported", "ofe: interrupted"),  # while the libraries load
+                                        ("quantize-evaluated", "ofe quantize: interrupted")])
+def test_sigint_during_quantize_is_one_line_and_exit_130(tmp_path, whole, point, line):
+    """Ctrl-C while the command line loads, and after ``ofe quantize`` evaluated but before it wrote: one
+    line, exit 130, no quant.json, the run's lock released (a re-run quantises)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(whole, run)
+    env = {**os.environ, "OFE_PAUSE_AT": point, "OMP_NUM_THREADS": str(THREADS)}
+    argv = [sys.executable, "-m", "ofe", "quantize", str(run), "--eval_sequences", "4", "--sweep", "false"]
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    assert proc.stderr.readline().strip() == f"ofe: paused at {point}"
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
+    assert proc.wait(timeout=60) == 130
+    assert proc.stderr.read().strip().splitlines() == [line]
+    assert not (run / "quant.json").exists()
+    done = subprocess.run(argv, env={**env, "OFE_PAUSE_AT": ""}, capture_output=True, timeout=120)
+    assert done.returncode == 0 and (run / "quant.json").is_file()

@@ -17,6 +17,7 @@ from typing import TypeVar
 from ofe import config as C
 from ofe.audit import AuditOptions, run_audit
 from ofe.errors import OfeError, describe_os_error
+from ofe.io import pause_point
 from ofe.experiment import SweepOptions, sweep_spec_file
 from ofe.experiment.remedies import RemediesOptions, remedies
 from ofe.experiment.reproduce import ReproduceOptions, reproduce
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--config", metavar="FILE", help="a .toml or .json config file; flags override it")
             C.add_arguments(p, command.config)
     return parser
+
+
+pause_point("cli-imported")  # tests: Ctrl-C while the command line loads (ofe.__main__ catches it)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from torch import Tensor
 from ofe import config as C
 from ofe.data import TokenData, prepare, train_batch, val_windows
 from ofe.errors import OfeError
+from ofe.io import pause_point
 from ofe.metrics import abs_max_median, kurtosis, position0_share, sequence_kurtosis, token_excess_kurtosis
 from ofe.models import GPT
 from ofe.quant.simulate import SITE_FAMILIES, QuantConfig, SimulatedQuantModel, block_outputs, perplexity, sqnr_db
@@ -252,5 +253,6 @@ def quantize_run(run_dir: str | Path, cfg: QuantizeOptions = QuantizeOptions(), 
     with run.lock() if run.is_finished() else contextlib.nullcontext():
         result = evaluate_run(run_dir, cfg.quant, cfg.eval_sequences, cfg.sweep, log=log, step=step,
                               real_int8=cfg.real_int8, calib_draws=cfg.calib_draws if cfg.sweep else 1)
+        pause_point("quantize-evaluated")
         run.write_quant(result, step)
     return result

@@ -231,3 +231,19 @@ def test_a_damaged_cache_entry_with_foreign_files_is_refused_not_deleted(small_c
     with pytest.warns(UserWarning), pytest.raises(CorpusError, match="holds files ofe did not write"):
         prepare(cfg, log=lambda *a: None)
     assert (directory / "notes.txt").read_text() == "mine"
+
+
+def test_a_token_cache_entry_is_as_readable_as_a_folder_mkdir_makes(small_corpus, tmp_path):
+    """A shared cache: the entry (built in a private temporary folder, then renamed into place) gets the
+    umask's folder mode, not mkdtemp's 0700, so other users of the machine can read it."""
+    import os
+    import stat
+
+    from ofe.data import DataConfig, prepare
+    old = os.umask(0o022)
+    try:
+        entry = prepare(DataConfig(corpus=str(small_corpus), cache_dir=str(tmp_path / "cache")), log=lambda *a: None).directory
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044 for f in entry.iterdir())  # files readable by others

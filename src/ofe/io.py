@@ -53,6 +53,14 @@ TMP_SUFFIX = ".tmp"
 _OWN_TMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # .NAME.XXXXXXXX.tmp: what atomic_write creates
 
 
+def directory_mode() -> int:
+    """The mode ``mkdir`` would give a new directory under this process's umask (``mkdtemp`` gives 0700,
+    which would keep a shared cache from the other users of a machine)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
 def is_own_temporary(name: str) -> bool:
     """Whether ``name`` is of the pattern :func:`atomic_write`'s temporaries have."""
     return bool(_OWN_TMP.match(name))

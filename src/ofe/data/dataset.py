@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ofe.config import ConfigError, field
-from ofe.io import disk_errors
+from ofe.io import directory_mode, disk_errors
 from ofe.data.corpus import CorpusError, is_validation, open_corpus
 from ofe.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -188,6 +188,7 @@ def _build(cfg: DataConfig, corpus, directory: Path, log) -> None:
     dtype = _token_dtype(tok.vocab_size)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".tmp-"))
+    os.chmod(tmp, directory_mode())  # the entry is renamed into place whole: readable as a mkdir'd folder
     try:
         counts = {split: _encode_to_file(tok, texts, tmp / f"{split}.bin", dtype)
                   for split, texts in (("train", train_texts), ("val", val_texts))}

@@ -80,3 +80,36 @@ def test_the_readme_quotes_the_committed_main_job():
     assert f"**{' / '.join(_pct(by_seed[s]) for s in sorted(by_seed))}**" in text, by_seed
     soap = [r["w8a8_pct_op_soap"] for r in judged]
     assert f"**{_pct(min(soap))} to {_pct(max(soap))}**" in text, (min(soap), max(soap))
+
+
+REALTEXT = ROOT / "docs/results/studies/realtext-cpu"
+
+
+def realtext_tables(claims: dict) -> list[str]:
+    """The band table and the C8 per-pair table of the real-text study, as the doc prints them (from its
+    committed claims.json; the doc must contain both verbatim)."""
+    bands = ["| arm | lr | mean final val loss | gap to the best | epsilon | in band |", "| --- | --- | --- | --- | --- | --- |"]
+    for b in claims["lr_bands"]:
+        gap = "best" if b["gap"] == 0 else f"+{b['gap']:.4f} +- {b['gap_se']:.4f}"
+        bands.append(f"| {b['arm']} | {b['lr']:g} | {b['mean_val_loss']:.4f} | {gap} | {b['epsilon']:.4f} | "
+                     f"{'in' if b['in_band'] else 'out'} |")
+    c8 = next(c for c in claims["claims"] if c["id"] == "C8")
+    pairs = ["| seed | lrs (AdamW / SOAP) | W8A8 Pre-LN + AdamW | W8A8 OP + SOAP | max kurtosis AdamW / SOAP | "
+             "at matched loss | held |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in (r for r in c8["data"] if "context" not in r):
+        matched = (f"{_pct(r['w8a8_pct_preln_adamw_matched'])} vs {_pct(r['w8a8_pct_op_soap_matched'])}"
+                   if r.get("w8a8_pct_op_soap_matched") is not None else "not reached")
+        pairs.append(f"| {r['seed']} | {r['lr_preln_adamw']:g} / {r['lr_op_soap']:g} | {_pct(r['w8a8_pct_preln_adamw'])} | "
+                     f"{_pct(r['w8a8_pct_op_soap'])} | {r['max_kurtosis_preln_adamw']:.1f} / {r['max_kurtosis_op_soap']:.1f} | "
+                     f"{matched} | {'yes' if r['agrees'] else 'no'} |")
+    return ["\n".join(bands), "\n".join(pairs)]
+
+
+def test_the_realtext_study_doc_quotes_its_committed_claims():
+    """docs/results/studies/realtext.md prints the committed study's band table, C8 pairs and verdict."""
+    claims = json.loads((REALTEXT / "claims.json").read_text())
+    text = (ROOT / "docs/results/studies/realtext.md").read_text()
+    c8 = next(c for c in claims["claims"] if c["id"] == "C8")
+    assert f"**C8 {c8['verdict']}**" in text
+    for table in realtext_tables(claims):
+        assert table in text, table

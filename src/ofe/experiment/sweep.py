@@ -156,30 +156,30 @@ def sweep_states(sweep: Sweep) -> list[str]:
     return [_state(run, sweep.quantize) for run in sweep.runs]
 
 
-@contextlib.contextmanager
-def _exclusive(root: Path):
-    """Hold the sweep directory's lock so that two sweeps never train into the same directories."""
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        with exclusive_lock(root / SWEEP_LOCK):
-            yield
-    except LockHeld as e:
-        raise ConfigError(f"another ofe sweep (pid {e.pid}) is running in {root}; wait for it or stop it") from None
-
-
 STUDY_LOCK = ".study.lock"
 
 
 @contextlib.contextmanager
-def exclusive_study(root: Path, command: str):
-    """Hold ``root``'s study lock for a whole ``ofe reproduce`` / ``ofe remedies`` (its sweep, the
-    quantisation after it and its outputs), so that a second one into the same folder is refused at once."""
+def exclusive_folder(root: Path, lock: str, command: str):
+    """Hold ``root``'s lock file ``lock`` for the block: a second ``ofe COMMAND`` on the same folder is
+    refused at once, naming the pid that holds it."""
     root.mkdir(parents=True, exist_ok=True)
     try:
-        with exclusive_lock(root / STUDY_LOCK):
+        with exclusive_lock(root / lock):
             yield
     except LockHeld as e:
         raise ConfigError(f"another ofe {command} (pid {e.pid}) is running in {root}; wait for it or stop it") from None
+
+
+def _exclusive(root: Path):
+    """The sweep directory's lock: two sweeps never train into the same directories."""
+    return exclusive_folder(root, SWEEP_LOCK, "sweep")
+
+
+def exclusive_study(root: Path, command: str):
+    """The study lock of a whole ``ofe reproduce`` / ``ofe remedies`` (its sweep, the quantisation after it
+    and its outputs), beside the sweep's own lock."""
+    return exclusive_folder(root, STUDY_LOCK, command)
 
 
 def run_sweep(sweep: Sweep, progress: bool = True, log: Callable[[str], None] = print, workers: int = 1) -> list[Path]:

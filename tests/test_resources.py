@@ -37,6 +37,20 @@ def test_a_run_is_refused_when_its_estimate_exceeds_the_room(monkeypatch):
         check_memory(cfg, env)
 
 
+def test_cpu_processes_of_one_machine_share_its_memory(monkeypatch):
+    """Under torchrun on the CPU every process of the machine needs its share: the check counts them all."""
+    import ofe.train.build as build
+    from ofe.train.estimate import GIB, estimate
+    cfg = build_train_config({"preset": "tiny", "batch_size": 4})
+    env = DistEnv(rank=0, world_size=4, device=torch.device("cpu"))
+    one = estimate(cfg, 4)["memory_gib"]["total"] * GIB
+    asked = []
+    monkeypatch.setattr(build, "too_big", lambda need, device: asked.append(need))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    check_memory(cfg, env)
+    assert asked == [pytest.approx(4 * one)]
+
+
 def test_a_generated_corpus_beyond_memory_is_refused(monkeypatch):
     assert from_spec("bigram-backcopy:docs=2") is not None
     monkeypatch.setattr("ofe.data.synthetic.too_big", lambda need: f"needs {need:.0f} bytes")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import platform
 import random
 from collections.abc import Callable
@@ -96,11 +97,15 @@ def check_batch_layout(cfg: TrainConfig, env: D.DistEnv) -> None:
 
 
 def check_memory(cfg: TrainConfig, env: D.DistEnv) -> None:
-    """Refuse a run whose estimated memory per process (:func:`ofe.train.estimate.estimate`) exceeds what
-    the device has available, before anything is allocated."""
+    """Refuse a run whose estimated memory (:func:`ofe.train.estimate.estimate`) exceeds what the device
+    has available, before anything is allocated: per process on a GPU (each has its own), and for all the
+    processes of this machine together on the CPU (they share its memory; ``LOCAL_WORLD_SIZE``, set by
+    torchrun)."""
     est = estimate(cfg, env.world_size)
-    if problem := too_big(est["memory_gib"]["total"] * GIB, env.device):
-        raise TrainError(f"this run ({est['params']:,} parameters, batch {cfg.batch_size} x {cfg.model.seq_len}) {problem}; "
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if env.device.type == "cpu" else 1
+    if problem := too_big(est["memory_gib"]["total"] * GIB * sharing, env.device):
+        who = f" x {sharing} processes on this machine" if sharing > 1 else ""
+        raise TrainError(f"this run ({est['params']:,} parameters, batch {cfg.batch_size} x {cfg.model.seq_len}{who}) {problem}; "
                          "lower --model.d_model / --model.n_layer / --batch_size, raise --grad_accum, or use more "
                          "processes with --parallel fsdp")
 

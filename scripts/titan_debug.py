@@ -6,7 +6,8 @@ Needs a CUDA GPU (torchtitan's trainer), ``pip install 'ofe[titan]'`` and a chec
 repository for its test assets (the tokenizer and the small c4_test dataset are not in the wheel)::
 
     git clone https://github.com/pytorch/torchtitan /tmp/torchtitan
-    torchrun --standalone --nproc_per_node 1 scripts/titan_debug.py --titan_repo /tmp/torchtitan --optimizer ofe.SOAP
+    torchrun --standalone --nproc_per_node 1 scripts/titan_debug.py --titan_repo /tmp/torchtitan --optimizer ofe.SOAP --op
+    torchrun --standalone --nproc_per_node 1 scripts/titan_debug.py --titan_repo /tmp/torchtitan --optimizer AdamW
     torchrun --standalone --nproc_per_node 2 scripts/titan_debug.py --titan_repo /tmp/torchtitan --optimizer AdamW --fsdp
 
 The metrics land in ``<dump_folder>/tb`` as ``ofe/<site>/<metric>/layer<i>``. With ``--fsdp`` the parameters
@@ -23,15 +24,20 @@ from pathlib import Path
 import torch
 
 
-def debug_config(optimizer: str, lr: float, steps: int, every: int, fsdp: bool, world: int, dump_folder: str):
-    """torchtitan's llama3 debug config as an :class:`ofe.titan.OutlierTrainer` config, trained by ``optimizer``."""
+def debug_config(optimizer: str, lr: float, steps: int, every: int, fsdp: bool, world: int, dump_folder: str,
+                 op: bool = False):
+    """torchtitan's llama3 debug config as an :class:`ofe.titan.OutlierTrainer` config, trained by
+    ``optimizer``; ``op``: its blocks converted to Outlier Protected blocks."""
     from torchtitan.components.optimizer import ParamGroupConfig
+    from torchtitan.models.llama3 import model_registry
     from torchtitan.models.llama3.config_registry import llama3_debugmodel
 
-    from ofe.titan import OfeOptimizers, OutlierSettings, OutlierTrainer
+    from ofe.titan import OfeOptimizers, OutlierProtectedBlocks, OutlierSettings, OutlierTrainer
 
     base = llama3_debugmodel()
     fields = {f: getattr(base, f) for f in base.__dataclass_fields__ if not f.startswith("_")}
+    if op:
+        fields["model_spec"] = model_registry("debugmodel", converters=[OutlierProtectedBlocks.Config()])
     groups = [ParamGroupConfig(pattern=r".*", optimizer_name=optimizer, optimizer_kwargs={"lr": lr})]
     if optimizer == "ofe.Muon":  # embeddings, head and norms by AdamW
         groups.insert(0, ParamGroupConfig(pattern=r"tok_embeddings|lm_head|norm", optimizer_name="AdamW",
@@ -54,6 +60,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--every", type=int, default=10, help="monitor every this many steps")
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 over the processes (AdamW only)")
+    parser.add_argument("--op", action="store_true", help="Outlier Protected blocks (ofe.titan.OutlierProtectedBlocks)")
     parser.add_argument("--dump_folder", default="runs/titan-debug")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -66,7 +73,7 @@ def main() -> None:
     dump = Path(args.dump_folder).resolve()
     os.chdir(args.titan_repo)  # the debug config names its assets relative to the repository
     config = debug_config(args.optimizer, args.lr, args.steps, args.every, args.fsdp,
-                          int(os.environ.get("WORLD_SIZE", "1")), str(dump))
+                          int(os.environ.get("WORLD_SIZE", "1")), str(dump), op=args.op)
     trainer = config.build()
     try:
         trainer.train()

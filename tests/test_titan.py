@@ -14,14 +14,16 @@ from ofe import titan  # noqa: E402
 from ofe.optim.rotated import SOAP  # noqa: E402
 
 
-def llama3_debug(layers: int = 2):
+def llama3_debug(layers: int = 2, converters=None):
     """torchtitan's llama3 debug model (width 256), ``layers`` blocks, SDPA attention (FlexAttention's
-    block masks are built for GPUs)."""
+    block masks are built for GPUs); ``converters``: torchtitan model converters, applied to those blocks."""
     from torchtitan.models.common.attention import ScaledDotProductAttention
-    from torchtitan.models.llama3.config_registry import llama3_debugmodel
+    from torchtitan.models.llama3 import model_registry
 
-    spec = llama3_debugmodel().model_spec.model
+    spec = model_registry("debugmodel").model
     spec.layers = spec.layers[:layers]
+    for converter in converters or []:
+        spec = converter.build().convert(spec)
     for layer in spec.layers:
         layer.attention.inner_attention = ScaledDotProductAttention.Config()
     torch.manual_seed(0)
@@ -117,3 +119,37 @@ def test_the_gpu_scripts_config_builds_on_the_cpu():
     assert [g.optimizer_name for g in config.optimizer.param_groups] == ["AdamW", "ofe.Muon"]
     assert config.training.steps == 7 and config.parallelism.data_parallel_replicate_degree == 2
     assert config.parallelism.data_parallel_shard_degree == 1 and config.metrics.enable_tensorboard
+    op = script.debug_config("ofe.SOAP", 3e-3, 7, 3, False, 1, "/tmp/x", op=True)
+    assert all(isinstance(layer, titan.OPBlock.Config) for layer in op.model_spec.model.layers)
+
+
+def test_the_op_converter_makes_outlier_protected_blocks():
+    """OutlierProtectedBlocks through torchtitan's converter protocol: block 0 keeps its attention-input
+    norm and nothing else, the others no norm; QK-RMSNorm; betas 1/sqrt(2) trainable; each block computes
+    ``h = x + b_a Attn(N0(x)); h + b_m MLP(h)`` (checked against its own parts), and the model trains."""
+    from torchtitan.models.common.nn_modules import RMSNorm
+
+    model = llama3_debug(converters=[titan.OutlierProtectedBlocks.Config()])
+    first, second = model.layers["0"], model.layers["1"]
+    assert isinstance(first, titan.OPBlock) and isinstance(second, titan.OPBlock)
+    assert {n for n, m in first.named_children() if isinstance(m, RMSNorm)} == {"attention_norm"}
+    assert not any(isinstance(m, RMSNorm) for n, m in second.named_children())
+    assert isinstance(second.attention.q_norm, RMSNorm) and second.attention.q_norm.weight.shape == (16,)
+    assert second.attn_beta.item() == pytest.approx(2 ** -0.5) and second.attn_beta.requires_grad
+    x = torch.randn(2, 16, 256, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        h = x + second.attn_beta * second.attention(x, None, None)
+        assert torch.allclose(second(x, None), h + second.mlp_beta * second.feed_forward(h), atol=1e-6)
+        h0 = x + first.attn_beta * first.attention(first.attention_norm(x), None, None)
+        assert torch.allclose(first(x, None), h0 + first.mlp_beta * first.feed_forward(h0), atol=1e-6)
+    container = titan.ofe_optimizer("ofe.SOAP", lr=3e-3, weight_decay=0.0).build(model_parts=[model])
+    tokens = torch.randint(0, 2048, (2, 17), generator=torch.Generator().manual_seed(4))
+    losses = []
+    for _ in range(5):
+        container.zero_grad()
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        container.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] and second.attn_beta.item() != pytest.approx(2 ** -0.5, abs=1e-7)

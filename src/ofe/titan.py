@@ -8,6 +8,11 @@ extension points:
   ``param_groups`` patterns allow). Put it in a config as ``optimizer=ofe_optimizer("ofe.SOAP", lr=3e-3)``.
   SOAP and the rotated optimisers need whole matrices: they refuse FSDP2-sharded (DTensor) parameters in
   one line (run them with ``parallelism.data_parallel_shard_degree 1``, replicated).
+* **The OP block**: :class:`OutlierProtectedBlocks`, a torchtitan ``ModelConfigConverter`` that turns a
+  Llama 3 config's blocks into He et al.'s Outlier Protected block (:class:`OPBlock`): no norm in the
+  block (block 0 keeps its attention-input norm), ``x += beta_a Attn(x); x += beta_m MLP(x)`` with trainable
+  betas initialised at ``1/sqrt(n_layers)``, QK-RMSNorm for entropy regulation. Pass it where torchtitan
+  takes converters: ``model_registry("debugmodel", converters=[OutlierProtectedBlocks.Config()])``.
 * **The monitor**: :class:`OutlierTrainer`, a subclass of torchtitan's ``Trainer`` whose ``train_step`` is
   observed by an :class:`ofe.monitor.OutlierMonitor` on the model's block stack every
   ``outliers.every`` steps; the metrics (``ofe/<site>/<metric>/layer<i>`` and ``.../max``, as the Hugging
@@ -22,6 +27,8 @@ the monitor are tested here on torchtitan's own Llama 3 model built on the CPU
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +42,8 @@ from ofe.monitor.measure import gather_across_ranks, gather_local
 
 try:
     from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfig
+    from torchtitan.models.llama3.model import Llama3TransformerBlock
+    from torchtitan.protocols.model import ModelConfigConverter
     from torchtitan.trainer import Trainer
 except ImportError as e:  # pragma: no cover - the optional extra
     raise ImportError("ofe.titan needs torchtitan: pip install 'ofe[titan]' (torchtitan 0.3, which needs triton)") from e
@@ -86,6 +95,65 @@ def _muon(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
         raise ValueError(f"ofe.Muon orthogonalises 2-D matrices only; {names[0]} is not one: match it (and the "
                          "embeddings and head) with an AdamW param group placed before the Muon one")
     return torch.optim.Muon(groups, **{"adjust_lr_fn": "match_rms_adamw", **kwargs})
+
+
+class OPBlock(Llama3TransformerBlock):
+    """The Outlier Protected block in torchtitan's Llama 3 (ofe's ``op`` block, :mod:`ofe.models.blocks`):
+    ``h = x + beta_a * Attn(N0(x)); out = h + beta_m * MLP(h)``, ``N0`` the attention-input norm of block 0
+    only (identity elsewhere), the betas trainable scalars (shape ``(1,)``, so FSDP2 can shard them)."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Llama3TransformerBlock.Config):
+        beta: float = 1.0
+        first: bool = False  # block 0: keeps a norm on its attention input (the OP block's first norm)
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        if not config.first:
+            del self.attention_norm
+        del self.ffn_norm
+        self.beta_init = config.beta
+        self.attn_beta = nn.Parameter(torch.empty(1))
+        self.mlp_beta = nn.Parameter(torch.empty(1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torchtitan's ``init_states`` calls this for the block's own parameters (the betas)."""
+        with torch.no_grad():
+            self.attn_beta.fill_(self.beta_init)
+            self.mlp_beta.fill_(self.beta_init)
+
+    def forward(self, x: torch.Tensor, attention_masks: Any, positions: torch.Tensor | None = None) -> torch.Tensor:
+        attn_in = self.attention_norm(x) if hasattr(self, "attention_norm") else x
+        h = x + self.attn_beta * self.attention(attn_in, attention_masks, positions)
+        return h + self.mlp_beta * self.feed_forward(h)
+
+
+class OutlierProtectedBlocks(ModelConfigConverter):
+    """torchtitan model converter: every Llama 3 block becomes an :class:`OPBlock` (with QK-RMSNorm)."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(ModelConfigConverter.Config):
+        qk_norm: bool = True  # entropy regulation; without it the OP block's attention can collapse (C3a)
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def convert(self, model_config: Any) -> Any:
+        layers = model_config.layers
+        blocks = []
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Llama3TransformerBlock.Config):
+                raise ValueError(f"OutlierProtectedBlocks converts Llama 3 blocks; layer {i} is {type(layer).__name__}")
+            fields = {f.name: getattr(layer, f.name) for f in dataclasses.fields(layer) if f.init}
+            block = OPBlock.Config(**fields, beta=1 / math.sqrt(len(layers)), first=i == 0)
+            if self.config.qk_norm:
+                head_dim = block.attention.qkv_linear.head_dim
+                norm = dataclasses.replace(block.attention_norm, normalized_shape=head_dim)
+                block.attention = dataclasses.replace(block.attention, qk_norm=norm)
+            blocks.append(block)
+        model_config.layers = blocks
+        return model_config
 
 
 FACTORIES: dict[str, Callable[..., torch.optim.Optimizer]] = {

@@ -296,6 +296,8 @@ def test_the_backcopy_study_trains_on_the_synthetic_task_with_bos_windows(tmp_pa
                    ("op", "soap"): {(lr, s) for lr in (1e-3, 3e-3, 1e-2) for s in (0, 1, 2)},
                    ("pre-ln", "soap"): {(1e-2, 0)}, ("op", "adamw"): {(3e-3, 0)}}
     assert [r.config.seed for r in sweep.runs] == [0] * 8 + [1] * 6 + [2] * 6  # seed by seed: a cut study has whole pairs
+    names = [r.config.optim.name for r in sweep.runs]  # each seed's slower (SOAP) runs first: the workers end together
+    assert names[8:14] == names[14:] == ["soap"] * 3 + ["adamw"] * 3 and names[:4] == ["soap"] * 4
     # a preset without a study of its own trains on real text, not on the default's synthetic task
     assert R.study_of("small").get("train", {}).get("data") is None
     other = parse_spec(R.study_spec(R.ReproduceOptions(preset="backcopy-cpu", corpus="bigram-backcopy:triggers=8",

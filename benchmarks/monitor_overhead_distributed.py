@@ -23,7 +23,7 @@ from _timing import cpu_name, interleaved, mode_ratios
 from ofe.data import default_sample, random_windows
 from ofe.models import GPT, lm_loss, preset
 from ofe.monitor import OutlierMonitor
-from ofe.monitor.measure import TRAIN_METRICS
+from ofe.monitor.measure import TRAIN_METRICS, gather_across_ranks
 from ofe.train import distributed as D
 from ofe.train import sharded as S
 
@@ -55,7 +55,7 @@ def make_trainer(cfg, every: int | None, parallel: str, env: D.DistEnv, batches:
             with monitor.observe(step):
                 loss = lm_loss(wrapped(local[:, :-1]), local[:, 1:])
                 loss.backward()
-            monitor.collect(D.gather_across_ranks)
+            monitor.collect(gather_across_ranks)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1

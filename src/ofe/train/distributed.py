@@ -10,7 +10,6 @@ import torch
 import torch.distributed as dist
 
 from ofe.config import ConfigError
-from ofe.monitor.measure import gather_across_ranks  # noqa: F401  (the trainer's name for it)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from ofe import config as C
 from ofe.data import train_batch
 from ofe.io import pause_point
 from ofe.models import lm_loss
+from ofe.monitor.measure import gather_across_ranks
 from ofe.optim import lr_at
 from ofe.quant.probe import PROBE_CALIBRATION, PROBE_WINDOWS, QuantProbe
 from ofe.quant.quantize import calibration_batches
@@ -121,7 +122,7 @@ class Trainer:
                     loss = lm_loss(self.forward(x), y) / cfg.grad_accum
                     loss.backward()
                 loss_sum += loss.detach()
-        stats = self.monitor.collect(D.gather_across_ranks)
+        stats = self.monitor.collect(gather_across_ranks)
         if cfg.optim.grad_clip > 0:
             grad_norm = S.reduce_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip))
         else:
@@ -213,7 +214,7 @@ class Trainer:
         x, _ = self._micro_batch(cfg.steps, 0)
         with self.monitor.observe(), torch.no_grad(), self._autocast():
             self.forward(x)
-        final.update(monitor_record(self.monitor.collect(D.gather_across_ranks)))
+        final.update(monitor_record(self.monitor.collect(gather_across_ranks)))
         final.update(self._decomposition_record())
         if self.cfg.quant_probe and self.probe is not None:
             final.update(self.probe.measure(whole))

@@ -141,9 +141,11 @@ def cache_problem(directory: Path) -> str | None:
             return f"{split}.bin holds {max(size, 0)} bytes, the metadata says {expected}"
     if not (directory / TOKENIZER_FILE).is_file():
         return f"{TOKENIZER_FILE} is missing"
-    if "tokenizer_sha256" in meta and meta["tokenizer_sha256"] != _file_sha256(directory / TOKENIZER_FILE):
-        return f"{TOKENIZER_FILE} does not match its checksum"
-    try:
+    if "tokenizer_sha256" in meta:  # the file this cache wrote: loading it here as well (every start) adds nothing
+        if meta["tokenizer_sha256"] != _file_sha256(directory / TOKENIZER_FILE):
+            return f"{TOKENIZER_FILE} does not match its checksum"
+        return None
+    try:  # a cache written before the checksum: the tokenizer must load and have the recorded vocabulary
         tokenizer = load_tokenizer(directory / TOKENIZER_FILE)
     except (OSError, ValueError) as e:
         return str(e)

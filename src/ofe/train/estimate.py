@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from ofe.models import GPT
+from ofe.resources import GIB
 from ofe.run_config import TrainConfig
 
-GIB = 2**30
 
 
 def meta_model(cfg: TrainConfig) -> GPT:

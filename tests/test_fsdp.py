@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,14 +70,28 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def exited(pid: int) -> bool:
+    """Whether ``pid`` is gone or a zombie: either way its files, and so its run lock, are closed."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def kill(proc: subprocess.Popen) -> None:
-    """SIGKILL to torchrun and every worker, as a crash of the whole job would."""
-    for pid in [*descendants(proc.pid), proc.pid]:
+    """SIGKILL to torchrun and every worker, as a crash of the whole job would; returns once all have
+    exited (the workers are not torchrun's to reap once it is dead, so waiting on it is not enough)."""
+    pids = [*descendants(proc.pid), proc.pid]
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     proc.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while not all(exited(pid) for pid in pids):
+        assert time.monotonic() < deadline, "killed workers still running after 60 s"
+        time.sleep(0.05)
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

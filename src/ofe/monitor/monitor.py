@@ -89,6 +89,9 @@ class OutlierMonitor:
         for target in self._targets:
             if target.is_tap and target.site == PROBS_SITE:
                 target.module.max_batch = probs_max_batch
+        # never traced by torch.compile (graph break); applied here, not as a decorator, because
+        # torch.compiler.disable imports torch._dynamo (~2.5 s), which a bare `import ofe` should not pay
+        self._record = torch.compiler.disable(self._record_partials)
         self._handles = [t.module.register_forward_hook(self._hook_for(t)) for t in self._targets]
 
     def shard(self, rank: int, world: int) -> None:
@@ -108,9 +111,8 @@ class OutlierMonitor:
 
         return hook
 
-    @torch.compiler.disable
     @torch.no_grad()
-    def _record(self, site: str, layer: int, x: Tensor) -> None:
+    def _record_partials(self, site: str, layer: int, x: Tensor) -> None:
         """Compute this site's partials for one layer now (:mod:`ofe.monitor.reduce`); keep only
         those (tiny) tensors, never the activation."""
         for name, value in site_partials(site, x.detach(), self.metrics, self.costs):

@@ -6,16 +6,39 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import matplotlib
+from types import ModuleType
 
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402,F401
-import numpy as np  # noqa: E402
+import numpy as np
 
-from ofe.analysis.claims import C8_MIN_PCT  # noqa: E402
-from ofe.analysis.fair import LR, arm_key, lr_bands  # noqa: E402
-from ofe.analysis.runs import Run, arm_name  # noqa: E402
+from ofe.analysis.claims import C8_MIN_PCT
+from ofe.analysis.fair import LR, arm_key, lr_bands
+from ofe.analysis.runs import Run, arm_name
+
+
+class _Pyplot:
+    """``matplotlib.pyplot`` (and ``.ticker``) on first use, with the file-only Agg backend: importing
+    matplotlib costs ~0.6 s, which every ``ofe`` command would otherwise pay at start-up."""
+
+    def __getattr__(self, name: str):
+        return getattr(self.module(), name)
+
+    @staticmethod
+    def module() -> ModuleType:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, never a window
+        import matplotlib.pyplot
+        import matplotlib.ticker  # noqa: F401
+
+        return matplotlib.pyplot
+
+
+plt = _Pyplot()
+
+
+def _ticker() -> ModuleType:
+    """``matplotlib.ticker``, imported with pyplot on first use."""
+    return plt.module().matplotlib.ticker
 
 TERM_NAMES = {"u4_1": "u4,1 (linear)", "u4_2": "u4,2 (quadratic)", "u4_3": "u4,3", "u4_4": "u4,4", "u2": "2nd moment (u2)"}
 
@@ -61,8 +84,8 @@ def _plain_ticks(ax, axis: str = "y") -> None:
         return f"{v:g}" if v > 0 and f"{v:e}"[0] in "235" else ""
 
     target = ax.yaxis if axis == "y" else ax.xaxis
-    target.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}"))
-    target.set_minor_formatter(matplotlib.ticker.FuncFormatter(minor))
+    target.set_major_formatter(_ticker().FuncFormatter(lambda v, _pos: f"{v:g}"))
+    target.set_minor_formatter(_ticker().FuncFormatter(minor))
 
 
 def _panels(n: int, size: tuple[float, float] = (4.2, 3.2)):
@@ -151,7 +174,7 @@ def final_kurtosis_by_layer(groups: dict[str, list[Run]], colour: dict[str, tupl
     ax.set_xlabel("layer")
     ax.set_ylabel("final kurtosis (mean over seeds, bars: min-max)")
     ax.axhline(1.0, color="grey", lw=0.6, ls=":")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(_ticker().MaxNLocator(integer=True))
     if allk:
         _log_if_spread(ax, np.concatenate(allk))
     _legend(ax, fig)
@@ -371,7 +394,7 @@ def remedies_scatter(rows: list[dict], path: Path) -> Path:
                        color=colour[r["remedy"]], edgecolor="black", linewidth=0.5, label=f"{r['remedy']} ({r['kind']})")
         if ys and max(abs(y) for y in ys) > 1.0:
             ax.set_yscale("symlog", linthresh=0.1)
-            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}"))
+            ax.yaxis.set_major_formatter(_ticker().FuncFormatter(lambda v, _pos: f"{v:g}"))
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_xlabel("validation perplexity (float model; lower is better)")
         ax.set_ylabel(f"{fmt} perplexity increase, % (lower is better)")

@@ -18,14 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
 
 from ofe.models import GPT, GPTConfig
 from ofe.train.distributed import DistEnv
@@ -63,6 +56,9 @@ def _one_process_quietly() -> Iterator[None]:
 def save(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
     """Every process writes its shards of the weights and the optimiser state into ``directory``
     (collective)."""
+    import torch.distributed.checkpoint as dcp  # here, as below: ~1 s that runs without FSDP do not pay
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     model_state, optim_state = get_state_dict(model, optimizer)
     with _one_process_quietly():
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory))
@@ -70,6 +66,9 @@ def save(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) ->
 
 def load(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
     """Load ``directory`` (written at any world size) into this process's shards (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     model_state, optim_state = get_state_dict(model, optimizer)  # the layout to fill, optimiser state included
     state = {"model": model_state, "optimizer": optim_state}
     with _one_process_quietly():
@@ -83,6 +82,8 @@ def gathered(model: GPT, config: GPTConfig, env: DistEnv, parallel: str) -> GPT 
     gathering the weights (collective) and the main process gets an unsharded copy, the others None."""
     if not is_sharded(env, parallel):
         return model if env.is_main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not env.is_main:
         return None

@@ -334,6 +334,24 @@ def test_quantize_reads_and_writes_the_directory_it_is_given(tmp_path, small_cor
     assert RunDir(tmp_path / "original").read_quant() is None
 
 
+@pytest.mark.parametrize("damage, needle", [
+    (lambda t: torch.zeros(3), "size mismatch for blocks.0.attn.qkv.weight: copying a param with shape torch.Size([3])"),
+    (lambda t: torch.full_like(t, float("nan")), "holds non-finite values in blocks.0.attn.qkv.weight"),
+])
+def test_damaged_final_weights_are_one_line_naming_the_tensor(tmp_path, small_corpus, capsys, damage, needle):
+    from safetensors.torch import save_file
+
+    train(tiny(tmp_path / "run", small_corpus), log=quiet)
+    path = tmp_path / "run" / "model.safetensors"
+    weights = load_file(path)
+    weights["blocks.0.attn.qkv.weight"] = damage(weights["blocks.0.attn.qkv.weight"])
+    save_file(weights, path)
+    assert main(["quantize", str(tmp_path / "run"), "--sweep", "false", "--eval_sequences", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err and "Traceback" not in err
+    assert RunDir(tmp_path / "run").read_quant() is None  # nothing written
+
+
 def test_training_logs_where_the_largest_activations_sit(tmp_path, small_corpus):
     train(tiny(tmp_path / "run", small_corpus, data={"corpus": str(small_corpus), "bos": True}), log=quiet)
     last = RunDir(tmp_path / "run").read_metrics()[-1]

@@ -476,7 +476,10 @@ class RunDir:
         try:
             load_model(model, str(path))
         except (SafetensorError, RuntimeError, OSError) as e:
-            raise RunDirError(f"{path} does not load into the run's model: {str(e).splitlines()[0]}") from None
+            raise RunDirError(f"{path} does not load into the run's model: {_first_problem(e)}") from None
+        damaged = next((name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()), None)
+        if damaged is not None:  # training never saves such weights (it stops before a non-finite update)
+            raise RunDirError(f"{path} holds non-finite values in {damaged}: the file is damaged or not this run's")
         return model
 
     # ---- results beside the run -----------------------------------------------------------------
@@ -618,3 +621,15 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _first_problem(error: Exception, limit: int = 300) -> str:
+    """One line for an error whose message may span several: torch's ``load_state_dict`` says
+    "Error(s) in loading state_dict for GPT:" and lists the problems below; keep the heading and the
+    first problem, shortened to ``limit`` characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+

@@ -20,6 +20,7 @@ def world(tmp_path, small_corpus):
     (tmp_path / "notdir").write_text("a file")
     (tmp_path / "loop1").symlink_to(tmp_path / "loop2")  # a link loop
     (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    os.mkfifo(tmp_path / "pipe.txt")  # reading it would block until a writer comes
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "mine.txt").write_text("user data")
     run = tmp_path / "unfinished"
@@ -60,6 +61,7 @@ CASES = [
     TRAIN + " --data.tokenizer words",
     TRAIN + " --data.corpus {t}/missing",
     TRAIN + " --data.corpus {t}/empty.txt",
+    TRAIN + " --data.corpus {t}/pipe.txt",
     TRAIN + " --data.corpus bigram-backcopy:triggers=x",
     TRAIN + " --data.corpus bigram-backcopy:nonsense=1",
     TRAIN + " --data.corpus bigram-backcopy:docs=1000000000",  # ~90 TiB to generate: refused by the memory estimate

@@ -170,6 +170,9 @@ def open_corpus(source: str, glob: str = "**/*", text_field: str = "text") -> Co
         if not files:
             raise CorpusError(f"no files match '{glob}' under {path}")
         return Corpus("files", path, files, text_field)
+    if path.suffix in (".jsonl", ".txt") and not path.is_file():  # a FIFO or device would block or never end
+        raise CorpusError(f"corpus {source}: not a regular file (a pipe or device cannot be read twice, as the "
+                          "fingerprint and the tokenizer need)")
     if path.suffix == ".jsonl":
         return Corpus("jsonl", path.parent, [path], text_field)
     if path.suffix == ".txt":

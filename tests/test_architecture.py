@@ -166,11 +166,11 @@ def test_every_ofe_error_class_derives_from_ofe_error():
 
 def test_cli_catches_user_errors_once_and_nothing_else():
     """The command line catches ofe's own errors, the operating system's (a path, a full disk) and text
-    encoding errors, each turned into one line, and Ctrl-C; any other exception is a bug and keeps its
-    traceback."""
+    encoding errors, each turned into one line, and Ctrl-C or SIGTERM (``Terminated``, a KeyboardInterrupt);
+    any other exception is a bug and keeps its traceback."""
     tree = ast.parse((SRC / "cli.py").read_text())
     caught = {ast.unparse(h.type) for h in ast.walk(tree) if isinstance(h, ast.ExceptHandler) and h.type is not None}
-    assert caught == {"OfeError", "OSError", "UnicodeError", "KeyboardInterrupt"}
+    assert caught == {"OfeError", "OSError", "UnicodeError", "KeyboardInterrupt", "Terminated"}
 
 
 def test_no_two_modules_of_a_package_import_each_other():

@@ -2,6 +2,8 @@
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,3 +237,62 @@ def test_ctrl_c_during_a_parallel_sweep_is_one_line_and_a_rerun_finishes(tmp_pat
         a = load_file(tmp_path / "sweep" / name / "model.safetensors")
         b = load_file(tmp_path / "reference" / name / "model.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (the sweep's workers and multiprocessing's resource tracker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the workers die with the sweep through Linux's PR_SET_PDEATHSIG")
+@pytest.mark.parametrize("sig, code, line", [("SIGTERM", 143, "ofe sweep: terminated (SIGTERM); re-run the command to resume"),
+                                             ("SIGKILL", -9, None)])
+def test_a_signal_to_the_sweep_alone_leaves_no_worker_running(tmp_path, small_corpus, sig, code, line):
+    """A scheduler's SIGTERM (or a SIGKILL) to the `ofe sweep` process only, not its process group,
+    while both workers are stopped inside their runs: the workers die with it (they used to train on as
+    orphans, holding their runs' locks); SIGTERM also gives one line and exit code 143; a re-run finishes."""
+    import signal
+    import subprocess
+    import time
+    s = spec(tmp_path / "sweep", small_corpus, grid={"model.block": ["pre-ln", "op"]})
+    path = _write(tmp_path, s)
+    argv = [sys.executable, "-m", "ofe", "sweep", str(path), "--progress", "false", "--workers", "2"]
+    proc = subprocess.Popen(argv, env={**os.environ, "OFE_PAUSE_AT": "step-3"}, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    paused = 0
+    for text in proc.stderr:
+        paused += text.strip() == "ofe: paused at step-3"
+        if paused == 2:
+            break
+    workers = _children(proc.pid)
+    assert len(workers) >= 2
+    proc.send_signal(getattr(signal, sig))
+    try:
+        _, rest = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep waiting on its stopped workers, or orphaned workers
+        proc.communicate()
+        raise AssertionError(f"`ofe sweep` or a worker (holding its stderr) still running 60 s after {sig}") from None
+    assert proc.returncode == code, rest
+    ours = [text for text in rest.splitlines() if text.startswith("ofe sweep")]
+    assert ours == ([line] if line else []) and "Traceback" not in rest, rest
+    deadline = time.monotonic() + 30
+    while any(_running(pid) for pid in workers):
+        assert time.monotonic() < deadline, "a worker outlived the sweep"
+        time.sleep(0.05)
+    assert main(["sweep", str(path), "--progress", "false", "--workers", "2"]) == 0
+    assert all(RunDir(tmp_path / "sweep" / name).is_finished() for name in ("pre-ln", "op"))

@@ -8,15 +8,18 @@ exit code (2; 3 for a diverged run); anything else is a bug and keeps its traceb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ofe import config as C
 from ofe.audit import AuditOptions, run_audit
-from ofe.errors import OfeError, describe_os_error
+from ofe.errors import OfeError, Terminated, describe_os_error
 from ofe.io import pause_point
 from ofe.experiment import SweepOptions, sweep_spec_file
 from ofe.experiment.remedies import RemediesOptions, remedies
@@ -126,7 +129,8 @@ pause_point("cli-imported")  # tests: Ctrl-C while the command line loads (ofe._
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
     try:
-        COMMANDS[ns.command].run(ns)
+        with _terminate_as_interrupt():
+            COMMANDS[ns.command].run(ns)
     except OfeError as e:
         print(f"ofe {ns.command}: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -137,10 +141,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ofe {ns.command}: error: text that is not valid UTF-8 ({getattr(e, 'reason', e)}): check the file or "
               "argument's encoding", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"ofe {ns.command}: terminated (SIGTERM); re-run the command to resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"ofe {ns.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM raises :class:`Terminated` (a KeyboardInterrupt), so that a sweep
+    stops its workers and the command exits with one line, as on Ctrl-C. Only from the main thread, and
+    only where nobody else handles SIGTERM (a caller's handler is left alone)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminated(_signum: int, _frame: Any) -> None:
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

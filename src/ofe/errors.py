@@ -17,6 +17,11 @@ from __future__ import annotations
 import errno
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``timeout``, ``kill``) received by an ``ofe`` command: handled as Ctrl-C is
+    (whatever cleans up on an interrupt runs), reported as "terminated" with exit code 143."""
+
+
 class OfeError(Exception):
     """A user-facing problem: the message is one line that names what is wrong."""
 

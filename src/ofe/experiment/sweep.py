@@ -31,6 +31,8 @@ import itertools
 import json
 import multiprocessing
 import os
+import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,16 +244,43 @@ def _run_parallel(todo: list[tuple[SweepRun, str]], quantize: bool, workers: int
     """The runs ``todo``, ``workers`` at a time in spawned processes, in spec order as workers free up."""
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch threads inherited from a fork
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_die_with_parent,
+                                                initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(_train_and_quantise, run, state, quantize, _quiet, threads) for run, state in todo]
         try:
             for future in concurrent.futures.as_completed(futures):
                 write(future.result())
                 bar.update(1)
-        except BaseException:
+        except BaseException:  # Ctrl-C, SIGTERM or a failed run: stop the workers now, not after their runs
             for future in futures:
                 future.cancel()
+            _kill_workers(pool)
             raise
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initialiser: on Linux the kernel kills this worker when the sweep's process dies, however
+    it dies (SIGKILL included), so that no orphan trains on holding its run's lock. Each run directory
+    survives a kill at any instant; re-running the sweep resumes it."""
+    if sys.platform == "linux":
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _kill_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """SIGKILL the pool's worker processes (``kill_workers`` where Python has it, 3.14+); a
+    stopped or busy worker would otherwise keep the sweep waiting until its run ends."""
+    kill = getattr(pool, "kill_workers", None)
+    if callable(kill):
+        kill()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(OSError, ValueError):
+            process.kill()
 
 
 @dataclass(frozen=True)

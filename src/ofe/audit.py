@@ -28,7 +28,7 @@ from ofe import config as C
 from ofe.data import ByteTokenizer, stdlib_files
 from ofe.data.corpus import read_bytes_sample
 from ofe.errors import OfeError
-from ofe.io import LockHeld, atomic_write, clean_stale_temporaries, exclusive_lock, is_own_temporary
+from ofe.io import LockHeld, atomic_write, clean_stale_temporaries, exclusive_lock, output_folder_problem
 from ofe.monitor import capture, find_block_stack
 from ofe.monitor.measure import Costs, site_metrics
 from ofe.quant import QuantConfig, SimulatedQuantModel
@@ -475,22 +475,10 @@ AUDIT_LOCK = ".audit.lock"
 def check_audit_dir(out: Path) -> None:
     """Before any work: ``out`` may be new, empty, or an audit this command wrote (its audit.json has an
     audit's keys); none of the audit's files may be a symbolic link."""
-    if links := [str(out / n) for n in AUDIT_FILES if (out / n).is_symlink()]:
-        raise AuditError(f"{links[0]} is a symbolic link; ofe does not write through links: remove it or choose "
-                         "another --out_dir")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise AuditError(f"{out} exists and is not a directory; choose another --out_dir")
-    if not [p for p in out.iterdir() if p.name != AUDIT_LOCK and not is_own_temporary(p.name)]:
-        return
-    try:
-        previous = json.loads((out / "audit.json").read_text())
-        ours = isinstance(previous, dict) and {"model_dir", "layers", "w8a8", "kurtoses"} <= set(previous)
-    except (OSError, ValueError):
-        ours = False
-    if not ours:
-        raise AuditError(f"{out} exists and is not an ofe audit (no audit.json of ours); choose another --out_dir")
+    problem = output_folder_problem(out, [out / n for n in AUDIT_FILES], "audit.json",
+                                    {"model_dir", "layers", "w8a8", "kurtoses"}, AUDIT_LOCK, "audit")
+    if problem:
+        raise AuditError(problem)
 
 
 def run_audit(model_dir: str | Path, cfg: AuditOptions, log=print) -> list[Path]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import re
 import signal
@@ -64,6 +65,26 @@ def directory_mode() -> int:
 def is_own_temporary(name: str) -> bool:
     """Whether ``name`` is of the pattern :func:`atomic_write`'s temporaries have."""
     return bool(_OWN_TMP.match(name))
+
+
+def output_folder_problem(out: Path, own: list[Path], record: str, keys: set[str], lock: str, what: str) -> str | None:
+    """Why ``out`` cannot receive a command's output, or None: it may be new, empty (but for its ``lock``
+    and our temporaries) or an earlier output of the same command, told by its JSON ``record`` holding
+    ``keys``; none of the paths in ``own`` (the files the command writes) may be a symbolic link."""
+    if links := [str(p) for p in own if p.is_symlink()]:
+        return f"{links[0]} is a symbolic link; ofe does not write through links: remove it or choose another --out_dir"
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return f"{out} exists and is not a directory; choose another --out_dir"
+    if not [p for p in out.iterdir() if p.name != lock and not is_own_temporary(p.name)]:
+        return None  # new, or a first output killed before its files
+    try:
+        previous = json.loads((out / record).read_text())
+        ours = isinstance(previous, dict) and keys <= set(previous)
+    except (OSError, ValueError):
+        ours = False
+    return None if ours else f"{out} exists and is not an ofe {what} (no {record} of ours); choose another --out_dir"
 
 
 def refuse_link(path: Path) -> None:

@@ -22,7 +22,7 @@ from ofe.analysis.fair import BAND_FLOOR, arm_key, lr_bands, tuned_lrs
 from ofe.analysis.runs import (EVIDENCE_SCHEMA, Run, RunError, arm_name, label_runs, load_runs, order_and_label,
                                run_evidence, run_from_evidence)
 from ofe.errors import OfeError
-from ofe.io import LockHeld, exclusive_lock, pause_point
+from ofe.io import LockHeld, exclusive_lock, output_folder_problem, pause_point
 from ofe.report import figures as F
 
 
@@ -211,23 +211,10 @@ CLAIMS_SCHEMA = 3  # 2: each claim carries its rule_version; 3: the report saves
 
 def _check_report_dir(out: Path) -> None:
     """``out`` may be new, empty, or a report this writer made (its summary.json has our keys)."""
-    if not out.exists():
-        return
     own = [out / "figures", *(out / n for n in REPORT_FILES), *(out / "figures" / f.file for f in FIGURES.values())]
-    if links := [str(p) for p in own if p.is_symlink()]:
-        raise ReportError(f"{links[0]} is a symbolic link; a report never writes through links: remove it or choose "
-                          "another --out_dir")
-    if not out.is_dir():
-        raise ReportError(f"{out} exists and is not a directory; choose another --out_dir")
-    if not [p for p in out.iterdir() if p.name != REPORT_LOCK]:  # new, or a first report killed before its files
-        return
-    try:
-        summary = json.loads((out / "summary.json").read_text())
-        ours = isinstance(summary, dict) and {"runs", "claims", "figures"} <= set(summary)
-    except (OSError, ValueError):
-        ours = False
-    if not ours:
-        raise ReportError(f"{out} exists and is not an ofe report; choose another --out_dir")
+    problem = output_folder_problem(out, own, "summary.json", {"runs", "claims", "figures"}, REPORT_LOCK, "report")
+    if problem:
+        raise ReportError(problem)
 
 
 def _install(tmp: Path, out: Path) -> None:

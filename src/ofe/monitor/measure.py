@@ -66,43 +66,45 @@ def check_metrics(metrics: Sequence[str] | str) -> tuple[str, ...]:
     return names
 
 
+def applicable(site: str, x: Tensor, metrics: Sequence[str]) -> list[str]:
+    """The metrics of ``metrics`` that apply to ``site``'s activation ``x``, in their order: attention
+    probabilities take the attention metrics; other sites the activation metrics, the per-sequence
+    ones only on ``(B, T, ...)`` activations."""
+    if site == PROBS_SITE:
+        return [name for name in metrics if name in PROBS_METRICS]
+    return [name for name in metrics
+            if name in ACTIVATION_METRICS and not (name in SEQUENCE_METRICS and x.dim() < 3)]
+
+
 def site_metrics(site: str, x: Tensor, metrics: Sequence[str], costs: Costs) -> list[tuple[str, Tensor]]:
     """``(metric, value)`` for each metric that applies to ``site``'s activation ``x``."""
-    if site == PROBS_SITE:
-        return [(name, PROBS_METRICS[name](x)) for name in metrics if name in PROBS_METRICS]
-    out = []
-    for name in metrics:
-        if name not in ACTIVATION_METRICS or (name in SEQUENCE_METRICS and x.dim() < 3):
-            continue
+    def value(name: str) -> Tensor:
+        if site == PROBS_SITE:
+            return PROBS_METRICS[name](x)
         if name == "input_correlation":
-            value = M.input_correlation(x, max_tokens=costs.max_tokens)
-        elif name == "mmr":
-            value = M.max_median_ratio(x, max_rows=costs.mmr_max_rows)
-        else:
-            value = ACTIVATION_METRICS[name](x)
-        out.append((name, value))
-    return out
+            return M.input_correlation(x, max_tokens=costs.max_tokens)
+        if name == "mmr":
+            return M.max_median_ratio(x, max_rows=costs.mmr_max_rows)
+        return ACTIVATION_METRICS[name](x)
+
+    return [(name, value(name)) for name in applicable(site, x, metrics)]
 
 
 def site_partials(site: str, x: Tensor, metrics: Sequence[str], costs: Costs) -> list[tuple[str, Tensor]]:
     """``(metric, partial)`` for each metric that applies to ``site``'s activation ``x``: what
     :func:`combine` reduces over observations and ranks (:mod:`ofe.monitor.reduce`)."""
-    if site == PROBS_SITE:
-        return [(name, REDUCTIONS[name].partial(x)) for name in metrics if name in PROBS_METRICS]
-    out = []
-    for name in metrics:
-        if name not in ACTIVATION_METRICS or (name in SEQUENCE_METRICS and x.dim() < 3):
-            continue
+    def partial(name: str) -> Tensor:
+        if site == PROBS_SITE:
+            return REDUCTIONS[name].partial(x)
         if name == "input_correlation":
-            value = REDUCTIONS[name].partial(x, costs.max_tokens)
-        elif name == "mmr":
-            value = REDUCTIONS[name].partial(x, costs.mmr_max_rows, costs.rank, costs.world)
-        elif name == "abs_max_median":
-            value = REDUCTIONS[name].partial(x, costs.median_max_elements)
-        else:
-            value = REDUCTIONS[name].partial(x)
-        out.append((name, value))
-    return out
+            return REDUCTIONS[name].partial(x, costs.max_tokens)
+        if name == "mmr":
+            return REDUCTIONS[name].partial(x, costs.mmr_max_rows, costs.rank, costs.world)
+        if name == "abs_max_median":
+            return REDUCTIONS[name].partial(x, costs.median_max_elements)
+        return REDUCTIONS[name].partial(x)
+
+    return [(name, partial(name)) for name in applicable(site, x, metrics)]
 
 
 def gather_local(flat: Tensor) -> Tensor:

@@ -202,14 +202,11 @@ def test_a_damaged_sweep_settings_file_is_one_line(tmp_path, small_corpus, capsy
     assert len(err) == 1 and "sweep_run.json holds a list" in err[0], err
 
 
-def test_ctrl_c_during_a_parallel_sweep_is_one_line_and_a_rerun_finishes(tmp_path, small_corpus):
-    """A terminal's Ctrl-C (SIGINT to the process group) while both workers are at a named instant:
-    `ofe sweep` ends with one "interrupted" line and exit code 130; re-running it finishes every run,
-    each with the weights of an uninterrupted sweep."""
-    import signal
+def _sweep_with_both_workers_paused(tmp_path, corpus):
+    """``ofe sweep --workers 2`` over two runs in a subprocess (its own session), returned once both
+    workers have stopped themselves at step 3; also its spec and spec file."""
     import subprocess
-    import sys
-    s = spec(tmp_path / "sweep", small_corpus, grid={"model.block": ["pre-ln", "op"]})
+    s = spec(tmp_path / "sweep", corpus, grid={"model.block": ["pre-ln", "op"]})
     path = _write(tmp_path, s)
     argv = [sys.executable, "-m", "ofe", "sweep", str(path), "--progress", "false", "--workers", "2"]
     proc = subprocess.Popen(argv, env={**os.environ, "OFE_PAUSE_AT": "step-3"}, stderr=subprocess.PIPE,
@@ -218,7 +215,17 @@ def test_ctrl_c_during_a_parallel_sweep_is_one_line_and_a_rerun_finishes(tmp_pat
     for line in proc.stderr:
         paused += line.strip() == "ofe: paused at step-3"
         if paused == 2:  # both runs stopped themselves at the same instant
-            break
+            return s, path, proc
+    proc.wait(timeout=60)
+    raise AssertionError(f"the workers never paused at step 3 (exit {proc.returncode})")
+
+
+def test_ctrl_c_during_a_parallel_sweep_is_one_line_and_a_rerun_finishes(tmp_path, small_corpus):
+    """A terminal's Ctrl-C (SIGINT to the process group) while both workers are at a named instant:
+    `ofe sweep` ends with one "interrupted" line and exit code 130; re-running it finishes every run,
+    each with the weights of an uninterrupted sweep."""
+    import signal
+    s, path, proc = _sweep_with_both_workers_paused(tmp_path, small_corpus)
     os.killpg(proc.pid, signal.SIGINT)
     os.killpg(proc.pid, signal.SIGCONT)
     rest = proc.stderr.read()
@@ -268,16 +275,7 @@ def test_a_signal_to_the_sweep_alone_leaves_no_worker_running(tmp_path, small_co
     import signal
     import subprocess
     import time
-    s = spec(tmp_path / "sweep", small_corpus, grid={"model.block": ["pre-ln", "op"]})
-    path = _write(tmp_path, s)
-    argv = [sys.executable, "-m", "ofe", "sweep", str(path), "--progress", "false", "--workers", "2"]
-    proc = subprocess.Popen(argv, env={**os.environ, "OFE_PAUSE_AT": "step-3"}, stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True, start_new_session=True)
-    paused = 0
-    for text in proc.stderr:
-        paused += text.strip() == "ofe: paused at step-3"
-        if paused == 2:
-            break
+    _, path, proc = _sweep_with_both_workers_paused(tmp_path, small_corpus)
     workers = _children(proc.pid)
     assert len(workers) >= 2
     proc.send_signal(getattr(signal, sig))

@@ -632,4 +632,3 @@ def _first_problem(error: Exception, limit: int = 300) -> str:
         return type(error).__name__
     text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."
-

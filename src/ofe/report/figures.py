@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-
 from types import ModuleType
 
 import numpy as np
@@ -23,6 +23,7 @@ class _Pyplot:
         return getattr(self.module(), name)
 
     @staticmethod
+    @functools.cache  # imported and configured once, not on every attribute access
     def module() -> ModuleType:
         import matplotlib
 

@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from ofe.cli import main
+from processes import descendants, wait_exited
 from ofe.run_dir import PREVIOUS_SHARDED, SHARDED, SHARDED_STAGING, RunDir
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU is tested on Linux")
@@ -53,31 +53,6 @@ def finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, err[-3000:]
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def exited(pid: int) -> bool:
-    """Whether ``pid`` is gone or a zombie: either way its files, and so its run lock, are closed."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def kill(proc: subprocess.Popen) -> None:
     """SIGKILL to torchrun and every worker, as a crash of the whole job would; returns once all have
     exited (the workers are not torchrun's to reap once it is dead, so waiting on it is not enough)."""
@@ -88,10 +63,7 @@ def kill(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
     proc.wait(timeout=60)
-    deadline = time.monotonic() + 60
-    while not all(exited(pid) for pid in pids):
-        assert time.monotonic() < deadline, "killed workers still running after 60 s"
-        time.sleep(0.05)
+    wait_exited(pids, 60, "killed workers")
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

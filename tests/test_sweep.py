@@ -3,13 +3,13 @@
 import json
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from ofe.cli import main
+from processes import descendants, wait_exited
 from ofe.config import ConfigError
 from ofe.experiment import parse_spec, run_sweep
 from ofe.train import loop as loop_module
@@ -246,25 +246,6 @@ def test_ctrl_c_during_a_parallel_sweep_is_one_line_and_a_rerun_finishes(tmp_pat
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (the sweep's workers and multiprocessing's resource tracker)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="the workers die with the sweep through Linux's PR_SET_PDEATHSIG")
 @pytest.mark.parametrize("sig, code, line", [("SIGTERM", 143, "ofe sweep: terminated (SIGTERM); re-run the command to resume"),
                                              ("SIGKILL", -9, None)])
@@ -274,9 +255,8 @@ def test_a_signal_to_the_sweep_alone_leaves_no_worker_running(tmp_path, small_co
     orphans, holding their runs' locks); SIGTERM also gives one line and exit code 143; a re-run finishes."""
     import signal
     import subprocess
-    import time
     _, path, proc = _sweep_with_both_workers_paused(tmp_path, small_corpus)
-    workers = _children(proc.pid)
+    workers = descendants(proc.pid)
     assert len(workers) >= 2
     proc.send_signal(getattr(signal, sig))
     try:
@@ -288,9 +268,6 @@ def test_a_signal_to_the_sweep_alone_leaves_no_worker_running(tmp_path, small_co
     assert proc.returncode == code, rest
     ours = [text for text in rest.splitlines() if text.startswith("ofe sweep")]
     assert ours == ([line] if line else []) and "Traceback" not in rest, rest
-    deadline = time.monotonic() + 30
-    while any(_running(pid) for pid in workers):
-        assert time.monotonic() < deadline, "a worker outlived the sweep"
-        time.sleep(0.05)
+    wait_exited(workers, 30, "a worker of the dead sweep")
     assert main(["sweep", str(path), "--progress", "false", "--workers", "2"]) == 0
     assert all(RunDir(tmp_path / "sweep" / name).is_finished() for name in ("pre-ln", "op"))
